@@ -155,3 +155,39 @@ def test_where_selects_xstest_safe_prompts(shared_data):
                                                 where={"label": "unsafe"}, limit=20), str(shared_data))
     assert len(safe) == 250 and {e.meta["label"] for e in safe} == {"safe"}
     assert len(unsafe) == 20 and {e.meta["label"] for e in unsafe} == {"unsafe"}
+
+
+def test_task_loss_is_the_token_weighted_nll_of_the_reference(tiny_model_dir):
+    import torch
+
+    from stayaligned.evaluation.task_loss import reference_nll, with_reference
+    from stayaligned.templates.render import render_for_training
+
+    model, tok = load_model(ModelConfig(name=str(tiny_model_dir)))
+    template = get_template("native")
+    examples = [with_reference(Example(f"t:{i}", ({"role": "user", "content": q},)), a)
+                for i, (q, a) in enumerate([("What is 2+2?", "It is 4. #### 4"),
+                                            ("Add 10 and 5, please.", "10 + 5 = 15 #### 15"),
+                                            ("3 times 3?", "9 #### 9")])]
+    total, count = 0.0, 0
+    for ex in examples:  # one at a time, no padding: the plain definition
+        item = render_for_training(tok, ex, template)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([item.input_ids])).logits[0, :-1]
+        labels = torch.tensor(item.labels[1:])
+        keep = labels != -100
+        total += float(torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum"))
+        count += int(keep.sum())
+    got = reference_nll(model, tok, examples, template, batch_size=2)
+    assert got["tokens"] == count and got["n"] == 3
+    assert abs(got["loss"] - total / count) < 1e-4
+
+
+def test_task_benchmarks_report_a_cached_task_loss(tmp_path, tiny_model_dir, monkeypatch):
+    cfg = eval_config(tmp_path, tiny_model_dir)
+    metrics = evaluate(cfg)
+    loss = metrics["benchmarks"]["arith"]["task_loss"]
+    assert loss["n"] == 4 and loss["loss"] > 0 and "task_loss" not in metrics["benchmarks"]["harm"]
+    monkeypatch.setattr("stayaligned.models.load_model", lambda *a, **k: (_ for _ in ()).throw(
+        AssertionError("model loaded although the task loss is cached")))
+    assert evaluate(cfg)["benchmarks"]["arith"]["task_loss"] == loss

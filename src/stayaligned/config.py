@@ -133,6 +133,7 @@ class BenchmarkConfig:
     prefill_source: str = "affirmative"  # affirmative | field:NAME | a file | model:NAME
     template: str | None = None  # this benchmark's condition (else the evaluation's template)
     where: dict | None = None  # keep records whose meta fields equal these, e.g. {label: safe}
+    task_loss: bool = True  # task benchmarks: also the mean NLL of the reference answers
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
   generations.jsonl   one row per (benchmark, example): rendered prompt, response, reference
   judgments.jsonl     one row per generation: the judge's verdict (refusal, or correct)
+  task_loss.json      per task benchmark: mean NLL of the reference answers (held-out loss)
   metrics.json        per benchmark: refusal rate / attack success rate or accuracy, with
                       95% Wilson intervals; plus the model, template and judge used
 
@@ -123,6 +124,31 @@ def expand_benchmarks(cfg: EvalConfig) -> dict:
     return out
 
 
+def _task_losses(cfg: EvalConfig, out: Path, benches: dict, model_holder) -> dict:
+    """Held-out task loss per task benchmark, cached in task_loss.json (keyed by benchmark,
+    with the item ids and template it was computed on, so a changed subset recomputes)."""
+    from stayaligned.evaluation.task_loss import reference_nll, with_reference
+
+    cached = read_json(out / "task_loss.json") or {}
+    results = {}
+    for name, (bench, examples, k) in benches.items():
+        if bench.kind != "task" or k is not None or not bench.task_loss or not examples:
+            continue
+        template = bench.template or eval_template_name(cfg)
+        ids = [ex.id for ex in examples]
+        hit = cached.get(name)
+        if hit and hit.get("ids") == ids and hit.get("template") == template:
+            results[name] = hit["result"]
+            continue
+        model, tokenizer = model_holder()
+        refs = [with_reference(ex, reference_answer(ex)) for ex in examples]
+        results[name] = reference_nll(model, tokenizer, refs, get_template(template),
+                                      batch_size=cfg.generation.batch_size)
+        cached[name] = {"ids": ids, "template": template, "result": results[name]}
+        write_json(out / "task_loss.json", cached)
+    return results
+
+
 def check_context(model, tokenizer, template, name, examples, prompts, gen) -> None:
     """Refuse prompts that cannot fit in the model's context with room for the answer."""
     limit = getattr(model.config, "max_position_embeddings", None)
@@ -163,10 +189,14 @@ def evaluate(cfg: EvalConfig, *, model=None, tokenizer=None) -> dict:
     judgments = judge_rows(rows, kinds, judge, cache_dir=out)
     write_jsonl(out / "judgments.jsonl", judgments)
     categories = {(r["benchmark"], r["id"]): (r.get("meta") or {}).get("category") for r in rows}
+    losses = _task_losses(cfg, out, benches, model_holder)
+    scores = score(judgments, kinds, categories)
+    for name, loss in losses.items():
+        scores[name]["task_loss"] = loss
     metrics = {
         "model": cfg.model.name, "template": eval_template_name(cfg), "judge": cfg.judge,
         "config": to_dict(cfg), "seconds": round(time.time() - started, 1),
-        "benchmarks": score(judgments, kinds, categories),
+        "benchmarks": scores,
     }
     write_json(out / "metrics.json", metrics)
     return metrics
