@@ -6,6 +6,8 @@
   stayaligned eval CONFIG [key=value ...]
   stayaligned data preview [CONFIG] [key=value ...] [--n N] [--eval]
   stayaligned data list | stayaligned data templates
+  stayaligned study CONFIG [key=value ...] [--cells A,B] [--devices 0,1]
+  stayaligned report STUDY_DIR [--output DIR]
   stayaligned check --model RUN --baseline SEED [CONFIG] [key=value ...] [--max-refusal-drop 5]
   stayaligned depth --seed SEED --model RUN [--source demo-safety] [--tokens 8] --output DIR
   stayaligned judges compare JUDGMENTS_A JUDGMENTS_B [--output FILE]
@@ -53,6 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="generate, judge and score on benchmarks")
     _config_args(ev, required=False)
+
+    study = sub.add_parser("study", help="run (or resume) a grid of fine-tunes and evaluations")
+    _config_args(study, required=True)
+    study.add_argument("--cells", help="only these cells (comma-separated run ids)")
+    study.add_argument("--devices", help="GPUs to spread cells over, one worker each, e.g. 0,1,2,3")
+
+    report = sub.add_parser("report", help="report.md and report.html from a study's stage files")
+    report.add_argument("study_dir", help="the study's output directory")
+    report.add_argument("--output", help="where to write (default: the study directory)")
 
     check = sub.add_parser("check", help="safety gate: exit 1 if safety fell beyond limits")
     _config_args(check, required=False)
@@ -133,6 +144,23 @@ def _dispatch(args) -> int:
     if args.command == "check":
         path, overrides = _split_config(args)
         return commands.check(args, load(EvalConfig, path, overrides))
+    if args.command == "study":
+        from stayaligned.config import StudyConfig
+        from stayaligned.study import run_study
+
+        path, overrides = _split_config(args)
+        result = run_study(
+            load(StudyConfig, path, overrides),
+            only=args.cells.split(",") if args.cells else None,
+            devices=args.devices.split(",") if args.devices else None,
+            argv=[a for a in [path, *overrides] if a])
+        return 1 if result["failed"] else 0
+    if args.command == "report":
+        from stayaligned.reports.report import write_report
+
+        paths = write_report(args.study_dir, args.output)
+        print("[report] wrote " + ", ".join(str(p) for p in paths))
+        return 0
     if args.command == "depth":
         commands.depth(args)
         return 0

@@ -160,6 +160,53 @@ class EvalConfig:
     output_dir: str = "runs/eval"
 
 
+@dataclass(frozen=True)
+class CellConfig:
+    """One cell of a study: a method or a stack, with its options and any other overrides of
+    the study's shared `train` block (e.g. a different learning rate)."""
+
+    name: str = "sft"
+    methods: tuple[str, ...] = ("sft",)
+    options: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DepthConfig:
+    """Per-token KL of every cell against the study's base model (the aligned seed) on harmful
+    prompts with a continuation (a refusal, or a harmful answer) in the assistant turn."""
+
+    enabled: bool = True
+    source: str = "demo-safety"
+    split: str = "train"
+    limit: int = 64
+    tokens: int = 8
+    template: str = "native"
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """`stayaligned study`: a grid of cells x seeds, each fine-tuned from the same base model
+    (the seed, aligned first when `align` is given) and evaluated the same way.
+
+    `align` is an AlignConfig mapping; its key `config` may name an align YAML to start from.
+    `train` and `eval` are TrainConfig / EvalConfig mappings shared by every cell; the study
+    fills in the model, output directories, methods and seeds."""
+
+    name: str = "study"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    align: dict | None = None
+    evaluate_seed: bool = True
+    data_dir: str | None = None
+    train: dict = field(default_factory=dict)
+    cells: tuple[CellConfig, ...] = (CellConfig(),)
+    seeds: tuple[int, ...] = (0,)
+    eval: dict = field(default_factory=dict)
+    depth: DepthConfig = field(default_factory=DepthConfig)
+    reference: str = "sft"  # the cell the report takes differences against
+    output_dir: str = "runs/study"
+
+
 # ---------------------------------------------------------------- building from dicts
 
 
@@ -279,6 +326,14 @@ def load(cls: type, path: str | Path | None = None, overrides: list[str] | tuple
         return from_dict(cls, merged)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}" if path else str(err)) from None
+
+
+def build(cls: type, *layers: dict | None, where: str = "") -> Any:
+    """Build `cls` from its defaults with each mapping in `layers` deep-merged on top."""
+    merged = to_dict(cls())
+    for layer in layers:
+        merged = _deep_merge(merged, _plain(layer or {}))
+    return from_dict(cls, merged, where)
 
 
 def _deep_merge(base: dict, top: dict) -> dict:

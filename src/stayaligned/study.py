@@ -1,0 +1,322 @@
+"""`stayaligned study CONFIG`: a grid of fine-tunes from one config, resumable at every stage.
+
+A study is a list of stages, each writing into its own directory under the study directory:
+
+  study.json               the resolved config, package versions, the stage list
+  progress.json            per stage: status (done / failed), seconds, error
+  seed/eval/               the seed as given (if evaluate_seed)
+  aligned/train/           `align` of the seed (if align), its merged weights the base model
+  aligned/eval/
+  cells/<cell>/train/      one fine-tune per cell (and per seed: <cell>-seed<k> with several)
+  cells/<cell>/eval/       generations, judgments, task_loss, metrics
+  cells/<cell>/depth/      per-token KL against the base model
+
+A stage whose output is complete is skipped, so running the same command again after a kill
+finishes the study without redoing finished training, generation or judging (an interrupted
+training resumes from its last checkpoint, an interrupted evaluation from its last batch). A
+failing cell is recorded with its error and the others go on; the command exits non-zero.
+
+Parallelism: sequential by default (the only choice on CPU). With `--devices 0,1,...` the
+shared stages run first, then each cell runs in its own worker process pinned to one GPU
+through CUDA_VISIBLE_DEVICES (a simple per-device worker pool, not accelerate: cells are
+independent jobs, and each fits on one device).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from rich.console import Console
+
+from stayaligned.config import (
+    AlignConfig,
+    ConfigError,
+    EvalConfig,
+    StudyConfig,
+    TrainConfig,
+    build,
+    load,
+    to_dict,
+)
+from stayaligned.runfiles import package_versions, read_json, write_json
+
+
+@dataclass
+class Stage:
+    key: str  # its directory under the study, e.g. cells/sft/train
+    kind: str  # eval | align | train | depth
+    title: str
+    cell: str | None  # the cell run id, None for shared stages
+    run: Callable[[], object]
+    done: Callable[[], bool]
+
+
+def cell_ids(cfg: StudyConfig) -> list[tuple[str, object, int]]:
+    """(run id, cell, seed) for every cell x seed; ids are unique and safe as directory names."""
+    names = [c.name for c in cfg.cells]
+    duplicate = sorted({n for n in names if names.count(n) > 1})
+    if duplicate:
+        raise ConfigError(f"cells: the name {duplicate[0]!r} is used twice; cell names must be unique")
+    for name in names:
+        if not name or "/" in name or name.startswith(".") or name in ("seed", "aligned"):
+            raise ConfigError(f"cells: {name!r} cannot be a cell name (a directory name that is "
+                              "not 'seed' or 'aligned', without '/')")
+    many = len(cfg.seeds) > 1
+    return [(f"{c.name}-seed{s}" if many else c.name, c, s) for c in cfg.cells for s in cfg.seeds]
+
+
+# ---------------------------------------------------------------- configs of the stages
+
+
+def align_config(cfg: StudyConfig, out: Path) -> AlignConfig:
+    block = dict(cfg.align or {})
+    base = block.pop("config", None)
+    layers = []
+    if base:
+        loaded = load(AlignConfig, base)
+        layers.append(to_dict(loaded))
+    layers.append(block)
+    layers.append({"model": to_dict(cfg.model), "data_dir": cfg.data_dir,
+                   "output_dir": str(out / "aligned" / "train")})
+    return build(AlignConfig, *layers, where="align")
+
+
+def base_model(cfg: StudyConfig, out: Path) -> str:
+    """What every cell fine-tunes: the aligned seed when the study aligns, else the seed."""
+    return str(out / "aligned" / "train") if cfg.align is not None else cfg.model.name
+
+
+def cell_train_config(cfg: StudyConfig, out: Path, run_id: str, cell, seed: int) -> TrainConfig:
+    model = {**to_dict(cfg.model), "name": base_model(cfg, out)}
+    return build(TrainConfig, cfg.train,
+                 {"methods": list(cell.methods), "options": cell.options}, cell.train,
+                 {"model": model, "data_dir": cfg.data_dir, "seed": seed,
+                  "output_dir": str(out / "cells" / run_id / "train")},
+                 where=f"cells.{cell.name}")
+
+
+def eval_config(cfg: StudyConfig, model: str, target: Path) -> EvalConfig:
+    return build(EvalConfig, cfg.eval,
+                 {"model": {**to_dict(cfg.model), "name": model}, "data_dir": cfg.data_dir,
+                  "output_dir": str(target)}, where="eval")
+
+
+# ---------------------------------------------------------------- the stages
+
+
+def _eval_done(cfg: EvalConfig) -> bool:
+    metrics = read_json(Path(cfg.output_dir) / "metrics.json")
+    return bool(metrics) and metrics.get("config") == to_dict(cfg)
+
+
+def _run_eval(cfg: EvalConfig):
+    from stayaligned.evaluation.run import evaluate
+
+    return evaluate(cfg)
+
+
+def _run_train(cfg: TrainConfig):
+    from stayaligned.training.run import train
+
+    return train(cfg, resume=(Path(cfg.output_dir) / "run.json").exists())
+
+
+def _train_done(cfg: TrainConfig) -> bool:
+    from stayaligned.training.run import is_complete
+
+    return is_complete(Path(cfg.output_dir))
+
+
+def _run_depth(cfg: StudyConfig, base: str, model: str, target: Path):
+    from stayaligned.config import ModelConfig
+    from stayaligned.data.sources import load_source
+    from stayaligned.evaluation.depth import depth_kl, write_depth
+    from stayaligned.models import load_model
+
+    d = cfg.depth
+    examples = load_source(d.source, split=d.split, limit=d.limit, data_dir=cfg.data_dir)
+    reference, tokenizer = load_model(ModelConfig(**{**to_dict(cfg.model), "name": base}))
+    tuned, _ = load_model(ModelConfig(**{**to_dict(cfg.model), "name": model}))
+    result = depth_kl(reference, tuned, tokenizer, examples, d.template, n_tokens=d.tokens)
+    result.update(source=d.source, split=d.split, reference=base, model=model)
+    write_depth(target / "depth.json", result)
+    return result
+
+
+def plan(cfg: StudyConfig) -> list[Stage]:
+    """Every stage of the study, in order."""
+    out = Path(cfg.output_dir)
+    stages: list[Stage] = []
+
+    def add_eval(key, title, model, cell=None):
+        ecfg = eval_config(cfg, model, out / key)
+        stages.append(Stage(key, "eval", title, cell, lambda: _run_eval(ecfg),
+                            lambda: _eval_done(ecfg)))
+
+    if cfg.evaluate_seed:
+        add_eval("seed/eval", "evaluate the seed", cfg.model.name)
+    if cfg.align is not None:
+        acfg = align_config(cfg, out)
+        stages.append(Stage("aligned/train", "align", "align the seed", None,
+                            lambda: _run_train(acfg), lambda: _train_done(acfg)))
+        add_eval("aligned/eval", "evaluate the aligned seed", str(out / "aligned" / "train"))
+    base = base_model(cfg, out)
+    for run_id, cell, seed in cell_ids(cfg):
+        tcfg = cell_train_config(cfg, out, run_id, cell, seed)
+        trained = str(out / "cells" / run_id / "train")
+        stages.append(Stage(f"cells/{run_id}/train", "train",
+                            f"{run_id}: fine-tune ({' + '.join(cell.methods)})", run_id,
+                            lambda tcfg=tcfg: _run_train(tcfg), lambda tcfg=tcfg: _train_done(tcfg)))
+        add_eval(f"cells/{run_id}/eval", f"{run_id}: evaluate", trained, cell=run_id)
+        if cfg.depth.enabled:
+            target = out / "cells" / run_id / "depth"
+            stages.append(Stage(
+                f"cells/{run_id}/depth", "depth", f"{run_id}: per-token KL against the base",
+                run_id, lambda target=target, trained=trained: _run_depth(cfg, base, trained, target),
+                lambda target=target: (target / "depth.json").is_file()))
+    return stages
+
+
+# ---------------------------------------------------------------- running
+
+
+class Progress:
+    """progress.json plus the console line: stages done, current stage, time left."""
+
+    def __init__(self, out: Path, stages: list[Stage], console: Console):
+        self.path, self.stages, self.console = out / "progress.json", stages, console
+        self.state = read_json(self.path) or {}
+        self.lock = threading.Lock()
+
+    def record(self, stage: Stage, **fields) -> None:
+        with self.lock:
+            self.state = {**(read_json(self.path) or {}), stage.key: {"kind": stage.kind, **fields}}
+            write_json(self.path, self.state)
+
+    def eta(self, remaining: list[Stage]) -> str:
+        timed: dict[str, list[float]] = {}
+        for entry in self.state.values():
+            if entry.get("status") == "done" and entry.get("seconds"):
+                timed.setdefault(entry["kind"], []).append(entry["seconds"])
+        if any(s.kind not in timed for s in remaining):
+            return "time left unknown until each kind of stage has run once"
+        left = sum(sum(timed[s.kind]) / len(timed[s.kind]) for s in remaining)
+        return f"about {left / 60:.0f} min left"
+
+    def announce(self, index: int, stage: Stage, remaining: list[Stage]) -> None:
+        done = sum(1 for s in self.stages if self.state.get(s.key, {}).get("status") == "done")
+        self.console.rule(f"[bold][{index}/{len(self.stages)}] {stage.title}[/bold]")
+        self.console.print(f"[dim]{done} of {len(self.stages)} stages done; "
+                           f"{self.eta(remaining)}[/dim]")
+
+
+def run_stage(stage: Stage, progress: Progress) -> bool:
+    """Run one stage unless finished; True when it is (or already was) complete."""
+    if stage.done():
+        if progress.state.get(stage.key, {}).get("status") != "done":
+            progress.record(stage, status="done", seconds=None, reused=True)
+        return True
+    started = time.time()
+    try:
+        stage.run()
+    except KeyboardInterrupt:
+        raise
+    except Exception as err:  # noqa: BLE001 - recorded, reported, and the study goes on
+        progress.record(stage, status="failed", error=f"{type(err).__name__}: {err}",
+                        traceback=traceback.format_exc(limit=8))
+        progress.console.print(f"[red]{stage.key} failed: {type(err).__name__}: {err}[/red]")
+        return False
+    progress.record(stage, status="done", seconds=round(time.time() - started, 1))
+    return True
+
+
+def run_study(cfg: StudyConfig, *, only: list[str] | None = None, devices: list[str] | None = None,
+              argv: list[str] | None = None, console: Console | None = None) -> dict:
+    """Run (or resume) the study; returns {"failed": [stage keys], "output_dir": ...}."""
+    console = console or Console()
+    out = Path(cfg.output_dir)
+    stages = plan(cfg)
+    ids = [run_id for run_id, _, _ in cell_ids(cfg)]
+    unknown = [c for c in only or [] if c not in ids]
+    if unknown:
+        raise ConfigError(f"--cells: {unknown[0]!r} is not a cell of this study ({', '.join(ids)})")
+    if only is None:
+        write_json(out / "study.json", {"config": to_dict(cfg), "versions": package_versions(),
+                                        "cells": ids, "stages": [s.key for s in stages]})
+    progress = Progress(out, stages, console)
+    shared = [s for s in stages if s.cell is None]
+    mine = [s for s in stages if s.cell is not None and (only is None or s.cell in only)]
+    failed: list[str] = []
+    if only is None:
+        failed += _run_sequence(shared, stages, progress)
+        if failed:  # every cell needs the base model
+            return _finish(failed, out, console)
+    if devices and only is None:
+        failed += _run_on_devices(ids, devices, argv or [], console)
+        progress.state = read_json(progress.path) or {}
+    else:
+        failed += _run_sequence(mine, stages, progress)
+    return _finish(failed, out, console)
+
+
+def _run_sequence(todo: list[Stage], stages: list[Stage], progress: Progress) -> list[str]:
+    failed, broken_cells = [], set()
+    for i, stage in enumerate(todo):
+        if stage.cell in broken_cells:  # a cell's eval needs its training
+            continue
+        remaining = [s for s in todo[i:] if not s.done()]
+        progress.announce(stages.index(stage) + 1, stage, remaining)
+        if not run_stage(stage, progress):
+            failed.append(stage.key)
+            broken_cells.add(stage.cell)
+            if stage.cell is None:
+                break
+    return failed
+
+
+def _run_on_devices(ids: list[str], devices: list[str], argv: list[str], console: Console) -> list[str]:
+    """One worker thread per device, each running `stayaligned study ... --cells ID` for the
+    next cell with CUDA_VISIBLE_DEVICES set to its device."""
+    jobs: queue.Queue = queue.Queue()
+    for run_id in ids:
+        jobs.put(run_id)
+    failed: list[str] = []
+
+    def worker(device: str) -> None:
+        while True:
+            try:
+                run_id = jobs.get_nowait()
+            except queue.Empty:
+                return
+            console.print(f"[bold]device {device}[/bold]: cell {run_id}")
+            env = {**os.environ, "CUDA_VISIBLE_DEVICES": device}
+            code = subprocess.call([sys.executable, "-m", "stayaligned", "study", *argv,
+                                    "--cells", run_id], env=env)
+            if code != 0:
+                failed.append(f"cells/{run_id}")
+
+    threads = [threading.Thread(target=worker, args=(d,)) for d in devices]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return failed
+
+
+def _finish(failed: list[str], out: Path, console: Console) -> dict:
+    if failed:
+        console.print(f"[red]{len(failed)} stage(s) failed: {', '.join(failed)}; errors in "
+                      f"{out / 'progress.json'}; run the same command again to retry them[/red]")
+    else:
+        console.print(f"study complete in [bold]{out}[/bold]; "
+                      f"`stayaligned report {out}` writes report.md and report.html")
+    return {"failed": failed, "output_dir": str(out)}
