@@ -1,0 +1,205 @@
+"""The report's figures as PNG bytes. matplotlib through `Figure` + `FigureCanvasAgg`, never
+pyplot, so no global state and no display are involved. Each function takes plain data and
+returns None when there is nothing to draw.
+
+The depth plot follows evaluation/depth.py's `plot_depth` (same axes and error bars) but is
+drawn here because that module imports torch, which a report never needs.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+from stayaligned.evaluation.metrics import Rate
+from stayaligned.reports.tables import Mean, pareto_front
+
+DPI = 100
+
+
+def _figure(n_panels: int = 1, width: float = 6.4, height: float = 4.2, columns: int = 2):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    cols = min(columns, n_panels)
+    rows = math.ceil(n_panels / cols)
+    figure = Figure(figsize=(width * cols, height * rows), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = [figure.add_subplot(rows, cols, i + 1) for i in range(n_panels)]
+    return figure, axes
+
+
+def _png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=DPI)
+    return buffer.getvalue()
+
+
+def _error(rate: Rate | Mean) -> list[float]:
+    """Distances from the value to the interval ends (never negative), in percent."""
+    return [max(0.0, 100 * (rate.value - rate.low)), max(0.0, 100 * (rate.high - rate.value))]
+
+
+# ---------------------------------------------------------------- safety and utility
+
+
+def _utility(point: dict, panel: str) -> tuple[float, list[float]] | None:
+    """(x, [left error, right error]) of one point on the score or the loss panel."""
+    if panel == "score":
+        score = point.get("score")
+        return None if score is None else (100 * score.value, _error(score))
+    loss = point.get("loss") or {}
+    if loss.get("loss") is None:
+        return None
+    half = 1.96 * (loss.get("per_example_sem") or 0.0)
+    return loss["loss"], [half, half]
+
+
+def _safety_panel(axes, points: list[dict], panel: str, labels: tuple[str, str]) -> None:
+    placed = [(i, p, _utility(p, panel)) for i, p in enumerate(points) if p.get("safety")]
+    placed = [(i, p, u) for i, p, u in placed if u is not None]
+    names: dict[tuple[float, float], list[str]] = {}
+    for colour, point, (x, xerr) in placed:
+        y = 100 * point["safety"].value
+        axes.errorbar([x], [y], xerr=[[xerr[0]], [xerr[1]]],
+                      yerr=[[e] for e in _error(point["safety"])], marker="o", capsize=3,
+                      linestyle="none", color=f"C{colour % 10}")
+        names.setdefault((x, y), []).append(point["label"])
+    for k, (xy, here) in enumerate(names.items()):  # one label per spot; alternate sides
+        axes.annotate(", ".join(here), xy, textcoords="offset points",
+                      xytext=(6, 6 if k % 2 == 0 else -14), fontsize=9)
+    coords = [(100 * p["safety"].value, u[0]) for _, p, u in placed]
+    front = pareto_front(coords, maximize=(True, panel == "score"))
+    if front:
+        ordered = sorted((coords[i][1], coords[i][0]) for i in front)
+        axes.plot([x for x, _ in ordered], [y for _, y in ordered], linestyle="--", color="grey",
+                  marker="o", markersize=14, markerfacecolor="none", label="Pareto front")
+        axes.legend(loc="best", fontsize=9)
+    if panel == "score":
+        axes.set_xlabel(f"{labels[1]} → better")
+    else:
+        axes.set_xlabel("task loss (nats/token, ±1.96 SEM) → better")
+        axes.invert_xaxis()
+    axes.set_ylabel(f"{labels[0]} (%) ↑ safer")
+    axes.set_ylim(-5, 105)
+    axes.grid(alpha=0.3)
+
+
+def safety_utility(points: list[dict], panels: list[str], labels: tuple[str, str],
+                   title: str) -> bytes | None:
+    """One labelled point per model (`points`: label, safety Rate, score Rate or Mean, loss
+    dict) per panel ("score": accuracy or ROUGE, "loss"), 95% interval bars, the Pareto front
+    circled and joined; `labels`: the safety and the score axis names."""
+    panels = [p for p in panels if any(_utility(q, p) and q.get("safety") for q in points)]
+    if not panels:
+        return None
+    figure, axes = _figure(len(panels))
+    for ax, panel in zip(axes, panels):
+        _safety_panel(ax, points, panel, labels)
+    figure.suptitle(title)
+    return _png(figure)
+
+
+# ---------------------------------------------------------------- prefilling attack
+
+
+def prefill_curves(curves: dict[str, dict[str, list[tuple[int, Rate]]]],
+                   colours: dict[str, str] | None = None) -> bytes | None:
+    """Refusal rate against the number of prefilled tokens k, one line per model, one panel
+    per attacked benchmark (`curves`: benchmark -> model -> [(k, Rate)]); `colours` keeps a
+    model's colour the same across plots."""
+    curves = {b: {m: pts for m, pts in lines.items() if pts} for b, lines in curves.items()}
+    curves = {b: lines for b, lines in curves.items() if lines}
+    if not curves:
+        return None
+    figure, axes = _figure(len(curves))
+    for ax, (bench, lines) in zip(axes, curves.items()):
+        for i, (label, pts) in enumerate(lines.items()):
+            dodge = 0.06 * (i - (len(lines) - 1) / 2)  # keep equal points' bars apart
+            ks = [k + dodge for k, _ in pts]
+            errors = list(zip(*(_error(r) for _, r in pts)))
+            ax.errorbar(ks, [100 * r.value for _, r in pts], yerr=errors, marker="o", capsize=3,
+                        label=label, color=(colours or {}).get(label))
+        ax.set_xticks(sorted({k for pts in lines.values() for k, _ in pts}))
+        ax.set_xlabel("prefilled harmful tokens k (0 = no attack)")
+        ax.set_ylabel("refusal rate (%)")
+        ax.set_ylim(-5, 105)
+        ax.set_title(bench)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=9)
+    return _png(figure)
+
+
+# ---------------------------------------------------------------- depth, over-refusal, training
+
+
+def depth_curves(results: dict[str, dict], colours: dict[str, str] | None = None) -> bytes | None:
+    """Per-token KL against the base model, one line per cell, ±1 SEM bars."""
+    results = {label: r for label, r in results.items() if r.get("positions")}
+    if not results:
+        return None
+    figure, (axes,) = _figure(1)
+    for label, result in results.items():
+        means = [math.nan if m is None else m for m in result["kl_mean"]]
+        sems = [0.0 if s is None else s for s in result.get("kl_sem") or [None] * len(means)]
+        axes.errorbar(result["positions"], means, yerr=sems, label=label, marker="o", capsize=3,
+                      color=(colours or {}).get(label))
+    directions = sorted({str(r.get("direction", "ft||seed")) for r in results.values()})
+    axes.set_xticks(sorted({p for r in results.values() for p in r["positions"]}))
+    axes.set_xlabel("response token position")
+    axes.set_ylabel(f"KL({' / '.join(directions)}) per token (nats)")
+    axes.set_title("Per-token KL against the base model")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=9)
+    return _png(figure)
+
+
+def over_refusal_bars(rows: list[tuple[str, Rate | None, Rate | None]], harmful: str,
+                      benign: str) -> bytes | None:
+    """Grouped bars per model: refusal on the harmful benchmark, refusal on the benign one."""
+    rows = [r for r in rows if r[1] is not None or r[2] is not None]
+    if not rows:
+        return None
+    figure, (axes,) = _figure(1, width=max(6.4, 1.1 * len(rows) + 2))
+    width = 0.38
+    for offset, index, label in ((-width / 2, 1, f"refusal: {harmful}"),
+                                 (width / 2, 2, f"over-refusal: {benign}")):
+        xs = [i + offset for i, r in enumerate(rows) if r[index] is not None]
+        rates = [r[index] for r in rows if r[index] is not None]
+        errors = list(zip(*(_error(rate) for rate in rates))) if rates else None
+        axes.bar(xs, [100 * r.value for r in rates], width, yerr=errors, capsize=3, label=label)
+    axes.set_xticks(range(len(rows)), [r[0] for r in rows])
+    axes.set_ylabel("refusal rate (%)")
+    axes.set_ylim(0, 105)
+    axes.grid(alpha=0.3, axis="y")
+    axes.legend(fontsize=9)
+    return _png(figure)
+
+
+def _loss_keys(log: list[dict]) -> list[str]:
+    keys = {k for row in log for k in row if k == "loss" or k.startswith("loss/")}
+    return sorted(keys, key=lambda k: (k != "loss", k))
+
+
+def training_losses(logs: dict[str, list[dict]]) -> bytes | None:
+    """One panel per training run: the logged loss and each named loss term against the step."""
+    from matplotlib.ticker import MaxNLocator
+
+    logs = {label: log for label, log in logs.items() if _loss_keys(log)}
+    if not logs:
+        return None
+    figure, axes = _figure(len(logs), width=5.2, height=3.4)
+    for ax, (label, log) in zip(axes, logs.items()):
+        for key in _loss_keys(log):
+            pts = [(row["step"], row[key]) for row in log
+                   if isinstance(row.get(key), (int, float)) and "step" in row]
+            total = key == "loss"  # the summed loss solid, its named terms dashed over it
+            ax.plot([s for s, _ in pts], [v for _, v in pts], marker="." if total else None,
+                    linewidth=2.2 if total else 1.2, linestyle="-" if total else "--", label=key)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(label)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _png(figure)

@@ -1,0 +1,372 @@
+"""`stayaligned report STUDY_DIR`: report.md, a self-contained report.html and plots/*.png from
+a study's stage files. Nothing here loads a model; a stage that did not run or failed shows as
+"not run" / "failed: <error>" and the rest of the report is still written.
+
+Sections: summary; results per benchmark (rate, 95% interval, difference from the reference
+cell); safety against utility with the Pareto front; prefilling-attack curves; per-token depth
+(KL); over-refusal next to refusal; training loss curves; per cell the exact rendered prompts;
+configuration, package versions and stage times.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from stayaligned.reports import plots
+from stayaligned.reports.document import (
+    Block,
+    Code,
+    Heading,
+    Image,
+    Paragraph,
+    Table,
+    to_html,
+    to_markdown,
+)
+from stayaligned.reports.study_files import ModelRun, Study, load_study
+from stayaligned.reports.tables import (
+    benchmarks,
+    fmt_rate,
+    main_benchmark,
+    model_rate,
+    over_refusal_table,
+    pareto_front,
+    prefill_groups,
+    results_table,
+    safety_metric,
+    safety_rate,
+    summary,
+    task_metric,
+    task_score,
+)
+from stayaligned.runfiles import _atomic_write
+
+UTILITY = ("both", "accuracy", "loss", "auto")
+
+
+def summary_rows(study_dir: str | Path) -> dict[str, dict]:
+    """Per model (seed, aligned, each cell): refusal_rate, refusal_ci, prefill_refusal_rate,
+    over_refusal_rate, task_accuracy, task_loss and their sources; fractions, None if absent."""
+    return summary(load_study(study_dir))
+
+
+def write_report(study_dir: str | Path, output: str | Path | None = None,
+                 utility: str = "both") -> list[Path]:
+    """Write report.md, report.html and plots/*.png into `output` (default: the study
+    directory); returns the written paths. `utility` picks the safety-utility panels:
+    both (the task's score and its loss), accuracy (the score: accuracy, or ROUGE-L for a
+    ROUGE task), loss, or auto (loss when every score is ~0)."""
+    if utility not in UTILITY:
+        raise ValueError(f"utility={utility!r}: choose one of {', '.join(UTILITY)}")
+    study = load_study(study_dir)
+    out = Path(output) if output else study.root
+    blocks = build_report(study, utility)
+    written = []
+    for image in (b for b in blocks if isinstance(b, Image)):
+        _write_bytes(out / "plots" / image.name, image.png)
+        written.append(out / "plots" / image.name)
+    _atomic_write(out / "report.md", to_markdown(blocks))
+    _atomic_write(out / "report.html", to_html(blocks, f"stayaligned report: {study.name}"))
+    return [out / "report.md", out / "report.html", *written]
+
+
+def build_report(study: Study, utility: str = "both") -> list[Block]:
+    return [*_overview(study), *_results(study), *_safety_utility(study, utility),
+            *_prefill(study), *_depth(study), *_over_refusal(study), *_training(study),
+            *_cells(study), *_configuration(study)]
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    """Atomic binary write (runfiles writes text only)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------- 1. summary
+
+
+def _describe_cell(cell: dict) -> str:
+    text = f"{cell.get('name')} ({' + '.join(cell.get('methods') or ['sft'])}"
+    if cell.get("options"):
+        text += f"; options {json.dumps(cell['options'], sort_keys=True)}"
+    return text + ")"
+
+
+def _judge(study: Study) -> str:
+    configured = (study.config.get("eval") or {}).get("judge")
+    found = next((m.metrics.get("judge") for m in study.models if m.metrics), None)
+    return str(configured or found or "keyword")
+
+
+def _stage_counts(study: Study) -> str:
+    stages = study.manifest.get("stages") or list(study.progress)
+    status = [(study.progress.get(s) or {}).get("status", "not run") for s in stages]
+    text = f"{status.count('done')} of {len(stages)} stages done"
+    if status.count("failed"):
+        failed = [s for s, st in zip(stages, status) if st == "failed"]
+        text += f"; failed: {', '.join(failed)}"
+    if status.count("not run"):
+        text += f"; {status.count('not run')} not run"
+    return text + "."
+
+
+def _overview(study: Study) -> list[Block]:
+    config = study.config
+    base = (config.get("model") or {}).get("name", "the seed model")
+    cells = [c for c in config.get("cells") or [] if isinstance(c, dict)]
+    kinds = list(benchmarks(study).values())
+    counts = ", ".join(f"{kinds.count(k)} {k}" for k in ("harmful", "benign", "task") if k in kinds)
+    aligned = "" if config.get("align") is None else ", aligned first by the study's align stage,"
+    text = (f"Study {study.name} fine-tunes {base}{aligned} in {len(cells)} cell(s): "
+            f"{', '.join(_describe_cell(c) for c in cells) or 'none'}; "
+            f"seed(s) {', '.join(str(s) for s in config.get('seeds') or [0])}. "
+            f"Every model is evaluated on {len(kinds)} benchmark(s) "
+            f"({counts or 'none scored yet'}) with the {_judge(study)} judge, and differences "
+            f"are taken against the {study.reference_name} cell.")
+    blocks = [Heading(f"Study report: {study.name}", 1), Paragraph(text),
+              Paragraph(_stage_counts(study))]
+    if study.unreadable:
+        blocks.append(Paragraph("Unreadable files (not valid JSON, left out): "
+                                + ", ".join(study.unreadable)))
+    return blocks
+
+
+# ---------------------------------------------------------------- 2. results
+
+
+def _results(study: Study) -> list[Block]:
+    blocks: list[Block] = [Heading("Results")]
+    found = benchmarks(study)
+    if not found:
+        return [*blocks, Paragraph("No model has been evaluated yet.")]
+    for name, kind in found.items():
+        blocks += [Heading(f"{name} ({kind})", 3), results_table(study, name, kind)]
+    return blocks
+
+
+# ---------------------------------------------------------------- 3. safety against utility
+
+
+def _panels(study: Study, task: str, utility: str) -> list[str]:
+    """The safety-utility panels: "score" (accuracy, or ROUGE-L) and/or "loss"."""
+    if utility == "both":
+        return ["score", "loss"]
+    if utility != "auto":
+        return ["score" if utility == "accuracy" else "loss"]
+    metric = task_metric(study, task)
+    scores = [s.value for m in study.models if (s := task_score(m, task, metric))]
+    return ["score"] if any(v > 0.01 for v in scores) else ["loss"]
+
+
+def _utility(point: dict, panel: str) -> float | None:
+    if panel == "score":
+        return point["score"].value if point["score"] else None
+    return point["loss"].get("loss")
+
+
+def _front_text(points: list[dict], panel: str) -> str | None:
+    """The models on the Pareto front of one panel, named."""
+    placed = [(p["label"], p["safety"].value, _utility(p, panel)) for p in points
+              if p["safety"] and _utility(p, panel) is not None]
+    if not placed:
+        return None
+    front = pareto_front([(s, u) for _, s, u in placed], maximize=(True, panel == "score"))
+    return f"on the {panel} panel: {', '.join(placed[i][0] for i in front)}"
+
+
+def _safety_utility(study: Study, utility: str) -> list[Block]:
+    blocks: list[Block] = [Heading("Safety and utility")]
+    harmful, task = main_benchmark(study, "harmful"), main_benchmark(study, "task")
+    if harmful is None or task is None:
+        return [*blocks, Paragraph("Needs a harmful and a task benchmark; this study has "
+                                   f"{'no harmful' if harmful is None else 'no task'} benchmark.")]
+    label = "refusal rate" if safety_metric(study, harmful) == "refusal_rate" else "1 - ASR"
+    metric = task_metric(study, task)
+    points = [{"label": m.label, "safety": safety_rate(m, harmful),
+               "score": task_score(m, task, metric),
+               "loss": (m.benchmark(task) or {}).get("task_loss") or {}} for m in study.models]
+    panels = _panels(study, task, utility)
+    axis = "task accuracy (%)" if metric == "accuracy" else "ROUGE-L F1 (x 100)"
+    png = plots.safety_utility(points, panels, (f"{label} on {harmful}", axis),
+                               f"{harmful} vs {task}")
+    if png is None:
+        return [*blocks, Paragraph("No model has both a safety and a utility result yet.")]
+    fronts = [t for t in (_front_text(points, p) for p in panels) if t]
+    return [*blocks, Image("safety_utility.png", png, f"{label} on {harmful} against utility "
+                           f"on {task}; bars: 95% intervals"),
+            Paragraph("Pareto front (no other model is both at least as safe and at least as "
+                      "useful, and better in one): " + "; ".join(fronts) + ".")]
+
+
+# ---------------------------------------------------------------- 4. prefilling attack
+
+
+def _colours(study: Study) -> dict[str, str]:
+    """One matplotlib colour per model, in row order, the same in every plot."""
+    return {m.label: f"C{i % 10}" for i, m in enumerate(study.models)}
+
+
+
+def _prefill(study: Study) -> list[Block]:
+    blocks: list[Block] = [Heading("Prefilling attack")]
+    groups = prefill_groups(study)
+    if not groups:
+        return [*blocks, Paragraph("No prefilling-attack benchmark in this study (set prefill_k "
+                                   "on a harmful benchmark).")]
+    curves = {base: {m.label: [(k, r) for k, name in ks.items() if (r := safety_rate(m, name))]
+                     for m in study.models} for base, ks in groups.items()}
+    png = plots.prefill_curves(curves, _colours(study))
+    if png is not None:
+        blocks.append(Image("prefill.png", png, "Refusal rate against the number of prefilled "
+                            "harmful tokens k (k = 0: the plain benchmark); bars: 95% intervals"))
+    for base, ks in groups.items():
+        header = ("Model", *(f"k={k}" for k in ks))
+        rows = tuple((m.label, *(fmt_rate(safety_rate(m, n)) if m.metrics else m.missing("eval")
+                                 for n in ks.values())) for m in study.models)
+        blocks += [Heading(f"{base}: refusal rate by k", 3), Table(header, rows)]
+    return blocks
+
+
+# ---------------------------------------------------------------- 5. depth
+
+
+def _depth(study: Study) -> list[Block]:
+    blocks: list[Block] = [Heading("Depth of alignment (per-token KL)")]
+    if not (study.config.get("depth") or {}).get("enabled", True):
+        return [*blocks, Paragraph("Depth is disabled in this study's config (depth.enabled).")]
+    results = {m.label: m.depth for m in study.cells if m.depth}
+    png = plots.depth_curves(results, _colours(study))
+    if png is not None:
+        any_result = next(iter(results.values()))
+        blocks.append(Image("depth.png", png, "KL between each fine-tune and the base model at "
+                            f"the first response tokens of {any_result.get('n_examples', '?')} "
+                            f"examples of {any_result.get('source', '?')}; bars: ±1 SEM"))
+    missing = [f"{m.label} ({m.missing('depth')})" for m in study.cells if not m.depth]
+    if missing:
+        blocks.append(Paragraph("No depth result for: " + "; ".join(missing)))
+    return blocks
+
+
+# ---------------------------------------------------------------- 6. over-refusal
+
+
+def _over_refusal(study: Study) -> list[Block]:
+    blocks: list[Block] = [Heading("Over-refusal")]
+    table = over_refusal_table(study)
+    if table is None:
+        return [*blocks, Paragraph("No benign benchmark in this study: add one with kind: benign "
+                                   "(e.g. XSTest's safe prompts) to measure over-refusal.")]
+    harmful, benign = main_benchmark(study, "harmful"), main_benchmark(study, "benign")
+    rows = [(m.label, model_rate(m, harmful, "refusal_rate"), model_rate(m, benign, "refusal_rate"))
+            for m in study.models]
+    png = plots.over_refusal_bars(rows, harmful or "-", benign)
+    blocks.append(table)
+    if png is not None:
+        blocks.append(Image("over_refusal.png", png, f"Refusal on {harmful} (should be high) and "
+                            f"on {benign} (should be low); bars: 95% intervals"))
+    return blocks
+
+
+# ---------------------------------------------------------------- 7. training
+
+
+def _training_row(model: ModelRun) -> tuple[str, ...]:
+    if model.run is None:
+        return (model.label, model.missing("train"), "—", "—", "—")
+    losses = [row["loss"] for row in model.log if isinstance(row.get("loss"), (int, float))]
+    seconds = model.run.get("train_seconds")
+    return (model.label, str(model.run.get("status", "—")),
+            str(model.run.get("global_step", "—")), f"{losses[-1]:.4f}" if losses else "—",
+            f"{seconds:.1f}" if seconds is not None else "—")
+
+
+def _training(study: Study) -> list[Block]:
+    blocks: list[Block] = [Heading("Training")]
+    trained = [m for m in study.models if m.label != "seed"]
+    png = plots.training_losses({m.label: m.log for m in trained if m.log})
+    if png is not None:
+        blocks.append(Image("training_loss.png", png, "Training loss and each named loss term "
+                            "(loss/...) per logged step"))
+    rows = tuple(_training_row(m) for m in trained)
+    blocks.append(Table(("Run", "Status", "Steps", "Last logged loss", "Train time (s)"), rows))
+    return blocks
+
+
+# ---------------------------------------------------------------- 8. cells
+
+
+def _cell_fields(model: ModelRun) -> Table:
+    cell, run = model.cell or {}, model.run or {}
+    templates = run.get("templates") or {}
+    seconds = run.get("train_seconds")
+    fields = [
+        ("methods", " + ".join(cell.get("methods") or ["sft"])),
+        ("options", json.dumps(cell.get("options") or {}, sort_keys=True)),
+        ("train overrides", json.dumps(cell.get("train") or {}, sort_keys=True)),
+        ("seed", str(model.seed if model.seed is not None else "—")),
+        ("train template", str(templates.get("train", "—"))),
+        ("eval template", str(templates.get("eval", "—"))),
+        ("training examples", str(run.get("n_examples", "—"))),
+        ("train time", f"{seconds:.1f} s" if seconds is not None else "—"),
+    ]
+    for stage in ("train", "eval", "depth"):
+        entry = model.progress.get(stage) or {}
+        status = entry.get("status") if entry else None
+        fields.append((f"{stage} stage", status if status == "done" else model.missing(stage)))
+    return Table(("Field", "Value"), tuple(fields))
+
+
+def _cells(study: Study) -> list[Block]:
+    blocks: list[Block] = [Heading("Cells")]
+    for model in study.cells:
+        blocks += [Heading(model.label, 3), _cell_fields(model)]
+        run = model.run or {}
+        shown = [("Train prompt (first training example, exactly as rendered):",
+                  run.get("train_prompt_example")),
+                 ("Eval prompt (the same example as the evaluation renders it):",
+                  run.get("eval_prompt_example"))]
+        examples = run.get("rendered_examples") or []
+        if examples and examples[0].get("masked"):
+            first = examples[0]
+            shown.append((f"First training example {first.get('id')} with its loss mask "
+                          f"(⟦...⟧ get loss; {first.get('n_loss_tokens')} of "
+                          f"{first.get('n_tokens')} tokens):", first["masked"]))
+        for caption, text in shown:
+            if text:
+                blocks += [Paragraph(caption), Code(str(text))]
+    return blocks
+
+
+# ---------------------------------------------------------------- 9. configuration
+
+
+def _configuration(study: Study) -> list[Block]:
+    config = yaml.safe_dump(study.config, sort_keys=False, allow_unicode=True).rstrip()
+    versions = tuple((k, str(v)) for k, v in (study.manifest.get("versions") or {}).items())
+    stages = list(study.manifest.get("stages") or [])
+    stages += [s for s in study.progress if s not in stages]
+    rows = []
+    for key in stages:
+        entry = study.progress.get(key) or {}
+        seconds = entry.get("seconds")
+        kind = entry.get("kind") or key.rsplit("/", 1)[-1]
+        rows.append((key, str(kind), str(entry.get("status", "not run"))
+                     + (" (reused)" if entry.get("reused") else ""),
+                     f"{seconds:.1f}" if isinstance(seconds, (int, float)) else "—",
+                     str(entry.get("error") or "")))
+    return [Heading("Configuration"), Paragraph("The study's resolved config (study.json):"),
+            Code(config), Heading("Package versions", 3), Table(("Package", "Version"), versions),
+            Heading("Stages", 3),
+            Table(("Stage", "Kind", "Status", "Seconds", "Error"), tuple(rows))]

@@ -1,0 +1,137 @@
+"""Read a study directory (layout in stayaligned/study.py) into one `Study` object.
+
+Every file is optional except study.json: a cell that did not finish, or failed, still gets a
+`ModelRun` whose missing parts are None, and `ModelRun.missing(stage)` says why they are
+missing ("not run", or "failed: <error>" from progress.json).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stayaligned.runfiles import read_json, read_jsonl
+
+
+@dataclass
+class ModelRun:
+    """One row of the report: the seed, the aligned seed, or one cell (x seed)."""
+
+    label: str  # "seed", "aligned" or the cell's run id
+    key: str  # its directory under the study: seed, aligned, cells/<run id>
+    cell: dict | None = None  # the study config's cell entry (None for seed and aligned)
+    seed: int | None = None
+    metrics: dict | None = None  # eval/metrics.json
+    run: dict | None = None  # train/run.json
+    log: list[dict] = field(default_factory=list)  # train/train_log.jsonl
+    depth: dict | None = None  # depth/depth.json
+    progress: dict = field(default_factory=dict)  # stage (train|eval|depth) -> progress entry
+
+    def missing(self, stage: str) -> str:
+        """Why `stage`'s output is absent: "failed: <error>" (its first 200 characters), or
+        "not run" (saying so when a failed training is the reason)."""
+        entry = self.progress.get(stage, {})
+        if entry.get("status") == "failed":
+            error = str(entry.get("error") or "no error recorded")
+            return f"failed: {error[:200]}{'…' if len(error) > 200 else ''}"
+        if stage != "train" and self.progress.get("train", {}).get("status") == "failed":
+            return "not run (training failed)"
+        return "not run"
+
+    def benchmark(self, name: str) -> dict | None:
+        return (self.metrics or {}).get("benchmarks", {}).get(name)
+
+
+@dataclass
+class Study:
+    root: Path
+    manifest: dict  # study.json
+    progress: dict  # progress.json
+    models: list[ModelRun]
+    unreadable: list[str]  # files that exist but are not valid JSON
+
+    @property
+    def config(self) -> dict:
+        return self.manifest.get("config") or {}
+
+    @property
+    def name(self) -> str:
+        return str(self.config.get("name") or self.root.name)
+
+    @property
+    def reference_name(self) -> str:
+        return str(self.config.get("reference") or "sft")
+
+    @property
+    def cells(self) -> list[ModelRun]:
+        return [m for m in self.models if m.cell is not None]
+
+    def reference_for(self, model: ModelRun) -> ModelRun | None:
+        """The reference cell's run with the same seed as `model` (the first one for the
+        seed and aligned rows), or None if the study has no such cell."""
+        runs = [m for m in self.cells if m.cell.get("name") == self.reference_name]
+        same_seed = [m for m in runs if model.seed is not None and m.seed == model.seed]
+        return (same_seed or runs or [None])[0]
+
+
+def load_study(study_dir: str | Path) -> Study:
+    """Everything the report needs from `study_dir`; raises FileNotFoundError without study.json."""
+    root = Path(study_dir)
+    unreadable: list[str] = []
+    manifest = _read(root / "study.json", unreadable)
+    if manifest is None:
+        raise FileNotFoundError(f"{root / 'study.json'}: not found; give the output directory of "
+                                "`stayaligned study` (the one holding study.json)")
+    progress = _read(root / "progress.json", unreadable) or {}
+    models = [_load_model(root, m, progress, unreadable) for m in _model_runs(root, manifest)]
+    return Study(root, manifest, progress, models, unreadable)
+
+
+def _model_runs(root: Path, manifest: dict) -> list[ModelRun]:
+    """The rows in report order: seed, aligned, then each cell x seed as the study ran them."""
+    config = manifest.get("config") or {}
+    runs = []
+    if config.get("evaluate_seed", True) or (root / "seed").is_dir():
+        runs.append(ModelRun("seed", "seed"))
+    if config.get("align") is not None or (root / "aligned").is_dir():
+        runs.append(ModelRun("aligned", "aligned"))
+    cells = config.get("cells") or []
+    seeds = config.get("seeds") or [0]
+    by_id = {}
+    for cell in cells:
+        for seed in seeds:
+            run_id = f"{cell.get('name')}-seed{seed}" if len(seeds) > 1 else str(cell.get("name"))
+            by_id[run_id] = (cell, seed)
+    ids = manifest.get("cells") or list(by_id)
+    for run_id in ids:
+        cell, seed = by_id.get(run_id, ({"name": run_id}, None))
+        runs.append(ModelRun(run_id, f"cells/{run_id}", cell=cell, seed=seed))
+    return runs
+
+
+def _load_model(root: Path, model: ModelRun, progress: dict, unreadable: list[str]) -> ModelRun:
+    base = root / model.key
+    model.metrics = _read(base / "eval" / "metrics.json", unreadable)
+    model.run = _read(base / "train" / "run.json", unreadable)
+    model.depth = _read(base / "depth" / "depth.json", unreadable)
+    try:
+        model.log = read_jsonl(base / "train" / "train_log.jsonl")
+    except ValueError:
+        unreadable.append(str(base / "train" / "train_log.jsonl"))
+    entries = {stage: progress.get(f"{model.key}/{stage}") for stage in ("train", "eval", "depth")}
+    model.progress = {stage: entry for stage, entry in entries.items() if isinstance(entry, dict)}
+    return model
+
+
+def _read(path: Path, unreadable: list[str]) -> dict | None:
+    """The JSON object in `path`; None (and the path noted) when missing or not valid JSON."""
+    try:
+        data = read_json(path)
+    except (ValueError, OSError):
+        unreadable.append(str(path))
+        return None
+    if data is not None and not isinstance(data, dict):
+        unreadable.append(str(path))
+        return None
+    return data
+
