@@ -163,3 +163,75 @@ def test_accuracy_metrics():
     m = accuracy_metrics([True, True, False, True])
     assert m == {"accuracy": rate([True, True, False, True]).to_dict()}
     assert m["accuracy"]["value"] == 0.75
+
+
+# ---- task metrics: exact match, ROUGE, bootstrap means --------------------------------------
+
+
+def test_exact_match_normalises_case_punctuation_and_spaces():
+    from stayaligned.evaluation.metrics import exact_match, normalise_text
+
+    assert normalise_text("  It's   the  ANSWER!\n") == "its the answer"
+    assert exact_match("Paris.", "paris") and exact_match("New  York", "new york")
+    assert not exact_match("Paris, France", "Paris") and not exact_match("", "Paris")
+
+
+def test_rouge_of_identical_and_disjoint_texts():
+    from stayaligned.evaluation.metrics import rouge_scores
+
+    same, disjoint, empty = rouge_scores(
+        ["Amanda baked cookies for Jerry.", "blue sky", ""],
+        ["Amanda baked cookies for Jerry.", "green grass", "Jerry will bring them."])
+    assert same == {"rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0}
+    assert disjoint == {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    assert empty == {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+
+
+def test_rouge_on_hand_computed_overlaps():
+    from stayaligned.evaluation.metrics import rouge_scores
+
+    # reference "the cat sat on the mat" (6 tokens, 5 bigrams), prediction "the cat sat"
+    # (3 tokens, 2 bigrams): unigram overlap 3 -> P 1, R 1/2, F 2/3; bigram overlap 2 -> P 1,
+    # R 2/5, F 4/7; LCS 3 -> F 2/3.
+    got = rouge_scores(["the cat sat"], ["the cat sat on the mat"])[0]
+    assert got["rouge1"] == pytest.approx(2 / 3)
+    assert got["rouge2"] == pytest.approx(4 / 7)
+    assert got["rougeL"] == pytest.approx(2 / 3)
+    # Shuffled words: every unigram matches (F 1), no bigram does, and the longest common
+    # subsequence is 3 of 6 tokens (e.g. "the on the"), so ROUGE-L F = 1/2.
+    shuffled = rouge_scores(["mat the on sat cat the"], ["the cat sat on the mat"])[0]
+    assert shuffled["rouge1"] == pytest.approx(1.0)
+    assert shuffled["rouge2"] == 0.0
+    assert shuffled["rougeL"] == pytest.approx(0.5)
+
+
+def test_rouge_uses_the_porter_stemmer():
+    from stayaligned.evaluation.metrics import rouge_scores
+
+    # "cats" -> "cat", "running"/"runs" -> "run": identical after stemming, disjoint before.
+    assert rouge_scores(["cats running"], ["cat runs"])[0]["rouge1"] == pytest.approx(1.0)
+
+
+def test_mean_interval_is_a_reproducible_bootstrap():
+    from stayaligned.evaluation.metrics import mean_interval
+
+    values = [0.0, 1.0] * 50  # mean 0.5, sd 0.5: normal-theory 95% CI 0.5 +- 0.098
+    first, again = mean_interval(values), mean_interval(values)
+    assert first == again and first["n"] == 100 and first["value"] == 0.5
+    assert first["low"] == pytest.approx(0.402, abs=0.02)
+    assert first["high"] == pytest.approx(0.598, abs=0.02)
+    spread = [i / 7 for i in range(30)]
+    assert mean_interval(spread, seed=1) != mean_interval(spread, seed=2)  # the seed decides
+    assert mean_interval([0.7]) == {"n": 1, "value": 0.7, "low": 0.7, "high": 0.7}
+    assert mean_interval([]) == {"n": 0, "value": None, "low": None, "high": None}
+    with pytest.raises(ValueError, match="confidence"):
+        mean_interval(values, confidence=1.5)
+
+
+def test_rouge_metrics_average_the_per_item_scores():
+    from stayaligned.evaluation.metrics import rouge_metrics
+
+    items = [{"rouge1": 1.0, "rouge2": 0.5, "rougeL": 1.0}, {"rouge1": 0.5, "rouge2": 0.0, "rougeL": 0.25}]
+    m = rouge_metrics(items)
+    assert (m["rouge1"]["value"], m["rouge2"]["value"], m["rougeL"]["value"]) == (0.75, 0.25, 0.625)
+    assert m["rouge1"]["n"] == 2 and 0.5 <= m["rouge1"]["low"] <= 0.75 <= m["rouge1"]["high"] <= 1.0

@@ -122,3 +122,12 @@ def test_a_failing_cell_is_recorded_and_the_others_finish(tmp_path, tiny_model_d
     assert "no-such-method" in progress["cells/broken/train"]["error"]
     assert "cells/broken/eval" not in progress
     assert progress["cells/sft/eval"]["status"] == "done"
+
+
+def test_an_edited_config_does_not_reuse_a_stale_cell(tmp_path, tiny_model_dir):
+    args = ("align=null", "evaluate_seed=false", "depth.enabled=false", "cells=[{name: sft}]")
+    assert run_study(study_config(tmp_path, tiny_model_dir, "edit", *args))["failed"] == []
+    edited = study_config(tmp_path, tiny_model_dir, "edit", *args, "train.optim.lr=5.0e-3")
+    assert run_study(edited)["failed"] == ["cells/sft/train"]
+    progress = json.loads((tmp_path / "edit/progress.json").read_text())
+    assert "different config (changed: optim)" in progress["cells/sft/train"]["error"]

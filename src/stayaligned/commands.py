@@ -32,13 +32,55 @@ def fmt_rate(rate: dict) -> str:
     return f"{100 * rate['value']:.1f}% [{100 * rate['low']:.1f}, {100 * rate['high']:.1f}]"
 
 
+def fmt_mean(mean: dict | None, scale: float = 1.0, digits: int = 2) -> str:
+    """'2.31 [2.05, 2.60]' from a mean_interval dict (values times `scale`); '-' if empty."""
+    if not mean or mean.get("value") is None:
+        return "-"
+    v, lo, hi = (scale * mean[k] for k in ("value", "low", "high"))
+    return f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def metric_rows(m: dict) -> list[tuple[str, str]]:
+    """(metric label, formatted value) for every metric a benchmark's metrics.json entry has:
+    refusal rate (over-refusal on benign sets), attack success rate (share of 5s for the
+    rubric judge, of "unsafe" for the guard judge), harmfulness, accuracy, ROUGE, task loss."""
+    benign = m.get("kind") == "benign"
+    rows = []
+    if "refusal_rate" in m:
+        rows.append(("over-refusal" if benign else "refusal rate", fmt_rate(m["refusal_rate"])))
+    if "attack_success_rate" in m and not benign:
+        label = "ASR (score 5)" if "scores" in m else \
+            "ASR" if "refusal_rate" in m else "ASR (unsafe)"
+        rows.append((label, fmt_rate(m["attack_success_rate"])))
+    if "harmfulness" in m:
+        rows.append(("harmfulness (1-5)", fmt_mean(m["harmfulness"])))
+    elif m.get("mean_score") is not None:
+        rows.append(("harmfulness (1-5)", f"{m['mean_score']:.2f}"))
+    if "accuracy" in m:
+        label = "exact match" if m.get("metric") == "exact_match" else "accuracy"
+        rows.append((label, fmt_rate(m["accuracy"])))
+    for key in ("rouge1", "rouge2", "rougeL"):
+        if key in m:
+            rows.append((f"ROUGE-{key[5:]} F1 (x100)", fmt_mean(m[key], scale=100, digits=1)))
+    loss = m.get("task_loss") or {}
+    if loss.get("loss") is not None:
+        rows.append(("task loss (nats/token)", f"{loss['loss']:.3f}"))
+    return rows or [("-", "see metrics.json")]
+
+
 def metrics_table(benchmarks: dict, title: str = "") -> Table:
+    """One row per (benchmark, metric it has); never fails on an unfamiliar entry."""
     table = Table(title=title)
     for column in ("benchmark", "kind", "n", "metric", "value [95% CI]"):
         table.add_column(column)
     for name, m in benchmarks.items():
-        key = "accuracy" if m["kind"] == "task" else "refusal_rate"
-        table.add_row(name, m["kind"], str(m["n"]), key, fmt_rate(m[key]))
+        n = str(m.get("n", "-"))
+        if m.get("unscored"):
+            n += f" (+{m['unscored']} unscored)"
+        for i, (label, value) in enumerate(metric_rows(m)):
+            first = i == 0
+            table.add_row(name if first else "", str(m.get("kind", "-")) if first else "",
+                          n if first else "", label, value)
     return table
 
 
@@ -83,8 +125,8 @@ def data_list() -> None:
     for name in DEMO_NAMES:
         table.add_row(name, "demo", "-", "bundled", "Apache-2.0 (this project)")
     for spec in DATASETS.values():
-        table.add_row(spec.name, spec.kind, spec.hub_id or "-",
-                      ", ".join(spec.local_files.values()), spec.license)
+        local = [*spec.local_files.values(), *([f"{spec.local_dir}/"] if spec.local_dir else [])]
+        table.add_row(spec.name, spec.kind, spec.hub_id or "-", ", ".join(local), spec.license)
     console.print(table)
 
 

@@ -120,11 +120,16 @@ class AlignConfig(TrainConfig):
 
 @dataclass(frozen=True)
 class BenchmarkConfig:
-    """An evaluation set. `kind` decides the metric: harmful -> refusal rate, task -> accuracy."""
+    """An evaluation set. `kind` decides what is measured: harmful -> refusal rate / attack
+    success / harmfulness (by the judge), benign -> over-refusal, task -> `metric` against the
+    reference answers."""
 
     name: str = "demo-harmful-eval"
-    source: str | None = None  # defaults to `name` (a registry name, file or Hub id)
+    source: str | None = None  # defaults to `name` (a registry name, NAME:PATH, file or Hub id)
     kind: str = "harmful"  # harmful | benign | task
+    # task benchmarks: gsm8k_exact_match | exact_match | rouge; None: the registry dataset's own
+    # (gsm8k -> gsm8k_exact_match, samsum -> rouge), and gsm8k_exact_match for other sources
+    metric: str | None = None
     split: str = "test"
     limit: int | None = None
     seed: int = 0

@@ -127,13 +127,29 @@ def _run_eval(cfg: EvalConfig):
 def _run_train(cfg: TrainConfig):
     from stayaligned.training.run import train
 
+    _same_config(cfg)
     return train(cfg, resume=(Path(cfg.output_dir) / "run.json").exists())
+
+
+def _same_config(cfg: TrainConfig) -> None:
+    """A run directory holds one configuration: after an edit of the study config, a stale
+    run (finished or not) is an error, not silently reused or resumed with other settings."""
+    manifest = read_json(Path(cfg.output_dir) / "run.json")
+    if manifest and manifest.get("config") != to_dict(cfg):
+        old, new = manifest.get("config", {}), to_dict(cfg)
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        raise ConfigError(f"{cfg.output_dir} was trained with a different config (changed: "
+                          f"{', '.join(changed)}); delete that directory to retrain it, or "
+                          "restore the study config")
 
 
 def _train_done(cfg: TrainConfig) -> bool:
     from stayaligned.training.run import is_complete
 
-    return is_complete(Path(cfg.output_dir))
+    if not is_complete(Path(cfg.output_dir)):
+        return False
+    _same_config(cfg)
+    return True
 
 
 def _run_depth(cfg: StudyConfig, base: str, model: str, target: Path):
@@ -221,12 +237,12 @@ class Progress:
 
 def run_stage(stage: Stage, progress: Progress) -> bool:
     """Run one stage unless finished; True when it is (or already was) complete."""
-    if stage.done():
-        if progress.state.get(stage.key, {}).get("status") != "done":
-            progress.record(stage, status="done", seconds=None, reused=True)
-        return True
     started = time.time()
     try:
+        if stage.done():
+            if progress.state.get(stage.key, {}).get("status") != "done":
+                progress.record(stage, status="done", seconds=None, reused=True)
+            return True
         stage.run()
     except KeyboardInterrupt:
         raise
@@ -273,7 +289,7 @@ def _run_sequence(todo: list[Stage], stages: list[Stage], progress: Progress) ->
     for i, stage in enumerate(todo):
         if stage.cell in broken_cells:  # a cell's eval needs its training
             continue
-        remaining = [s for s in todo[i:] if not s.done()]
+        remaining = [s for s in todo[i:] if not _quietly_done(s)]
         progress.announce(stages.index(stage) + 1, stage, remaining)
         if not run_stage(stage, progress):
             failed.append(stage.key)
@@ -281,6 +297,13 @@ def _run_sequence(todo: list[Stage], stages: list[Stage], progress: Progress) ->
             if stage.cell is None:
                 break
     return failed
+
+
+def _quietly_done(stage: Stage) -> bool:
+    try:
+        return stage.done()
+    except ConfigError:
+        return False
 
 
 def _run_on_devices(ids: list[str], devices: list[str], argv: list[str], console: Console) -> list[str]:

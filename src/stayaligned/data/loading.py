@@ -8,7 +8,8 @@ Supported local formats, chosen by file extension:
 * ``.txt``     one prompt per line, blank lines skipped; each becomes ``{"prompt": line}``
 * ``.parquet`` a table; ids are ``"name[i]"`` (0-based row index)
 
-Hub rows get ids ``"owner/dataset:split[i]"``.
+Hub rows get ids ``"owner/dataset:split[i]"``. `read_category_csv` reads the other layout some
+benchmarks ship in (HEx-PHI): one header-less CSV per category, one prompt a row.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import csv
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from stayaligned.data.types import DataError, Example
@@ -31,7 +32,9 @@ class Fields:
     `user` names one or more fields joined with a blank line (empty ones skipped), e.g. Alpaca's
     ``("instruction", "input")``. `assistant` is None for prompt-only sets. `system` names a
     field holding a per-record system message; `system_prompt` is a fixed one, used when the
-    record has no system text of its own. `meta` fields are copied into `Example.meta`.
+    record has no system text of its own. `meta` fields are copied into `Example.meta`;
+    `category` names the field copied into ``meta["category"]``, which evaluation breaks its
+    metrics down by (e.g. XSTest's ``type``, CatQA's ``Category``).
     """
 
     user: tuple[str, ...] = ("instruction",)
@@ -40,6 +43,7 @@ class Fields:
     system_prompt: str | None = None
     user_prefix: str = ""
     meta: tuple[str, ...] = ()
+    category: str | None = None
 
     def __post_init__(self) -> None:
         # A bare string is the commonest slip (Fields(user="prompt")); accept it rather than
@@ -50,6 +54,21 @@ class Fields:
             object.__setattr__(self, "meta", (self.meta,))
         if not self.user:
             raise DataError("Fields.user is empty: name at least one field holding the prompt.")
+
+
+def with_overrides(base: Fields, overrides: dict | None, where: str) -> Fields:
+    """`base` with the keys of a config's ``fields:`` mapping replaced (lists become tuples)."""
+    overrides = dict(overrides or {})
+    for key in ("user", "meta"):
+        if isinstance(overrides.get(key), str):
+            overrides[key] = (overrides[key],)
+        elif key in overrides:
+            overrides[key] = tuple(overrides[key])
+    try:
+        return replace(base, **overrides)
+    except TypeError:
+        valid = ", ".join(base.__dataclass_fields__)
+        raise DataError(f"{where}: fields {sorted(overrides)}: valid field keys are {valid}")
 
 
 def read_records(path: str | Path) -> list[tuple[str, dict]]:
@@ -139,6 +158,26 @@ def _read_txt(path: Path) -> list[tuple[str, dict]]:
     return records
 
 
+def read_category_csv(path: Path, category: str,
+                      field: str = "instruction") -> list[tuple[str, dict]]:
+    """Records ``{field: prompt, "category": category}`` from a header-less CSV of prompts.
+
+    Each row is one prompt; a row that CSV splits at unquoted commas is joined back with ",",
+    so a prompt containing commas survives with or without quotes. Ids are ``"name:line"``.
+    """
+    records = []
+    with Path(path).open(encoding="utf-8-sig", newline="") as handle:
+        reader = csv.reader(handle)
+        row_start = 1
+        for row in reader:
+            text = ",".join(row).strip()
+            if text:
+                record = {field: text, "category": category}
+                records.append((f"{Path(path).name}:{row_start}", record))
+            row_start = reader.line_num + 1
+    return records
+
+
 def _read_parquet(path: Path) -> list[tuple[str, dict]]:
     try:
         import pyarrow.parquet as pq
@@ -179,6 +218,8 @@ def to_example(record_id: str, record: dict, fields: Fields) -> Example:
         _require_text(record_id, fields.assistant, answer, "assistant")
         messages.append({"role": "assistant", "content": answer})
     meta = {name: _field(record_id, record, name, "meta") for name in fields.meta}
+    if fields.category is not None:
+        meta["category"] = _field(record_id, record, fields.category, "category")
     return Example(id=record_id, messages=tuple(messages), meta=meta)
 
 
@@ -251,6 +292,12 @@ def load_examples(source: str | Path, fields: Fields, *, split: str = "train",
     else:
         records = _hub_records(str(source), hub_config, split, data_dir)
         where = f"{source} (split {split})"
+    return examples_from_records(records, fields, where, limit=limit, seed=seed)
+
+
+def examples_from_records(records: list[tuple[str, dict]], fields: Fields, where: str, *,
+                          limit: int | None = None, seed: int = 0) -> list[Example]:
+    """`Example`s from ``(record_id, record)`` pairs read from `where`, subsampled by `limit`."""
     if not records:
         raise DataError(f"{where}: no records found. Check that this is the intended file or "
                         "split.")

@@ -5,18 +5,18 @@
   `demo-safety` (align-split harmful requests -> refusals), `demo-helpful` (benign pairs),
   `demo-harmful` (prompt-only harmful requests; split `align` or `eval`, `test` = `eval`).
 - a registry name (`stayaligned data list`): a local copy under `data_dir` first, else the Hub;
+  ``NAME:PATH`` (e.g. ``hex-phi:/data/HEx-PHI``) reads that dataset from a copy at PATH;
 - a file path (JSON, JSONL, CSV, TXT, Parquet) or a Hub dataset id, with `fields` mapping.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import replace
 from pathlib import Path
 
 from stayaligned.data.demo import arithmetic_problems, load_resource
-from stayaligned.data.loading import Fields, load_examples, subset, to_example
-from stayaligned.data.registry import DATASETS, resolve, spec
+from stayaligned.data.loading import Fields, load_examples, subset, to_example, with_overrides
+from stayaligned.data.registry import DATASETS, resolve
 from stayaligned.data.types import DataError, Example
 
 ARITHMETIC_POOL = {"train": 2000, "test": 500}
@@ -33,47 +33,29 @@ def load_source(
     fields: dict | None = None,
     data_dir: str | Path | None = None,
 ) -> list[Example]:
-    """Examples from a demo set, a registry name, a file, or a Hub id."""
+    """Examples from a demo set, a registry name (optionally ``NAME:PATH``), a file, or a Hub id."""
     if source.startswith("demo-"):
         examples = _demo(source, split)
         return subset(examples, limit, seed)
-    if source.replace("_", "-").lower() in DATASETS:
-        if not fields:
-            return resolve(source, split=split, data_dir=data_dir, limit=limit, seed=seed)
-        return _registry_with_fields(source, split, limit, seed, fields, data_dir)
-    mapping = _fields(Fields(), fields, source)
+    name, path = registry_name(source)
+    if name is not None:
+        return resolve(name, split=split, data_dir=data_dir, path=path, limit=limit, seed=seed,
+                       fields=fields)
+    mapping = with_overrides(Fields(), fields, source)
     return load_examples(source, mapping, split=split, limit=limit, seed=seed, data_dir=data_dir)
 
 
-def _fields(base: Fields, overrides: dict | None, where: str) -> Fields:
-    overrides = dict(overrides or {})
-    for key in ("user", "meta"):
-        if isinstance(overrides.get(key), str):
-            overrides[key] = (overrides[key],)
-        elif key in overrides:
-            overrides[key] = tuple(overrides[key])
-    try:
-        return replace(base, **overrides)
-    except TypeError:
-        valid = ", ".join(base.__dataclass_fields__)
-        raise DataError(f"{where}: fields {sorted(overrides)}: valid field keys are {valid}")
+def registry_name(source: str) -> tuple[str | None, str | None]:
+    """(registry name, path or None) if `source` names a registered dataset, else (None, None).
 
-
-def _registry_with_fields(name, split, limit, seed, fields, data_dir) -> list[Example]:
-    found = spec(name)
-    split = split or found.split
-    local = found.local_files.get(split)
-    if data_dir is not None and local and (Path(data_dir) / local).is_file():
-        mapping = _fields(found.local_fields or found.fields, fields, name)
-        return load_examples(Path(data_dir) / local, mapping, limit=limit, seed=seed)
-    if found.hub_id is None:
-        raise DataError(f"dataset '{name}' is not on the Hugging Face Hub and no local copy was "
-                        f"found: put {local or 'its file'} in data_dir (now {data_dir!r})")
-    mapping = _fields(found.fields, fields, name)
-    return load_examples(
-        found.hub_id, mapping, split=split, limit=limit, seed=seed,
-        hub_config=found.hub_config,
-    )
+    >>> registry_name("HEx_PHI:/data/HEx-PHI"), registry_name("gsm8k"), registry_name("a.csv")
+    (('hex-phi', '/data/HEx-PHI'), ('gsm8k', None), (None, None))
+    """
+    head, sep, path = source.partition(":")
+    key = head.strip().lower().replace("_", "-")
+    if key not in DATASETS:
+        return None, None
+    return key, path or None
 
 
 # ---------------------------------------------------------------- demo sets

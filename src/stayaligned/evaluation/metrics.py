@@ -1,16 +1,18 @@
-"""Rates with confidence intervals, refusal and accuracy summaries, and GSM8K answer checking.
+"""Rates and means with confidence intervals, refusal and accuracy summaries, and the task
+metrics: GSM8K answer checking, normalised exact match and ROUGE.
 
-Intervals: the Wilson score interval for one proportion (Wilson 1927) and Newcombe's hybrid
-score interval for the difference of two independent proportions (Newcombe 1998, method 10).
-Both come without continuity correction. Quantiles come from `statistics.NormalDist`, so
-nothing here needs scipy.
+Intervals: the Wilson score interval for one proportion (Wilson 1927), Newcombe's hybrid
+score interval for the difference of two independent proportions (Newcombe 1998, method 10),
+both without continuity correction, and a percentile bootstrap for means (ROUGE, harmfulness
+scores). Quantiles come from `statistics.NormalDist`, so nothing here needs scipy.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+import string
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from decimal import Decimal, InvalidOperation
 from statistics import NormalDist
@@ -195,3 +197,86 @@ def accuracy_metrics(flags: Iterable[bool]) -> dict:
     0.5
     """
     return {"accuracy": rate(flags).to_dict()}
+
+
+# ---------------------------------------------------------------- means and task metrics
+
+# The scores a task benchmark can use (BenchmarkConfig.metric).
+TASK_METRICS = ("gsm8k_exact_match", "exact_match", "rouge")
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def mean_interval(values: Sequence[float], confidence: float = 0.95,
+                  resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict:
+    """The mean of `values` with a percentile bootstrap interval (`resamples` resamples of the
+    items, drawn with `seed`, so the interval is reproducible); value None when empty.
+
+    >>> mean_interval([0.5, 0.5, 0.5])
+    {'n': 3, 'value': 0.5, 'low': 0.5, 'high': 0.5}
+    >>> mean_interval([])["value"] is None
+    True
+    """
+    import numpy as np
+
+    _z(confidence)  # validates it
+    data = np.asarray(values, dtype=float)
+    if data.size == 0:
+        return {"n": 0, "value": None, "low": None, "high": None}
+    rng = np.random.default_rng(seed)
+    means = data[rng.integers(0, data.size, size=(resamples, data.size))].mean(axis=1)
+    tail = (1.0 - confidence) / 2.0
+    low, high = np.quantile(means, [tail, 1.0 - tail])
+    value = float(data.mean())
+    return {"n": int(data.size), "value": value,
+            "low": min(float(low), value), "high": max(float(high), value)}
+
+
+def normalise_text(text: str) -> str:
+    """Lower case, ASCII punctuation removed, runs of white space made one space.
+
+    >>> normalise_text("  The  Eiffel Tower, Paris! ")
+    'the eiffel tower paris'
+    """
+    text = text.lower().translate(str.maketrans("", "", string.punctuation))
+    return " ".join(text.split())
+
+
+def exact_match(response: str, reference: str) -> bool:
+    """True if `response` equals `reference` after `normalise_text`.
+
+    >>> exact_match("Paris.", " paris"), exact_match("Paris, France", "Paris")
+    (True, False)
+    """
+    return normalise_text(response) == normalise_text(reference)
+
+
+def rouge_scores(predictions: Sequence[str], references: Sequence[str]) -> list[dict]:
+    """ROUGE-1, ROUGE-2 and ROUGE-L F1 of each prediction against its reference, as the
+    `rouge-score` package (Google's reference implementation, used by the SAMSum papers and
+    Hugging Face `evaluate`) computes them with the Porter stemmer: lower-cased alphanumeric
+    tokens, words over 3 letters stemmed.
+
+    >>> rouge_scores(["the cat sat"], ["the cat sat on the mat"])[0]["rouge2"]
+    0.5714285714285715
+    """
+    try:
+        from rouge_score import rouge_scorer
+    except ImportError as error:
+        raise ImportError("ROUGE needs the rouge-score package: pip install rouge-score") from error
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    out = []
+    for prediction, reference in zip(predictions, references, strict=True):
+        scores = scorer.score(reference, prediction)  # (target, prediction)
+        out.append({name: scores[name].fmeasure for name in ROUGE_TYPES})
+    return out
+
+
+def rouge_metrics(judgments: list[dict]) -> dict:
+    """Mean ROUGE-1/2/L F1 over judgments carrying per-item scores, each with a bootstrap
+    interval.
+
+    >>> rouge_metrics([{"rouge1": 1.0, "rouge2": 0.5, "rougeL": 1.0}])["rouge2"]["value"]
+    0.5
+    """
+    return {name: mean_interval([j[name] for j in judgments]) for name in ROUGE_TYPES}

@@ -1,10 +1,12 @@
 """`evaluate(cfg)`: generate -> judge -> score, each stage a file in the output directory.
 
   generations.jsonl   one row per (benchmark, example): rendered prompt, response, reference
-  judgments.jsonl     one row per generation: the judge's verdict (refusal, or correct)
+  judgments.jsonl     one row per generation: the judge's verdict (refusal, harmfulness score),
+                      or for task benchmarks the metric's per-item score (correct, ROUGE F1s)
   task_loss.json      per task benchmark: mean NLL of the reference answers (held-out loss)
-  metrics.json        per benchmark: refusal rate / attack success rate or accuracy, with
-                      95% Wilson intervals; plus the model, template and judge used
+  metrics.json        per benchmark: refusal rate / attack success rate / harmfulness,
+                      accuracy or mean ROUGE, with 95% intervals (Wilson for rates, bootstrap
+                      for means); plus the model, template and judge used
 
 Generations are saved after every batch and reused on the next run, so an interrupted
 evaluation resumes; judgments are recomputed from generations (cheap for the keyword judge).
@@ -17,10 +19,12 @@ from pathlib import Path
 
 from stayaligned.config import BenchmarkConfig, EvalConfig, to_dict
 from stayaligned.data.loading import subset
-from stayaligned.data.sources import load_source
+from stayaligned.data.registry import DATASETS
+from stayaligned.data.sources import load_source, registry_name
 from stayaligned.data.types import DataError, Example
 from stayaligned.evaluation.generation import generate
 from stayaligned.evaluation.judging import build_judge, judge_rows, score
+from stayaligned.evaluation.metrics import TASK_METRICS
 from stayaligned.evaluation.prefill import harmful_responses, prefix_tokens
 from stayaligned.runfiles import read_json, read_jsonl, write_json, write_jsonl
 from stayaligned.templates.library import get_template
@@ -46,6 +50,24 @@ def benchmark_examples(bench: BenchmarkConfig, data_dir: str | None) -> list[Exa
         examples = [ex for ex in examples if all(str(ex.meta.get(k)) == str(v) for k, v in where.items())]
         examples = subset(examples, bench.limit, bench.seed)
     return examples
+
+
+def task_metric(bench: BenchmarkConfig) -> str | None:
+    """The metric of a task benchmark: its `metric`, else its registry dataset's default, else
+    GSM8K exact match (what every task benchmark used before `metric` existed); None for
+    safety benchmarks."""
+    if bench.kind != "task":
+        if bench.metric is not None:
+            raise DataError(f"benchmark {bench.name}: metric {bench.metric!r} applies only to "
+                            "kind: task (safety benchmarks are scored by the judge)")
+        return None
+    if bench.metric is not None:
+        if bench.metric not in TASK_METRICS:
+            raise DataError(f"benchmark {bench.name}: metric {bench.metric!r} is unknown; use "
+                            f"one of {', '.join(TASK_METRICS)}")
+        return bench.metric
+    name, _ = registry_name(bench.source or bench.name)
+    return (DATASETS[name].metric if name else None) or "gsm8k_exact_match"
 
 
 def reference_answer(example: Example) -> str | None:
@@ -170,6 +192,8 @@ def evaluate(cfg: EvalConfig, *, model=None, tokenizer=None) -> dict:
     started = time.time()
     benches = expand_benchmarks(cfg)
     kinds = {name: b.kind for name, (b, _, _) in benches.items()}
+    task_metrics = {name: task_metric(b) for name, (b, _, _) in benches.items()
+                    if b.kind == "task"}
     rows = [r for r in read_jsonl(out / "generations.jsonl") if r["benchmark"] in benches]
     done = {(r["benchmark"], r["id"]) for r in rows}
     todo = {name: (b, [ex for ex in exs if (name, ex.id) not in done], k)
@@ -186,11 +210,11 @@ def evaluate(cfg: EvalConfig, *, model=None, tokenizer=None) -> dict:
 
     _generate_missing(cfg, out, rows, todo, model_holder)
     judge = build_judge(cfg.judge, cfg.judge_options)
-    judgments = judge_rows(rows, kinds, judge, cache_dir=out)
+    judgments = judge_rows(rows, kinds, judge, cache_dir=out, task_metrics=task_metrics)
     write_jsonl(out / "judgments.jsonl", judgments)
     categories = {(r["benchmark"], r["id"]): (r.get("meta") or {}).get("category") for r in rows}
     losses = _task_losses(cfg, out, benches, model_holder)
-    scores = score(judgments, kinds, categories)
+    scores = score(judgments, kinds, categories, task_metrics)
     for name, loss in losses.items():
         scores[name]["task_loss"] = loss
     metrics = {
