@@ -15,26 +15,36 @@ from stayaligned.config import DataConfig
 PACKAGES = ("stayaligned", "torch", "transformers", "peft", "accelerate", "datasets")
 
 
-def _atomic_write(path: Path, text: str) -> None:
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def write_bytes(path: Path, data: bytes) -> None:
     """Write via a temporary file and rename, so a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual file mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def atomic_write(path: Path, text: str) -> None:
+    """Text (UTF-8) written atomically."""
+    write_bytes(path, text.encode("utf-8"))
+
+
 def write_json(path: Path, data) -> None:
-    _atomic_write(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+    atomic_write(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
 def write_jsonl(path: Path, rows) -> None:
-    _atomic_write(path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
+    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
 
 
 def read_json(path: Path) -> dict | None:

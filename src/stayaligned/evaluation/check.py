@@ -16,7 +16,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 from stayaligned.config import EvalConfig
 from stayaligned.evaluation.metrics import Rate, difference_interval
-from stayaligned.runfiles import _atomic_write, write_json
+from stayaligned.runfiles import atomic_write, write_json
 
 
 def _rate(d: dict) -> Rate:
@@ -84,4 +84,4 @@ def junit_xml(report: dict) -> str:
 
 
 def write_junit(path: Path, report: dict) -> None:
-    _atomic_write(Path(path), junit_xml(report))
+    atomic_write(Path(path), junit_xml(report))

@@ -30,16 +30,14 @@ from __future__ import annotations
 import inspect
 import io
 import math
-import os
 import statistics
-import tempfile
 from pathlib import Path
 
 import torch
 
 from stayaligned.data.types import DataError, Example
 from stayaligned.evaluation.generation import length_batches
-from stayaligned.runfiles import write_json
+from stayaligned.runfiles import write_bytes, write_json
 from stayaligned.templates.library import Template, get_template
 from stayaligned.templates.render import encode, prompt_text
 
@@ -215,16 +213,6 @@ def plot_depth(results: dict[str, dict], path: str | Path) -> None:
         axes.legend()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120)
-    _write_bytes(Path(path), buffer.getvalue())
+    write_bytes(Path(path), buffer.getvalue())
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -11,8 +11,6 @@ configuration, package versions and stage times.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import yaml
@@ -44,7 +42,7 @@ from stayaligned.reports.tables import (
     task_metric,
     task_score,
 )
-from stayaligned.runfiles import _atomic_write
+from stayaligned.runfiles import atomic_write, write_bytes
 
 UTILITY = ("both", "accuracy", "loss", "auto")
 
@@ -68,10 +66,10 @@ def write_report(study_dir: str | Path, output: str | Path | None = None,
     blocks = build_report(study, utility)
     written = []
     for image in (b for b in blocks if isinstance(b, Image)):
-        _write_bytes(out / "plots" / image.name, image.png)
+        write_bytes(out / "plots" / image.name, image.png)
         written.append(out / "plots" / image.name)
-    _atomic_write(out / "report.md", to_markdown(blocks))
-    _atomic_write(out / "report.html", to_html(blocks, f"stayaligned report: {study.name}"))
+    atomic_write(out / "report.md", to_markdown(blocks))
+    atomic_write(out / "report.html", to_html(blocks, f"stayaligned report: {study.name}"))
     return [out / "report.md", out / "report.html", *written]
 
 
@@ -79,22 +77,6 @@ def build_report(study: Study, utility: str = "both") -> list[Block]:
     return [*_overview(study), *_results(study), *_safety_utility(study, utility),
             *_prefill(study), *_depth(study), *_over_refusal(study), *_training(study),
             *_cells(study), *_configuration(study)]
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    """Atomic binary write (runfiles writes text only)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-# ---------------------------------------------------------------- 1. summary
 
 
 def _describe_cell(cell: dict) -> str:
