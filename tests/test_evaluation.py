@@ -342,3 +342,16 @@ def test_metrics_table_shows_the_metrics_each_benchmark_has():
     assert "ROUGE-2 F1 (x100)" in text and "ROUGE-L F1 (x100)" in text and "40.0 [25.0, 55.0]" in text
     assert "task loss (nats/token)" in text and "1.234" in text
     assert "see metrics.json" in text and "mystery" in text
+
+
+def test_a_benchmark_can_set_its_own_answer_length(tmp_path, tiny_model_dir):
+    cfg = load(EvalConfig, None, [f"model.name={tiny_model_dir}", f"output_dir={tmp_path / 'len'}",
+               "benchmarks=[{name: short, source: demo-arithmetic, split: test, kind: task, limit: 2},"
+               " {name: long, source: demo-arithmetic, split: test, kind: task, limit: 2,"
+               " max_new_tokens: 12}]", "generation.max_new_tokens=3"])
+    evaluate(cfg)
+    _, tok = load_model(ModelConfig(name=str(tiny_model_dir)))
+    rows = [json.loads(l) for l in (tmp_path / "len" / "generations.jsonl").read_text().splitlines()]
+    lengths = {name: max(len(tok(r["response"], add_special_tokens=False)["input_ids"])
+                         for r in rows if r["benchmark"] == name) for name in ("short", "long")}
+    assert lengths["short"] <= 4 and 6 < lengths["long"] <= 14

@@ -6,7 +6,7 @@
   stayaligned eval CONFIG [key=value ...]
   stayaligned data preview [CONFIG] [key=value ...] [--n N] [--eval]
   stayaligned data list | stayaligned data templates
-  stayaligned study CONFIG [key=value ...] [--cells A,B] [--devices 0,1]
+  stayaligned study CONFIG [key=value ...] [--cells A,B] [--devices 0,1] [--dry-run]
   stayaligned report STUDY_DIR [--output DIR]
   stayaligned check --model RUN --baseline SEED [CONFIG] [key=value ...] [--max-refusal-drop 5]
   stayaligned depth --seed SEED --model RUN [--source demo-safety] [--tokens 8] --output DIR
@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(study, required=True)
     study.add_argument("--cells", help="only these cells (comma-separated run ids)")
     study.add_argument("--devices", help="GPUs to spread cells over, one worker each, e.g. 0,1,2,3")
+    study.add_argument("--dry-run", action="store_true", help="list the stages and their status")
 
     report = sub.add_parser("report", help="report.md and report.html from a study's stage files")
     report.add_argument("study_dir", help="the study's output directory")
@@ -149,6 +150,11 @@ def _dispatch(args) -> int:
         from stayaligned.study import run_study
 
         path, overrides = _split_config(args)
+        if args.dry_run:
+            from stayaligned.study import describe
+
+            describe(load(StudyConfig, path, overrides))
+            return 0
         result = run_study(
             load(StudyConfig, path, overrides),
             only=args.cells.split(",") if args.cells else None,

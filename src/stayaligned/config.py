@@ -139,6 +139,7 @@ class BenchmarkConfig:
     template: str | None = None  # this benchmark's condition (else the evaluation's template)
     where: dict | None = None  # keep records whose meta fields equal these, e.g. {label: safe}
     task_loss: bool = True  # task benchmarks: also the mean NLL of the reference answers
+    max_new_tokens: int | None = None  # this benchmark's answer length (else generation's)
 
 
 @dataclass(frozen=True)

@@ -135,8 +135,10 @@ def _same_config(cfg: TrainConfig) -> None:
     """A run directory holds one configuration: after an edit of the study config, a stale
     run (finished or not) is an error, not silently reused or resumed with other settings."""
     manifest = read_json(Path(cfg.output_dir) / "run.json")
-    if manifest and manifest.get("config") != to_dict(cfg):
-        old, new = manifest.get("config", {}), to_dict(cfg)
+    # output_dir may differ: a run directory that was moved is still the same run
+    old = {k: v for k, v in (manifest or {}).get("config", {}).items() if k != "output_dir"}
+    new = {k: v for k, v in to_dict(cfg).items() if k != "output_dir"}
+    if manifest and old != new:
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         raise ConfigError(f"{cfg.output_dir} was trained with a different config (changed: "
                           f"{', '.join(changed)}); delete that directory to retrain it, or "
@@ -253,6 +255,29 @@ def run_stage(stage: Stage, progress: Progress) -> bool:
         return False
     progress.record(stage, status="done", seconds=round(time.time() - started, 1))
     return True
+
+
+def describe(cfg: StudyConfig, console: Console | None = None) -> list[tuple[str, str]]:
+    """The stages and whether each is done, without running anything (`--dry-run`)."""
+    from rich.table import Table
+
+    console = console or Console()
+    state = read_json(Path(cfg.output_dir) / "progress.json") or {}
+    rows = []
+    for stage in plan(cfg):
+        try:
+            status = "done" if stage.done() else state.get(stage.key, {}).get("status", "to do")
+        except ConfigError as err:
+            status = f"stale: {err}"
+        status = "to do (failed before)" if status == "failed" else status
+        rows.append((stage.key, status))
+    table = Table(title=f"study {cfg.name}: {cfg.output_dir}")
+    for column in ("stage", "status"):
+        table.add_column(column)
+    for key, status in rows:
+        table.add_row(key, status)
+    console.print(table)
+    return rows
 
 
 def run_study(cfg: StudyConfig, *, only: list[str] | None = None, devices: list[str] | None = None,

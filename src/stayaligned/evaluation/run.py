@@ -15,6 +15,7 @@ evaluation resumes; judgments are recomputed from generations (cheap for the key
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from stayaligned.config import BenchmarkConfig, EvalConfig, to_dict
@@ -101,7 +102,9 @@ def _generate_missing(cfg, out, rows, todo, model_holder) -> None:
             prefills = [prefix_tokens(tokenizer, r, k) for r in responses]
         prompts = [prompt_text(tokenizer, ex, template, prefill=pre)
                    for ex, pre in zip(examples, prefills)]
-        check_context(model, tokenizer, template, name, examples, prompts, cfg.generation)
+        gen = (replace(cfg.generation, max_new_tokens=bench.max_new_tokens)
+               if bench.max_new_tokens else cfg.generation)
+        check_context(model, tokenizer, template, name, examples, prompts, gen)
 
         def save(batch, texts, name=name, examples=examples, prompts=prompts, prefills=prefills):
             for i, text in zip(batch, texts):
@@ -115,7 +118,7 @@ def _generate_missing(cfg, out, rows, todo, model_holder) -> None:
                 })
             write_jsonl(out / "generations.jsonl", rows)
 
-        generate(model, tokenizer, prompts, template, cfg.generation, on_batch=save, desc=name)
+        generate(model, tokenizer, prompts, template, gen, on_batch=save, desc=name)
 
 
 def _generator(gen):
@@ -133,16 +136,18 @@ def _generator(gen):
 
 def expand_benchmarks(cfg: EvalConfig) -> dict:
     """name -> (BenchmarkConfig, examples, prefill k or None); a benchmark with prefill_k
-    becomes one derived benchmark per k, named "<name> [prefill k=K]"."""
+    becomes one derived benchmark per k, named "<name> [prefill k=K]" (k = 0 keeps the plain
+    benchmark under its own name, so `prefill_k: [0, 3, 5]` gives a whole curve)."""
     out = {}
     for bench in cfg.benchmarks:
         examples = benchmark_examples(bench, cfg.data_dir)
-        if not bench.prefill_k:
+        if not bench.prefill_k or 0 in bench.prefill_k:
             out[bench.name] = (bench, examples, None)
         for k in bench.prefill_k:
-            if k < 1:
-                raise DataError(f"benchmark {bench.name}: prefill_k values must be >= 1, got {k}")
-            out[f"{bench.name} [prefill k={k}]"] = (bench, examples, k)
+            if k < 0:
+                raise DataError(f"benchmark {bench.name}: prefill_k values must be >= 0, got {k}")
+            if k > 0:
+                out[f"{bench.name} [prefill k={k}]"] = (bench, examples, k)
     return out
 
 
