@@ -56,6 +56,17 @@ RUN_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if "accelerate" not in p
 def test_example_configs_load_and_open_with_their_command(path):
     first = path.read_text().splitlines()[0]
     assert first.startswith("# stayaligned "), first
+    if path.parent.name == "study":  # every stage's config builds and every cell's methods stack
+        from stayaligned.config import StudyConfig
+        from stayaligned.methods import METHODS
+        from stayaligned.methods.base import build_methods
+        from stayaligned.study import plan
+
+        study = load(StudyConfig, path)
+        assert plan(study)
+        for cell in study.cells:
+            assert build_methods(cell.methods, cell.options, 0, METHODS)
+        return
     kind = {"align": AlignConfig, "train": TrainConfig, "eval": EvalConfig}[path.parent.name]
     cfg = load(kind, path)
     if kind is not EvalConfig:  # methods and their option blocks are valid and stack
