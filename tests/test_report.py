@@ -94,6 +94,7 @@ def test_failed_and_missing_stages_are_marked_not_crashed(tiny_study, tmp_path):
     shutil.rmtree(study / "cells/ptst/eval")
     shutil.rmtree(study / "cells/sft/depth")
     shutil.rmtree(study / "aligned/eval")
+    (study / "cells/sft/depth").mkdir()  # as if killed before depth.json was written
     progress = json.loads((study / "progress.json").read_text())
     progress["cells/ptst/eval"] = {"kind": "eval", "status": "failed",
                                    "error": "RuntimeError: CUDA out of <memory>"}
@@ -104,7 +105,7 @@ def test_failed_and_missing_stages_are_marked_not_crashed(tiny_study, tmp_path):
     markdown = paths[0].read_text()
     assert "failed: RuntimeError: CUDA out of <memory>" in _row(markdown, "harm (", "ptst")
     assert "| aligned | — | not run |" in _row(markdown, "harm (", "aligned")
-    assert "No depth result for: sft (not run)" in markdown
+    assert "No depth result for: sft (started, not finished)" in markdown
     assert "CUDA out of &lt;memory&gt;" in paths[1].read_text()
     rows = summary_rows(study)
     assert rows["ptst"]["refusal_rate"] is None and rows["ptst"]["status"].startswith("failed")

@@ -2,7 +2,7 @@
 
 Every file is optional except study.json: a cell that did not finish, or failed, still gets a
 `ModelRun` whose missing parts are None, and `ModelRun.missing(stage)` says why they are
-missing ("not run", or "failed: <error>" from progress.json).
+missing ("not run", "started, not finished", or "failed: <error>" from progress.json).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ class ModelRun:
     log: list[dict] = field(default_factory=list)  # train/train_log.jsonl
     depth: dict | None = None  # depth/depth.json
     progress: dict = field(default_factory=dict)  # stage (train|eval|depth) -> progress entry
+    started: set = field(default_factory=set)  # stages whose directory exists
 
     def missing(self, stage: str) -> str:
         """Why `stage`'s output is absent: "failed: <error>" (its first 200 characters), or
@@ -36,6 +37,8 @@ class ModelRun:
             return f"failed: {error[:200]}{'…' if len(error) > 200 else ''}"
         if stage != "train" and self.progress.get("train", {}).get("status") == "failed":
             return "not run (training failed)"
+        if stage in self.started:
+            return "started, not finished"
         return "not run"
 
     def benchmark(self, name: str) -> dict | None:
@@ -111,6 +114,7 @@ def _model_runs(root: Path, manifest: dict) -> list[ModelRun]:
 
 def _load_model(root: Path, model: ModelRun, progress: dict, unreadable: list[str]) -> ModelRun:
     base = root / model.key
+    model.started = {stage for stage in ("train", "eval", "depth") if (base / stage).is_dir()}
     model.metrics = _read(base / "eval" / "metrics.json", unreadable)
     model.run = _read(base / "train" / "run.json", unreadable)
     model.depth = _read(base / "depth" / "depth.json", unreadable)
