@@ -114,6 +114,27 @@ def test_failed_and_missing_stages_are_marked_not_crashed(tiny_study, tmp_path):
         write_report(study, tmp_path / "x", utility="speed")
 
 
+def test_findings_notes_go_after_the_overview_in_both_formats(tiny_study, tmp_path):
+    notes = tmp_path / "findings.md"
+    notes.write_text("## Findings\n\nSTR keeps <most> refusals\nof the aligned seed.\n\n"
+                     "- depth: first token\n  moves most\n- ptst: template only\n")
+    assert main(["report", str(tiny_study), "--output", str(tmp_path / "out"),
+                 "--notes", str(notes)]) == 0
+    markdown = (tmp_path / "out/report.md").read_text()
+    assert markdown.index("## Findings") < markdown.index("## Results")
+    assert "STR keeps <most> refusals of the aligned seed." in markdown
+    assert "- depth: first token moves most\n- ptst: template only" in markdown
+    page = (tmp_path / "out/report.html").read_text()
+    assert "<li>depth: first token moves most</li>" in page
+    assert "STR keeps &lt;most&gt; refusals" in page
+    assert page.index("Findings</a>") < page.index("Results</a>")  # in the contents too
+    with pytest.raises(FileNotFoundError, match="nothere.md"):
+        write_report(tiny_study, tmp_path / "x", notes=tmp_path / "nothere.md")
+    notes.write_text("##### too deep\n")
+    with pytest.raises(ValueError, match=r"findings.md:1: heading level 5"):
+        write_report(tiny_study, tmp_path / "x", notes=notes)
+
+
 def test_summary_rows_are_the_metrics_numbers(tiny_study):
     rows = summary_rows(tiny_study)
     assert list(rows) == list(MODELS)

@@ -46,7 +46,55 @@ class Code:
     text: str
 
 
-Block = Heading | Paragraph | Table | Image | Code
+@dataclass(frozen=True)
+class Items:
+    """A bulleted list."""
+    items: tuple[str, ...]
+
+
+Block = Heading | Paragraph | Table | Image | Code | Items
+
+
+def from_text(text: str, source: str = "notes") -> list[Block]:
+    """Blocks from a small Markdown subset written by a person (a study's findings): `#` headings,
+    blank-line-separated paragraphs and `- ` bullet lists; everything else is kept as plain text
+    (HTML-escaped in report.html). A heading deeper than level 4 is an error naming the line.
+
+    >>> from_text("## Why\\n\\nShallow.\\n\\n- one\\n- two")
+    [Heading(text='Why', level=2), Paragraph(text='Shallow.'), Items(items=('one', 'two'))]
+    """
+    blocks: list[Block] = []
+    chunk: list[str] = []
+
+    def flush():
+        if not chunk:
+            return
+        if all(line.startswith("- ") for line in chunk if not line.startswith("  ")):
+            items: list[str] = []
+            for line in chunk:
+                if line.startswith("- "):
+                    items.append(line[2:].strip())
+                else:  # a continuation line of the previous item
+                    items[-1] += " " + line.strip()
+            blocks.append(Items(tuple(items)))
+        else:
+            blocks.append(Paragraph(" ".join(line.strip() for line in chunk)))
+        chunk.clear()
+
+    for number, line in enumerate(text.splitlines(), 1):
+        heading = re.match(r"^(#+)\s+(.*)$", line)
+        if heading:
+            flush()
+            if len(heading.group(1)) > 4:
+                raise ValueError(f"{source}:{number}: heading level {len(heading.group(1))} "
+                                 "is deeper than 4")
+            blocks.append(Heading(heading.group(2).strip(), len(heading.group(1))))
+        elif not line.strip():
+            flush()
+        else:
+            chunk.append(line.rstrip())
+    flush()
+    return blocks
 
 
 def _cell(value: Cell | str) -> Cell:
@@ -99,6 +147,8 @@ def to_markdown(blocks: list[Block], plots_dir: str = "plots") -> str:
             parts.append(f"![{block.alt}]({plots_dir}/{block.name})")
         elif isinstance(block, Code):
             parts.append(_md_code(block.text))
+        elif isinstance(block, Items):
+            parts.append("\n".join(f"- {item}" for item in block.items))
     return "\n\n".join(parts) + "\n"
 
 
@@ -148,6 +198,8 @@ def _html_block(block: Block, ids: dict[int, str]) -> str:
         alt = html.escape(block.alt)
         return (f'<figure><img src="data:image/png;base64,{data}" alt="{alt}">'
                 f'<figcaption class="note">{alt}</figcaption></figure>')
+    if isinstance(block, Items):
+        return "<ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in block.items) + "</ul>"
     return f"<pre><code>{html.escape(block.text)}</code></pre>"
 
 

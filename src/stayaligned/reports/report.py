@@ -23,6 +23,7 @@ from stayaligned.reports.document import (
     Image,
     Paragraph,
     Table,
+    from_text,
     to_html,
     to_markdown,
 )
@@ -54,16 +55,27 @@ def summary_rows(study_dir: str | Path) -> dict[str, dict]:
 
 
 def write_report(study_dir: str | Path, output: str | Path | None = None,
-                 utility: str = "both") -> list[Path]:
+                 utility: str = "both", notes: str | Path | None = None) -> list[Path]:
     """Write report.md, report.html and plots/*.png into `output` (default: the study
     directory); returns the written paths. `utility` picks the safety-utility panels:
     both (the task's score and its loss), accuracy (the score: accuracy, or ROUGE-L for a
-    ROUGE task), loss, or auto (loss when every score is ~0)."""
+    ROUGE task), loss, or auto (loss when every score is ~0). `notes`: a Markdown file of a
+    person's findings (headings, paragraphs, bullet lists), placed after the overview."""
     if utility not in UTILITY:
         raise ValueError(f"utility={utility!r}: choose one of {', '.join(UTILITY)}")
+    findings: list[Block] = []
+    if notes is not None:
+        path = Path(notes)
+        if not path.is_file():
+            raise FileNotFoundError(f"notes file {path} does not exist")
+        findings = from_text(path.read_text(encoding="utf-8"), str(path))
     study = load_study(study_dir)
     out = Path(output) if output else study.root
     blocks = build_report(study, utility)
+    if findings:
+        first_section = next((i for i, b in enumerate(blocks)
+                              if isinstance(b, Heading) and b.level == 2), len(blocks))
+        blocks[first_section:first_section] = findings
     written = []
     for image in (b for b in blocks if isinstance(b, Image)):
         write_bytes(out / "plots" / image.name, image.png)
