@@ -7,7 +7,8 @@ Reads only the study's stage files (through stayaligned.reports). Writes
 bench/results/effect.json: per model (seed, aligned, each cell) refusal_rate, refusal_ci,
 prefill_refusal_rate, over_refusal_rate, task_accuracy, task_loss (fractions; loss in nats per
 token), the issue's targets checked against those numbers, and `meta` with the commands and the
-budget; and the report (report.md, report.html, plots/) into bench/results/embedded_gsm8k/.
+budget; and the report (report.md, report.html, plots/) into bench/results/embedded_gsm8k/, with
+the findings written by hand in bench/results/embedded_gsm8k/findings.md placed after its overview.
 """
 
 from __future__ import annotations
@@ -50,13 +51,43 @@ def targets(rows: dict, stack: str = "stack") -> dict:
             "accuracy": acc_ok, "passed": None if None in checks else all(checks)}
     if stack in rows:
         s = rows[stack]
-        worse = [n for n in rows if n not in ("seed", "aligned", "sft", stack) and rows[n].get("refusal_rate")
-                 is not None and s.get("refusal_rate") is not None and (
-                     s["refusal_rate"] < rows[n]["refusal_rate"]
-                     or (s.get("task_loss") or 0) > (rows[n].get("task_loss") or 0))]
+
+        def better(n):  # n beats the stack on an axis: safer, or lower task loss
+            r = rows[n]
+            return (r.get("refusal_rate") is not None and s.get("refusal_rate") is not None and (
+                s["refusal_rate"] < r["refusal_rate"]
+                or (s.get("task_loss") or 0) > (r.get("task_loss") or 0)))
+
+        worse = [n for n in SINGLE if n in rows and better(n)]
+        baselines = [n for n in rows if n not in (*SINGLE, "seed", "aligned", "sft", stack)
+                     and better(n)]
         out[f"{stack} at least as good as every single method on both axes"] = {
-            "beaten_by": worse, "passed": not worse}
+            "beaten_by": worse, "baselines_better_on_an_axis": baselines, "passed": not worse}
     return out
+
+
+def headline(result: dict) -> str:
+    """The README's table: one Markdown row per model, rates in percent, with the share of the
+    aligned refusal rate kept and the task loss relative to sft's."""
+    aligned = (result.get("aligned") or {}).get("refusal_rate")
+    sft_loss = (result.get("sft") or {}).get("task_loss")
+    lines = ["| model | AdvBench refusal [95% CI] | kept | prefill k=3 | XSTest-safe over-refusal "
+             "| GSM8K acc | GSM8K task loss (vs sft) |", "|---|---|---|---|---|---|---|"]
+
+    def pct(x):
+        return "—" if x is None else f"{100 * x:.0f}%"
+
+    for name, row in result.items():
+        if name in ("meta", "targets"):
+            continue
+        rate, ci, loss = row.get("refusal_rate"), row.get("refusal_ci"), row.get("task_loss")
+        refusal = "—" if rate is None else f"{100 * rate:.0f}% [{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]"
+        kept = "—" if rate is None or not aligned else pct(rate / aligned)
+        vs = "" if loss is None or not sft_loss or name == "sft" else f" ({100 * (loss / sft_loss - 1):+.1f}%)"
+        lines.append(f"| {name} | {refusal} | {kept} | {pct(row.get('prefill_refusal_rate'))} | "
+                     f"{pct(row.get('over_refusal_rate'))} | {pct(row.get('task_accuracy'))} | "
+                     f"{'—' if loss is None else f'{loss:.3f}'}{vs} |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("study_dir", nargs="?", default="runs/study/embedded_gsm8k")
     parser.add_argument("--output", default="bench/results/effect.json")
     parser.add_argument("--report", default="bench/results/embedded_gsm8k")
+    parser.add_argument("--notes", default="bench/results/embedded_gsm8k/findings.md",
+                        help="findings (Markdown) to put in the report, when the file exists")
     args = parser.parse_args(argv)
     study = read_json(Path(args.study_dir) / "study.json")
     if not study:
@@ -86,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
                  "the reference answers of the GSM8K test subset",
     }
     write_json(Path(args.output), result)
-    paths = write_report(args.study_dir, args.report)
+    notes = args.notes if args.notes and Path(args.notes).is_file() else None
+    paths = write_report(args.study_dir, args.report, notes=notes)
+    print(headline(result))
     print(f"wrote {args.output} and {', '.join(str(p) for p in paths[:2])}")
     return 0
 

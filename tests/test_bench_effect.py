@@ -48,3 +48,22 @@ def test_targets_on_hand_made_rows():
     assert ptst["passed"] is True and strv["passed"] is False and strv["safety"] is False
     stack = next(v for k, v in got.items() if k.startswith("stack"))
     assert stack["beaten_by"] == ["str"] and stack["passed"] is False  # str has the lower loss
+    rows["safety_mix"] = {"refusal_rate": 0.95, "task_loss": 1.1}
+    rows["str"]["task_loss"] = 1.03
+    stack = next(v for k, v in effect.targets(rows).items() if k.startswith("stack"))
+    assert stack == {"beaten_by": [], "baselines_better_on_an_axis": ["safety_mix"],
+                     "passed": True}
+
+
+def test_headline_table_rows():
+    effect = load_effect()
+    table = effect.headline({
+        "aligned": {"refusal_rate": 0.9, "refusal_ci": [0.8, 0.95], "task_loss": 1.3},
+        "sft": {"refusal_rate": 0.45, "refusal_ci": [0.35, 0.55], "prefill_refusal_rate": 0.1,
+                "over_refusal_rate": 0.2, "task_accuracy": 0.06, "task_loss": 0.8},
+        "str": {"refusal_rate": 0.81, "refusal_ci": [0.7, 0.9], "task_loss": 0.88},
+        "meta": {}, "targets": {}})
+    lines = table.splitlines()
+    assert len(lines) == 5
+    assert lines[3] == "| sft | 45% [35, 55] | 50% | 10% | 20% | 6% | 0.800 |"
+    assert lines[4] == "| str | 81% [70, 90] | 90% | — | — | — | 0.880 (+10.0%) |"
