@@ -208,8 +208,15 @@ def _safety_utility(study: Study, utility: str) -> list[Block]:
 
 
 def _colours(study: Study) -> dict[str, str]:
-    """One matplotlib colour per model, in row order, the same in every plot."""
-    return {m.label: f"C{i % 10}" for i, m in enumerate(study.models)}
+    """One matplotlib colour per model, in row order, the same in every plot: the default
+    cycle for up to 10 models, then tab20's 20 distinct colours (an 11th model would otherwise
+    repeat the first's colour)."""
+    if len(study.models) <= 10:
+        return {m.label: f"C{i}" for i, m in enumerate(study.models)}
+    import matplotlib
+
+    palette = matplotlib.colormaps["tab20"].colors
+    return {m.label: matplotlib.colors.to_hex(palette[i % 20]) for i, m in enumerate(study.models)}
 
 
 
