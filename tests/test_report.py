@@ -130,6 +130,10 @@ def test_findings_notes_go_after_the_overview_in_both_formats(tiny_study, tmp_pa
     assert page.index("Findings</a>") < page.index("Results</a>")  # in the contents too
     with pytest.raises(FileNotFoundError, match="nothere.md"):
         write_report(tiny_study, tmp_path / "x", notes=tmp_path / "nothere.md")
+    notes.write_text("  an indented paragraph\n  on two lines\n\n- item\nplain line\n")
+    write_report(tiny_study, tmp_path / "indented", notes=notes)
+    markdown = (tmp_path / "indented/report.md").read_text()
+    assert "an indented paragraph on two lines\n\n- item plain line\n" in markdown
     notes.write_text("##### too deep\n")
     with pytest.raises(ValueError, match=r"findings.md:1: heading level 5"):
         write_report(tiny_study, tmp_path / "x", notes=notes)

@@ -69,7 +69,7 @@ def from_text(text: str, source: str = "notes") -> list[Block]:
     def flush():
         if not chunk:
             return
-        if all(line.startswith("- ") for line in chunk if not line.startswith("  ")):
+        if chunk[0].startswith("- ") and all(line.startswith(("- ", "  ")) for line in chunk):
             items: list[str] = []
             for line in chunk:
                 if line.startswith("- "):
