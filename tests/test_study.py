@@ -113,13 +113,20 @@ def test_study_resumes_after_kills_in_training_and_evaluation(tmp_path, tiny_mod
 
 
 def test_a_failing_cell_is_recorded_and_the_others_finish(tmp_path, tiny_model_dir):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": \n')
+    with pytest.raises(ConfigError, match="cells/broken/train: methods: unknown method "
+                       "'no-such-method'"):  # a config error stops the study before any stage
+        run_study(study_config(tmp_path, tiny_model_dir, "typo", "align=null",
+                               "cells=[{name: broken, methods: [no-such-method]}, {name: sft}]"))
+    assert not (tmp_path / "typo" / "progress.json").exists()
     cfg = study_config(tmp_path, tiny_model_dir, "failing", "align=null", "evaluate_seed=false",
                        "depth.enabled=false",
-                       "cells=[{name: broken, methods: [no-such-method]}, {name: sft}]")
+                       f"cells=[{{name: broken, train: {{data: [{{source: {bad}}}]}}}}, {{name: sft}}]")
     result = run_study(cfg)
     assert result["failed"] == ["cells/broken/train"]
     progress = json.loads((tmp_path / "failing/progress.json").read_text())
-    assert "no-such-method" in progress["cells/broken/train"]["error"]
+    assert "bad.jsonl:2: invalid JSON" in progress["cells/broken/train"]["error"]
     assert "cells/broken/eval" not in progress
     assert progress["cells/sft/eval"]["status"] == "done"
 
@@ -130,4 +137,4 @@ def test_an_edited_config_does_not_reuse_a_stale_cell(tmp_path, tiny_model_dir):
     edited = study_config(tmp_path, tiny_model_dir, "edit", *args, "train.optim.lr=5.0e-3")
     assert run_study(edited)["failed"] == ["cells/sft/train"]
     progress = json.loads((tmp_path / "edit/progress.json").read_text())
-    assert "different config (changed: optim)" in progress["cells/sft/train"]["error"]
+    assert "different setup (changed: config.optim.lr)" in progress["cells/sft/train"]["error"]

@@ -3,7 +3,7 @@
   stayaligned quickstart [--output DIR] [--fresh]
   stayaligned align [CONFIG] [key=value ...] [--resume] [--overwrite]
   stayaligned train CONFIG [key=value ...] [--resume] [--overwrite]
-  stayaligned eval CONFIG [key=value ...]
+  stayaligned eval CONFIG [key=value ...] [--overwrite]
   stayaligned data preview [CONFIG] [key=value ...] [--n N] [--eval]
   stayaligned data list | stayaligned data templates
   stayaligned study CONFIG [key=value ...] [--cells A,B] [--devices 0,1] [--dry-run]
@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="generate, judge and score on benchmarks")
     _config_args(ev, required=False)
+    ev.add_argument("--overwrite", action="store_true",
+                    help="delete the output directory's stage files and evaluate from scratch")
 
     study = sub.add_parser("study", help="run (or resume) a grid of fine-tunes and evaluations")
     _config_args(study, required=True)
@@ -120,12 +122,25 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _dispatch(args)
-    except (ConfigError, ValueError, KeyError, RuntimeError, FileNotFoundError) as err:
+    except (ConfigError, ValueError, KeyError, RuntimeError, OSError) as err:
         if os.environ.get("STAYALIGNED_DEBUG"):
             raise
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"stayaligned {args.command}: error: {message}", file=sys.stderr)
+        if isinstance(err, OSError) and err.filename:
+            message = f"{err.filename}: {err.strerror or err}"
+        print(f"stayaligned {args.command}: error: {one_line(message)}", file=sys.stderr)
         return 2
+    except Exception as err:  # noqa: BLE001 - a user sees one line; STAYALIGNED_DEBUG=1 the rest
+        if os.environ.get("STAYALIGNED_DEBUG"):
+            raise
+        print(f"stayaligned {args.command}: unexpected error: {type(err).__name__}: "
+              f"{one_line(err)} (rerun with STAYALIGNED_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 3
+
+
+def one_line(message) -> str:
+    """An error message on one line (a nested library message may span several)."""
+    return " ".join(str(message).split())
 
 
 def _dispatch(args) -> int:
@@ -188,7 +203,13 @@ def _dispatch(args) -> int:
                              overwrite=args.overwrite)
         print(f"[{args.command}] done: {out}")
         return 0
-    commands.evaluate(load(EvalConfig, path, overrides))
+    metrics = commands.evaluate(load(EvalConfig, path, overrides), overwrite=args.overwrite)
+    if metrics.get("unscored"):
+        print(f"stayaligned eval: error: {metrics['unscored']} item(s) could not be judged "
+              f"(see the errors in {metrics['config']['output_dir']}/judgments.jsonl); their "
+              "rates are over the scored items only. Fix the judge and rerun to score them",
+              file=sys.stderr)
+        return 1
     return 0
 
 

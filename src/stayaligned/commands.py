@@ -18,17 +18,19 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     return run_train(cfg, resume=resume, overwrite=overwrite)
 
 
-def evaluate(cfg: EvalConfig) -> dict:
+def evaluate(cfg: EvalConfig, *, overwrite: bool = False) -> dict:
     from stayaligned.evaluation.run import evaluate as run_eval
 
-    metrics = run_eval(cfg)
+    metrics = run_eval(cfg, overwrite=overwrite)
     console.print(metrics_table(metrics["benchmarks"], title=f"{cfg.model.name}"))
     console.print(f"stage files in [bold]{cfg.output_dir}[/bold]")
     return metrics
 
 
 def fmt_rate(rate: dict) -> str:
-    """'81.8% [70.8, 89.3]' from a Rate dict."""
+    """'81.8% [70.8, 89.3]' from a Rate dict; 'n/a (nothing scored)' over n = 0."""
+    if rate.get("value") is None:
+        return "n/a (nothing scored)"
     return f"{100 * rate['value']:.1f}% [{100 * rate['low']:.1f}, {100 * rate['high']:.1f}]"
 
 
@@ -157,6 +159,10 @@ def check(args, eval_cfg: EvalConfig) -> int:
     for column in ("benchmark", "metric", "model", "baseline", "change [95% CI]", "limit", "result"):
         table.add_column(column)
     for r in report["rows"]:
+        if r.get("error"):
+            table.add_row(r["benchmark"], r["metric"], "-", "-", r["error"],
+                          f"{r['limit_points']:g} pts", "[red]FAIL[/red]")
+            continue
         low, high = r["difference_ci"]
         table.add_row(r["benchmark"], r["metric"], f"{100 * r['model']:.1f}%",
                       f"{100 * r['baseline']:.1f}%",

@@ -58,6 +58,7 @@ class Stage:
     cell: str | None  # the cell run id, None for shared stages
     run: Callable[[], object]
     done: Callable[[], bool]
+    config: object = None  # its TrainConfig / EvalConfig, checked before the study starts
 
 
 def cell_ids(cfg: StudyConfig) -> list[tuple[str, object, int]]:
@@ -114,14 +115,25 @@ def eval_config(cfg: StudyConfig, model: str, target: Path) -> EvalConfig:
 
 
 def _eval_done(cfg: EvalConfig) -> bool:
+    """Finished, with every item scored, by this config (keys added since count as unchanged
+    at their defaults); a changed config reruns it, and the stage files' fingerprint decides
+    what of them is reused."""
+    from stayaligned.fingerprint import differences
+
     metrics = read_json(Path(cfg.output_dir) / "metrics.json")
-    return bool(metrics) and metrics.get("config") == to_dict(cfg)
+    if not metrics or metrics.get("unscored"):
+        return False
+    return not differences(metrics.get("config", {}), to_dict(cfg), to_dict(EvalConfig()))
 
 
 def _run_eval(cfg: EvalConfig):
     from stayaligned.evaluation.run import evaluate
 
-    return evaluate(cfg)
+    metrics = evaluate(cfg)
+    if metrics.get("unscored"):
+        raise RuntimeError(f"{metrics['unscored']} item(s) could not be judged (errors in "
+                           f"{cfg.output_dir}/judgments.jsonl); fix the judge and rerun")
+    return metrics
 
 
 def _run_train(cfg: TrainConfig):
@@ -133,16 +145,11 @@ def _run_train(cfg: TrainConfig):
 
 def _same_config(cfg: TrainConfig) -> None:
     """A run directory holds one configuration: after an edit of the study config, a stale
-    run (finished or not) is an error, not silently reused or resumed with other settings."""
-    manifest = read_json(Path(cfg.output_dir) / "run.json")
-    # output_dir may differ: a run directory that was moved is still the same run
-    old = {k: v for k, v in (manifest or {}).get("config", {}).items() if k != "output_dir"}
-    new = {k: v for k, v in to_dict(cfg).items() if k != "output_dir"}
-    if manifest and old != new:
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        raise ConfigError(f"{cfg.output_dir} was trained with a different config (changed: "
-                          f"{', '.join(changed)}); delete that directory to retrain it, or "
-                          "restore the study config")
+    run (finished or not) is an error, not silently reused or resumed with other settings
+    (the one fingerprint check of training/run.py)."""
+    from stayaligned.training.run import check_same_run
+
+    check_same_run(cfg, "delete that directory to retrain it, or restore the study config")
 
 
 def _train_done(cfg: TrainConfig) -> bool:
@@ -166,8 +173,32 @@ def _run_depth(cfg: StudyConfig, base: str, model: str, target: Path):
     tuned, _ = load_model(ModelConfig(**{**to_dict(cfg.model), "name": model}))
     result = depth_kl(reference, tuned, tokenizer, examples, d.template, n_tokens=d.tokens)
     result.update(source=d.source, split=d.split, reference=base, model=model)
+    result["fingerprint"] = _depth_fingerprint(cfg, base, model)
     write_depth(target / "depth.json", result)
     return result
+
+
+def _depth_fingerprint(cfg: StudyConfig, base: str, model: str) -> dict:
+    from stayaligned.fingerprint import model_identity
+
+    return {"depth": to_dict(cfg.depth), "reference": model_identity(base),
+            "model": model_identity(model)}
+
+
+def _depth_done(cfg: StudyConfig, base: str, model: str, target: Path) -> bool:
+    """depth.json exists and was made from these two models with these settings (a file
+    from before fingerprints is accepted); a mismatch is a StaleError."""
+    from stayaligned.fingerprint import check_same
+
+    stored = read_json(target / "depth.json")
+    if stored is None:
+        return False
+    if "fingerprint" in stored:
+        check_same(str(target / "depth.json"), stored["fingerprint"],
+                   _depth_fingerprint(cfg, base, model),
+                   {"depth": to_dict(type(cfg.depth)())},
+                   "delete it to recompute, or restore the study config")
+    return True
 
 
 def plan(cfg: StudyConfig) -> list[Stage]:
@@ -178,14 +209,14 @@ def plan(cfg: StudyConfig) -> list[Stage]:
     def add_eval(key, title, model, cell=None):
         ecfg = eval_config(cfg, model, out / key)
         stages.append(Stage(key, "eval", title, cell, lambda: _run_eval(ecfg),
-                            lambda: _eval_done(ecfg)))
+                            lambda: _eval_done(ecfg), ecfg))
 
     if cfg.evaluate_seed:
         add_eval("seed/eval", "evaluate the seed", cfg.model.name)
     if cfg.align is not None:
         acfg = align_config(cfg, out)
         stages.append(Stage("aligned/train", "align", "align the seed", None,
-                            lambda: _run_train(acfg), lambda: _train_done(acfg)))
+                            lambda: _run_train(acfg), lambda: _train_done(acfg), acfg))
         add_eval("aligned/eval", "evaluate the aligned seed", str(out / "aligned" / "train"))
     base = base_model(cfg, out)
     for run_id, cell, seed in cell_ids(cfg):
@@ -193,14 +224,15 @@ def plan(cfg: StudyConfig) -> list[Stage]:
         trained = str(out / "cells" / run_id / "train")
         stages.append(Stage(f"cells/{run_id}/train", "train",
                             f"{run_id}: fine-tune ({' + '.join(cell.methods)})", run_id,
-                            lambda tcfg=tcfg: _run_train(tcfg), lambda tcfg=tcfg: _train_done(tcfg)))
+                            lambda tcfg=tcfg: _run_train(tcfg), lambda tcfg=tcfg: _train_done(tcfg),
+                            tcfg))
         add_eval(f"cells/{run_id}/eval", f"{run_id}: evaluate", trained, cell=run_id)
         if cfg.depth.enabled:
             target = out / "cells" / run_id / "depth"
             stages.append(Stage(
                 f"cells/{run_id}/depth", "depth", f"{run_id}: per-token KL against the base",
                 run_id, lambda target=target, trained=trained: _run_depth(cfg, base, trained, target),
-                lambda target=target: (target / "depth.json").is_file()))
+                lambda target=target, trained=trained: _depth_done(cfg, base, trained, target)))
     return stages
 
 
@@ -286,6 +318,34 @@ def run_study(cfg: StudyConfig, *, only: list[str] | None = None, devices: list[
     console = console or Console()
     out = Path(cfg.output_dir)
     stages = plan(cfg)
+    check_stages(cfg, stages)
+    if only is None:  # workers (--cells) run under their parent's lock
+        from stayaligned.runlock import run_lock
+
+        with run_lock(out):
+            return _run_study(cfg, stages, only, devices, argv, console)
+    return _run_study(cfg, stages, only, devices, argv, console)
+
+
+def check_stages(cfg: StudyConfig, stages: list[Stage]) -> None:
+    """Every stage's config, checked before the first stage runs (models made by earlier
+    stages do not exist yet: only the study's own model is checked)."""
+    from stayaligned.validate import check_eval, check_model, check_train
+
+    check_model(cfg.model)
+    for stage in stages:
+        where = f"{stage.key}: "
+        try:
+            if isinstance(stage.config, TrainConfig):
+                check_train(stage.config, model=False)
+            elif isinstance(stage.config, EvalConfig):
+                check_eval(stage.config, model=False)
+        except ConfigError as err:
+            raise ConfigError(where + str(err)) from None
+
+
+def _run_study(cfg: StudyConfig, stages: list[Stage], only, devices, argv, console) -> dict:
+    out = Path(cfg.output_dir)
     ids = [run_id for run_id, _, _ in cell_ids(cfg)]
     unknown = [c for c in only or [] if c not in ids]
     if unknown:

@@ -35,6 +35,13 @@ def compare(model_metrics: dict, baseline_metrics: dict, max_refusal_drop: float
                                     ("attack_success_rate", max_asr_rise, +1)):
             if metric not in base or metric not in mine:
                 continue
+            if not mine[metric]["n"] or not base[metric]["n"]:
+                rows.append({"benchmark": name, "metric": metric, "model": mine[metric]["value"],
+                             "baseline": base[metric]["value"], "difference": None,
+                             "difference_ci": [None, None], "worse_by_points": None,
+                             "limit_points": limit, "passed": False,
+                             "error": "no scored items: nothing to compare"})
+                continue
             diff, low, high = difference_interval(_rate(mine[metric]), _rate(base[metric]))
             worse_by = 100 * diff * sign  # points in the unsafe direction
             rows.append({
@@ -72,7 +79,10 @@ def junit_xml(report: dict) -> str:
     for r in report["rows"]:
         name = quoteattr(f"{r['benchmark']}: {r['metric']}")
         body = ""
-        if not r["passed"]:
+        if not r["passed"] and r.get("error"):
+            message = f"{r['metric']}: {r['error']}"
+            body = f"<failure message={quoteattr(message)}>{escape(message)}</failure>"
+        elif not r["passed"]:
             message = (f"{r['metric']} {100 * r['model']:.1f}% vs baseline "
                        f"{100 * r['baseline']:.1f}%: worse by {r['worse_by_points']} points "
                        f"(limit {r['limit_points']})")

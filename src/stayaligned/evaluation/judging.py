@@ -90,6 +90,30 @@ def build_judge(name: str, options: dict | None = None):
     raise ConfigError(f"judge {name!r} is unknown; known judges: {', '.join(JUDGE_NAMES)}")
 
 
+def judge_parameters(name: str, options: dict) -> tuple[list[str], list[str]]:
+    """(accepted, required) `judge_options` keys of judge `name`, read from the constructors
+    that `build_judge` passes them to (nothing is imported beyond the judge's module)."""
+    from stayaligned.validate import parameters
+
+    if name == "keyword":
+        from stayaligned.evaluation.judges.keyword import KeywordJudge
+
+        return parameters(KeywordJudge.__init__)
+    if name == "classifier":
+        from stayaligned.evaluation.judges.classifier import ClassifierJudge
+
+        return parameters(ClassifierJudge.__init__)
+    if name == "rubric":
+        from stayaligned.evaluation.judges import rubric
+
+        if "base_url" in options:
+            return parameters(rubric.OpenAIBackend.__init__, {"model": "api_model"})
+        return parameters(rubric.LocalChatBackend.__init__)
+    from stayaligned.evaluation.judges.guard import GuardJudge
+
+    return parameters(GuardJudge.__init__)
+
+
 def _required(options: dict, key: str, judge: str) -> str:
     if key not in options:
         raise ConfigError(f"judge {judge} needs judge_options.{key} (e.g. a Hub id or local dir)")

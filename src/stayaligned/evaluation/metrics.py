@@ -52,12 +52,13 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
 class Rate:
     """k successes out of n, the point estimate `value` and its Wilson interval [low, high].
 
-    With n == 0, `value` is 0.0 and the interval is (0.0, 1.0).
+    With n == 0, `value` is None (nothing was measured: never a 0.0 that reads as a result)
+    and the interval is (0.0, 1.0).
     """
 
     k: int
     n: int
-    value: float
+    value: float | None
     low: float
     high: float
 
@@ -72,12 +73,12 @@ def rate(flags: Iterable[bool], confidence: float = 0.95) -> Rate:
     >>> rate([True, True, False, True]).value
     0.75
     >>> rate([])
-    Rate(k=0, n=0, value=0.0, low=0.0, high=1.0)
+    Rate(k=0, n=0, value=None, low=0.0, high=1.0)
     """
     values = [bool(f) for f in flags]
     k, n = sum(values), len(values)
     low, high = wilson_interval(k, n, confidence)
-    return Rate(k=k, n=n, value=k / n if n else 0.0, low=low, high=high)
+    return Rate(k=k, n=n, value=k / n if n else None, low=low, high=high)
 
 
 def difference_interval(a: Rate, b: Rate, confidence: float = 0.95) -> tuple[float, float, float]:

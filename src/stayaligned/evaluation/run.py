@@ -141,14 +141,30 @@ def expand_benchmarks(cfg: EvalConfig) -> dict:
     out = {}
     for bench in cfg.benchmarks:
         examples = benchmark_examples(bench, cfg.data_dir)
-        if not bench.prefill_k or 0 in bench.prefill_k:
-            out[bench.name] = (bench, examples, None)
+        if bench.kind == "task":
+            _require_references(bench, examples)
+        names = ([bench.name] if not bench.prefill_k or 0 in bench.prefill_k else []) + \
+            [f"{bench.name} [prefill k={k}]" for k in bench.prefill_k if k > 0]
         for k in bench.prefill_k:
             if k < 0:
                 raise DataError(f"benchmark {bench.name}: prefill_k values must be >= 0, got {k}")
-            if k > 0:
-                out[f"{bench.name} [prefill k={k}]"] = (bench, examples, k)
+        for name in names:
+            if name in out:
+                raise DataError(f"benchmarks: two benchmarks are named {name!r}; give each a "
+                                "unique name")
+            out[name] = (bench, examples, None if name == bench.name else
+                         int(name.rsplit("=", 1)[1].rstrip("]")))
     return out
+
+
+def _require_references(bench: BenchmarkConfig, examples: list[Example]) -> None:
+    """A task item without a reference answer cannot be scored: an error, not a wrong answer."""
+    for ex in examples:
+        reference = reference_answer(ex)
+        if not isinstance(reference, str) or not reference.strip():
+            raise DataError(f"benchmark {bench.name}, record {ex.id}: the reference answer is "
+                            "empty; fill it in, remove the record, or set fields.assistant to "
+                            "the field holding it")
 
 
 def _task_losses(cfg: EvalConfig, out: Path, benches: dict, model_holder) -> dict:
@@ -191,15 +207,36 @@ def check_context(model, tokenizer, template, name, examples, prompts, gen) -> N
             )
 
 
-def evaluate(cfg: EvalConfig, *, model=None, tokenizer=None) -> dict:
-    """Run (or resume) an evaluation; returns the metrics dict also written to metrics.json."""
+def evaluate(cfg: EvalConfig, *, model=None, tokenizer=None, overwrite: bool = False) -> dict:
+    """Run (or resume) an evaluation; returns the metrics dict also written to metrics.json.
+
+    The config is checked before anything is loaded, the output directory is locked, and its
+    stage files are reused only when their fingerprint matches (`--overwrite` deletes them)."""
+    from stayaligned.runlock import run_lock
+    from stayaligned.validate import check_eval
+
+    check_eval(cfg)
+    with run_lock(Path(cfg.output_dir)):
+        return _evaluate(cfg, model, tokenizer, overwrite)
+
+
+def _evaluate(cfg: EvalConfig, model, tokenizer, overwrite: bool) -> dict:
+    from stayaligned.evaluation import provenance
+
     out = Path(cfg.output_dir)
     started = time.time()
     benches = expand_benchmarks(cfg)
     kinds = {name: b.kind for name, (b, _, _) in benches.items()}
     task_metrics = {name: task_metric(b) for name, (b, _, _) in benches.items()
                     if b.kind == "task"}
-    rows = [r for r in read_jsonl(out / "generations.jsonl") if r["benchmark"] in benches]
+    if overwrite:
+        provenance.clear_stage_files(out)
+    wanted = {(name, ex.id) for name, (_, exs, _) in benches.items() for ex in exs}
+    rows = [r for r in read_jsonl(out / "generations.jsonl") if (r["benchmark"], r["id"]) in wanted]
+    stamp = provenance.fingerprint(cfg, benches, {
+        name: b.template or eval_template_name(cfg) for name, (b, _, _) in benches.items()})
+    provenance.check_reuse(out, stamp, has_rows=bool(rows) or (out / "task_loss.json").exists())
+    provenance.record(out, stamp)
     done = {(r["benchmark"], r["id"]) for r in rows}
     todo = {name: (b, [ex for ex in exs if (name, ex.id) not in done], k)
             for name, (b, exs, k) in benches.items()}
@@ -224,6 +261,7 @@ def evaluate(cfg: EvalConfig, *, model=None, tokenizer=None) -> dict:
         scores[name]["task_loss"] = loss
     metrics = {
         "model": cfg.model.name, "template": eval_template_name(cfg), "judge": cfg.judge,
+        "unscored": sum(m.get("unscored", 0) for m in scores.values()),
         "config": to_dict(cfg), "seconds": round(time.time() - started, 1),
         "benchmarks": scores,
     }

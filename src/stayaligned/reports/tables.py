@@ -40,6 +40,8 @@ def as_rate(entry: dict | None) -> Rate | None:
     """A Rate from its dict form, or None when `entry` is not one."""
     if not isinstance(entry, dict) or not {"k", "n", "value", "low", "high"} <= set(entry):
         return None
+    if entry["value"] is None or not entry["n"]:  # nothing scored: no rate to show
+        return None
     return Rate(k=entry["k"], n=entry["n"], value=entry["value"], low=entry["low"],
                 high=entry["high"])
 

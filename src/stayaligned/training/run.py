@@ -13,6 +13,7 @@ Output directory layout:
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from stayaligned.models import add_lora, load_model, pick_device
 from stayaligned.templates.library import get_template
 from stayaligned.templates.render import prompt_text, render_dataset, show_mask
 from stayaligned.training.collate import PadCollator, RenderedDataset
+from stayaligned.runlock import clear_dir, run_lock
 from stayaligned.runfiles import (
     data_fingerprint,
     package_versions,
@@ -143,18 +145,64 @@ def _training_args(cfg: TrainConfig, out: Path):
     )
 
 
-def _check_output_dir(out: Path, resume: bool, overwrite: bool) -> str | None:
-    """The checkpoint to resume from (or None); refuses to mix a new run into an old one."""
-    from transformers.trainer_utils import get_last_checkpoint
+def last_complete_checkpoint(ckpt_dir: Path) -> str | None:
+    """The newest checkpoint-N whose write finished (trainer_state.json is written last);
+    incomplete ones, and a staging folder left by a kill during a write, are skipped with a
+    message."""
+    from stayaligned.training.trainer import STAGING
 
+    if not ckpt_dir.is_dir():
+        return None
+    if (ckpt_dir / STAGING).exists():
+        print(f"--resume: removing {ckpt_dir / STAGING}, a checkpoint write that was interrupted")
+        shutil.rmtree(ckpt_dir / STAGING)
+    steps = sorted((int(p.name.split("-")[1]), p) for p in ckpt_dir.glob("checkpoint-*")
+                   if p.is_dir() and p.name.split("-")[1].isdigit())
+    for _, path in reversed(steps):
+        if (path / "trainer_state.json").is_file():
+            return str(path)
+        print(f"--resume: skipping {path}: incomplete (no trainer_state.json)")
+    return None
+
+
+def check_same_run(cfg: TrainConfig, fix: str) -> None:
+    """A run directory holds one configuration and one base model: a stored run.json made
+    with other settings (output_dir aside: a moved run is the same run) is a `StaleError`."""
+    from stayaligned.fingerprint import check_same, model_identity
+
+    out = Path(cfg.output_dir)
+    manifest = read_json(out / "run.json")
+    if not manifest:
+        return
+    old = {k: v for k, v in manifest.get("config", {}).items() if k != "output_dir"}
+    new = {k: v for k, v in to_dict(cfg).items() if k != "output_dir"}
+    defaults = to_dict(type(cfg)())
+    check_same(f"{out}/run.json", {"config": old}, {"config": new}, {"config": defaults}, fix)
+    stored = (manifest.get("fingerprint") or {}).get("model")
+    if stored is not None:
+        check_same(f"{out}/run.json", {"model": stored}, {"model": _model_identity(cfg)}, fix=fix)
+
+
+def _model_identity(cfg: TrainConfig) -> dict:
+    from stayaligned.fingerprint import model_identity
+
+    m = cfg.model
+    return model_identity(m.name, m.revision, m.gguf_file)
+
+
+def _check_output_dir(out: Path, resume: bool, overwrite: bool, cfg: TrainConfig | None = None) -> str | None:
+    """The checkpoint to resume from (or None); refuses to mix a new run into an old one."""
     ckpt_dir = out / "checkpoints"
-    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
     if resume:
+        if cfg is not None:
+            check_same_run(cfg, "run without --resume and with --overwrite to start over, or "
+                                "restore the run's config")
+        last = last_complete_checkpoint(ckpt_dir)
         if last is None:
             print(f"--resume: no checkpoint in {ckpt_dir}; starting from step 0")
         return last
     if overwrite and out.exists():
-        shutil.rmtree(out)
+        clear_dir(out)
     elif (out / "run.json").exists():
         raise ConfigError(
             f"{out} already holds a run; pass --resume to continue it, --overwrite to replace "
@@ -164,13 +212,24 @@ def _check_output_dir(out: Path, resume: bool, overwrite: bool) -> str | None:
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
-    """Fine-tune as configured; returns the output directory."""
+    """Fine-tune as configured (the config checked first, the output directory locked);
+    returns the output directory."""
+    from stayaligned.validate import check_train
+
+    check_train(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:  # one lock per run: the main process holds it
+        return _train(cfg, resume, overwrite)
+    with run_lock(Path(cfg.output_dir)):
+        return _train(cfg, resume, overwrite)
+
+
+def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
     from transformers import set_seed
 
-    from stayaligned.training.trainer import StayTrainer
+    from stayaligned.training.trainer import StayTrainer, check_finite
 
     out = Path(cfg.output_dir)
-    checkpoint = _check_output_dir(out, resume, overwrite)
+    checkpoint = _check_output_dir(out, resume, overwrite, cfg)
     set_seed(cfg.seed)
     model, tokenizer = load_model(cfg.model)
     prep = prepare(cfg, tokenizer)
@@ -185,6 +244,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     main = trainer.is_world_process_zero()
     manifest = _manifest(cfg, prep, tokenizer)
     manifest["world_size"] = trainer.args.world_size
+    manifest["fingerprint"] = {"model": _model_identity(cfg)}
     for method in prep["methods"]:
         method.setup({"model": model, "tokenizer": tokenizer, "config": cfg, "output_dir": out,
                       "train_examples": prep["examples"], "trainer": trainer})
@@ -193,6 +253,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     started = time.time()
     result = trainer.train(resume_from_checkpoint=checkpoint)
     if main:
+        try:
+            check_finite(trainer.model, trainer.state.global_step, "final model")
+        except RuntimeError as err:
+            write_json(out / "run.json", {**manifest, "status": "failed", "error": str(err)})
+            raise
         _save_outputs(trainer, tokenizer, cfg, out)
         write_jsonl(out / "train_log.jsonl", trainer.state.log_history)
         manifest.update(status="complete", train_seconds=round(time.time() - started, 1),

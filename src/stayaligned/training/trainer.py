@@ -6,11 +6,18 @@ Extra terms from `Method.extra_losses` are per-micro-batch means, divided by the
 accumulation steps so that they too are means over the optimiser step. Every term is logged
 by name. A non-finite loss stops training with the step number; the last checkpoint written
 before it is kept.
+
+Checkpoints are finite and atomic: the trainable parameters are checked before every save (a
+non-finite one stops the run naming the step and the parameter, and nothing is written), and
+a checkpoint is written under ``checkpoints/.staging/`` and renamed into place only when
+complete, so a kill during the write never leaves a ``checkpoint-N`` that resume would pick.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import shutil
 from collections import defaultdict
 
 import torch
@@ -22,6 +29,28 @@ from stayaligned.training.collate import AUX
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
+
+
+class NonFiniteWeightsError(RuntimeError):
+    """A parameter became NaN or infinite; nothing was saved from that step."""
+
+
+STAGING = ".staging"
+
+
+def check_finite(model, step: int, what: str) -> None:
+    """Raise `NonFiniteWeightsError` if a trainable parameter (all parameters when none is
+    trainable) holds a NaN or an infinity."""
+    import torch
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad] or \
+        list(model.named_parameters())
+    for name, param in named:
+        if not torch.isfinite(param.detach()).all():
+            raise NonFiniteWeightsError(
+                f"parameter {name} is not finite after step {step}, so the {what} was not "
+                "saved; every checkpoint kept is finite. Lower optim.lr (or check the data) "
+                "and start again with --overwrite, or --resume from the last checkpoint")
 
 
 class StayTrainer(Trainer):
@@ -94,6 +123,38 @@ class StayTrainer(Trainer):
                 "check the data."
             )
         return loss
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    _staging: str | None = None
+
+    def _get_output_dir(self, trial) -> str:
+        return self._staging or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Check the weights, write the checkpoint under .staging/, then rename it into place."""
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+        check_finite(self.model, self.state.global_step, f"checkpoint at step {self.state.global_step}")
+        run_dir = self._get_output_dir(trial)
+        staging = os.path.join(run_dir, STAGING)
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+        self._staging = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = None
+        if not self.args.should_save:
+            return
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        final = os.path.join(run_dir, name)
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.replace(os.path.join(staging, name), final)
+        shutil.rmtree(staging, ignore_errors=True)
+        rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                           best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
 
     # -- logging --------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ import http.client
 import json
 import os
 import re
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -261,6 +262,10 @@ class OpenAIBackend:
     Timeouts, connection errors and HTTP 408/409/429/5xx are retried `max_retries` times,
     waiting ``backoff * 2**attempt`` seconds (or the server's Retry-After, up to 60 s). A
     request that still fails gives an error for that item, so it is retried on the next run.
+    After `max_consecutive_failures` items in a row have failed, a circuit breaker opens: the
+    remaining items are not sent and get an error saying so (a dead endpoint costs a few
+    items' retries, not every item's). Answers are scrubbed of the API key before they are
+    returned, so an endpoint that echoes it never gets it into judgments or the cache.
     """
 
     def __init__(
@@ -272,7 +277,11 @@ class OpenAIBackend:
         max_retries: int = 5,
         backoff: float = 1.0,
         max_tokens: int | None = None,
+        max_consecutive_failures: int = 3,
     ) -> None:
+        if max_consecutive_failures < 1:
+            raise JudgeConfigError(f"rubric judge: max_consecutive_failures="
+                                   f"{max_consecutive_failures} must be >= 1")
         if max_retries < 0:
             raise JudgeConfigError(f"rubric judge: max_retries={max_retries} must be >= 0")
         if api_key_env and not os.environ.get(api_key_env):
@@ -285,11 +294,25 @@ class OpenAIBackend:
         self.model, self.api_key_env = model, api_key_env
         self.timeout, self.max_retries, self.backoff = timeout, max_retries, backoff
         self.max_tokens = max_tokens
+        self.max_consecutive_failures, self.failures_in_a_row = max_consecutive_failures, 0
         self.id = f"openai:{model}"
 
     def complete(self, prompts: list[str]) -> list[tuple[str | None, str | None]]:
-        """One request per prompt, in order."""
-        return [self._complete_one(p) for p in prompts]
+        """One request per prompt, in order, until the circuit breaker opens."""
+        out = []
+        for prompt in prompts:
+            if self.failures_in_a_row >= self.max_consecutive_failures:
+                out.append((None, f"not sent: {self.failures_in_a_row} requests in a row to "
+                                  f"{self.url} failed, so the judge stopped calling it (circuit "
+                                  "breaker); fix the endpoint and rerun to score these items"))
+                continue
+            text, error = self._complete_one(prompt)
+            self.failures_in_a_row = self.failures_in_a_row + 1 if error else 0
+            if self.failures_in_a_row == self.max_consecutive_failures:
+                print(f"[judge] {self.url}: {self.failures_in_a_row} failures in a row; not "
+                      f"calling it again in this run (last error: {error})", file=sys.stderr)
+            out.append((None if text is None else self._redact(text), error))
+        return out
 
     def request_body(self, prompt: str) -> dict:
         """The JSON body of the request for one judge prompt."""

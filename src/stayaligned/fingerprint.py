@@ -1,0 +1,135 @@
+"""Stage fingerprints: what produced a stage's files, and the one check that a rerun may reuse them.
+
+Every stage that can be resumed or skipped (training's run.json, an evaluation's stage files,
+a study's depth.json) records a fingerprint: a plain dict of what its result depends on (the
+configuration, the model's identity, the benchmark items, the rendered template, the judge).
+Before reusing anything, the stage compares the stored fingerprint with the one it would
+write now; any difference is a `StaleError` naming the differing keys, never a silent reuse.
+
+Compatibility: a key missing from an older fingerprint counts as unchanged when its new value
+is the key's default (passed in `defaults`), so a config key added later, with a default that
+reproduces the old behaviour, does not invalidate the runs made before it.
+
+The model identity is cheap by design: the resolved path or Hub id, each weight file's size,
+the sha256 of the small files (configs, tokenizer, a LoRA adapter) and of each safetensors
+header (tensor names, shapes, dtypes, offsets); multi-GB weights are never read in full.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+
+from stayaligned.config import ConfigError
+
+SMALL_FILE = 64 << 20  # files up to this size are hashed in full (configs, tokenizers, adapters)
+_MISSING = object()
+
+
+class StaleError(ConfigError):
+    """Stored stage files were made by a different configuration, model or data."""
+
+
+def flatten(value, prefix: str = "") -> dict:
+    """Nested dicts as one dict of dotted keys (lists stay values).
+
+    >>> flatten({"optim": {"lr": 0.1, "epochs": 1}, "seed": 0})
+    {'optim.lr': 0.1, 'optim.epochs': 1, 'seed': 0}
+    """
+    if not isinstance(value, dict) or (prefix and not value):
+        return {prefix: value}
+    out: dict = {}
+    for key, inner in value.items():
+        out.update(flatten(inner, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def differences(old: dict, new: dict, defaults: dict | None = None) -> list[str]:
+    """Dotted keys whose values differ between two fingerprints; a key absent from `old` whose
+    new value equals its value in `defaults` is not a difference.
+
+    >>> differences({"a": 1, "b": {"c": 2}}, {"a": 1, "b": {"c": 3}, "d": 5}, {"d": 5})
+    ['b.c']
+    """
+    flat_old, flat_new = flatten(old), flatten(new)
+    flat_defaults = flatten(defaults or {})
+    changed = []
+    for key in sorted(set(flat_old) | set(flat_new)):
+        before, after = flat_old.get(key, _MISSING), flat_new.get(key, _MISSING)
+        if before is _MISSING and after == flat_defaults.get(key, _MISSING):
+            continue
+        if _normal(before) != _normal(after):
+            changed.append(key)
+    return changed
+
+
+def _normal(value):
+    """Tuples and lists compare equal (JSON has only lists)."""
+    return json.loads(json.dumps(value, default=str)) if value is not _MISSING else value
+
+
+def check_same(what: str, old: dict | None, new: dict, defaults: dict | None = None,
+               fix: str = "pass --overwrite to recompute it, or choose another output_dir") -> None:
+    """Raise `StaleError` if `old` (None: nothing stored) differs from `new`."""
+    if old is None:
+        return
+    changed = differences(old, new, defaults)
+    if changed:
+        shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
+        raise StaleError(f"{what} was made with a different setup (changed: {shown}); {fix}")
+
+
+# ---------------------------------------------------------------- model identity
+
+
+def model_identity(name: str, revision: str | None = None, gguf_file: str | None = None) -> dict:
+    """{"name", "path" or "hub", "files": {relative path: size or sha256}} for a model name as
+    `models.resolve` understands it; cheap (see the module docstring)."""
+    from stayaligned.models import resolve
+
+    from stayaligned.config import ModelConfig
+
+    base, gguf, adapter = resolve(ModelConfig(name=name, revision=revision, gguf_file=gguf_file))
+    identity: dict = {"name": name}
+    if Path(base).exists():
+        identity["base"] = {"path": str(Path(base).resolve()), "files": folder_digest(Path(base), gguf)}
+    else:
+        identity["base"] = {"hub": base, "revision": revision, "gguf_file": gguf}
+    if adapter is not None:
+        identity["adapter"] = {"path": str(adapter.resolve()), "files": folder_digest(adapter)}
+    return identity
+
+
+def folder_digest(folder: Path, only: str | None = None) -> dict:
+    """relative file name -> "sha256:..." (small files, safetensors headers) or "size:N"."""
+    out = {}
+    files = [folder / only] if only else sorted(p for p in folder.iterdir() if p.is_file())
+    for path in files:
+        if path.name.startswith("."):
+            continue
+        size = path.stat().st_size
+        if size <= SMALL_FILE:
+            out[path.name] = "sha256:" + _sha256(path.read_bytes())
+        elif path.suffix == ".safetensors":
+            out[path.name] = f"size:{size} header:" + _sha256(_safetensors_header(path))
+        else:
+            out[path.name] = f"size:{size}"
+    return out
+
+
+def _safetensors_header(path: Path) -> bytes:
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        return handle.read(min(length, 100 << 20))
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def items_digest(examples) -> str:
+    """sha256 of a list of examples' ids, messages and meta (what a benchmark asks)."""
+    payload = [[ex.id, list(ex.messages), ex.meta] for ex in examples]
+    return _sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False, default=str).encode())
