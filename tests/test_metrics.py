@@ -59,7 +59,7 @@ def test_rate_and_to_dict():
     assert (r.k, r.n, r.value) == (8, 10, 0.8)
     assert (r.low, r.high) == pytest.approx((0.4902, 0.9433), abs=5e-5)
     assert r.to_dict() == {"k": 8, "n": 10, "value": 0.8, "low": r.low, "high": r.high}
-    assert rate([]) == Rate(k=0, n=0, value=0.0, low=0.0, high=1.0)
+    assert rate([]) == Rate(k=0, n=0, value=None, low=0.0, high=1.0)  # null, never 0.0
     assert rate(x > 1 for x in [0, 2, 3]).k == 2  # any iterable, including generators
 
 

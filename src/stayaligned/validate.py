@@ -80,6 +80,9 @@ def check_train(cfg: TrainConfig, model: bool = True) -> None:
     for name in cfg.methods:
         if name not in METHODS:
             raise unknown("methods", name, METHODS, "method")
+    from stayaligned.methods.base import build_methods
+
+    build_methods(cfg.methods, cfg.options, cfg.seed, METHODS)  # options and stacking
     for key in ("template", "eval_template"):
         if getattr(cfg, key) not in TEMPLATES:
             raise unknown(key, getattr(cfg, key), TEMPLATES, "template")

@@ -85,9 +85,22 @@ def read_records(path: str | Path) -> list[tuple[str, dict]]:
                         f"{', '.join(SUFFIXES)}.")
     try:
         return reader(path)
+    except UnicodeDecodeError:
+        raise DataError(_encoding_error(path)) from None
+
+
+def _encoding_error(path: Path) -> str:
+    """Where a file stops being UTF-8: its line and byte (a reader's own offset is relative
+    to a buffer, not the file)."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise DataError(f"{path}: not valid UTF-8 text ({error.reason} at byte {error.start}). "
-                        "Re-save the file as UTF-8.") from error
+        line = data[: error.start].count(b"\n") + 1
+        hint = " It looks like UTF-16;" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        return (f"{path}:{line}: not valid UTF-8 ({error.reason} at byte {error.start}).{hint} "
+                "Re-save the file as UTF-8.")
+    return f"{path}: not valid UTF-8 text. Re-save the file as UTF-8."
 
 
 def _read_json(path: Path) -> list[tuple[str, dict]]:
@@ -118,10 +131,12 @@ def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                # without its line ending, so an error at the end of the line is not
+                # reported at column 1 of a next line
+                record = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as error:
                 raise DataError(f"{path}:{line_number}: invalid JSON ({error.msg} at column "
-                                f"{error.colno}). Each line of a .jsonl file must be one "
+                                f"{error.pos + 1}). Each line of a .jsonl file must be one "
                                 "complete JSON object.") from error
             _check_object(record, f"{path.name}:{line_number}", path)
             records.append((f"{path.name}:{line_number}", record))
