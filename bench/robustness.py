@@ -1,4 +1,5 @@
-"""The bad-input suite as a figure: run tests/test_bad_inputs.py and tally its outcomes.
+"""The bad-input suite as a figure: run tests/test_bad_inputs.py and tests/test_kills.py and
+tally their outcomes.
 
     .venv/bin/python bench/robustness.py [--out bench/results/robustness.json]
 
@@ -24,6 +25,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+SUITE = ("test_bad_inputs.py", "test_kills.py")
 
 
 def main() -> None:
@@ -36,8 +38,8 @@ def main() -> None:
                "PYTHONPATH": str(ROOT / "src")}
         started = time.time()
         proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                               str(ROOT / "tests" / "test_bad_inputs.py")], cwd=ROOT, env=env,
-                              capture_output=True, text=True)
+                               *(str(ROOT / "tests" / name) for name in SUITE)], cwd=ROOT,
+                              env=env, capture_output=True, text=True)
         seconds = round(time.time() - started, 1)
         rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     counts = collections.Counter(r["outcome"] for r in rows)
@@ -53,7 +55,7 @@ def main() -> None:
         "kill_identical": counts["kill_identical"],
         "meta": {
             "command": "python bench/robustness.py",
-            "suite": "tests/test_bad_inputs.py",
+            "suite": [f"tests/{name}" for name in SUITE],
             "pytest_exit_code": proc.returncode,
             "pytest_summary": (proc.stdout.strip().splitlines() or [""])[-1],
             "seconds": seconds,

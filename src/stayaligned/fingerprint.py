@@ -85,11 +85,10 @@ def check_same(what: str, old: dict | None, new: dict, defaults: dict | None = N
 
 
 def model_identity(name: str, revision: str | None = None, gguf_file: str | None = None) -> dict:
-    """{"name", "path" or "hub", "files": {relative path: size or sha256}} for a model name as
+    """{"name", "base": {"path", "files"} or {"hub", ...}, "adapter": {...}} for a model name as
     `models.resolve` understands it; cheap (see the module docstring)."""
-    from stayaligned.models import resolve
-
     from stayaligned.config import ModelConfig
+    from stayaligned.models import resolve
 
     base, gguf, adapter = resolve(ModelConfig(name=name, revision=revision, gguf_file=gguf_file))
     identity: dict = {"name": name}
