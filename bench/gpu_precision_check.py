@@ -1,6 +1,6 @@
 """The GPU half of issue 12: fp32 master weights and SAP's probe signal on a tiny model in bf16.
 
-    .venv/bin/python bench/gpu_precision_check.py [--device cuda] [--out bench/results/gpu_precision.json]
+    .venv/bin/python bench/gpu_precision_check.py [--device cuda] [--out FILE.json]
 
 Not run yet: no GPU was available when it was written (`--device cpu` runs the same checks on
 the CPU, where bf16 rounding is the same arithmetic). On a tiny Llama with weights of a real
@@ -10,8 +10,8 @@ model's magnitude (std 0.02), with random tokens:
    (stayaligned's `model.precision: bf16`, the CUDA default) and pure bf16 weights
    (`pure_bf16`). Reported: the share of the linear layers' weights the step changed. Expected:
    ~100% for fp32 and bf16 autocast, well under half for pure bf16.
-2. SAP's probe signal b − a (a = ∇v L(θ + δ), b = ∇v L(θ), δ = ρ‖θ‖ĝ, ρ = 2e-5, with
-   stayaligned's Probe / ascent_step / perturbed) against an fp32 reference: the chosen path
+2. SAP's probe signal b − a (a = ∇v L(θ + δ), b = ∇v L(θ), δ = ρ‖θ‖ĝ, ρ = 2e-5,
+   with stayaligned's Probe / ascent_step / perturbed) against an fp32 reference: the chosen path
    (fp32 weights, signal passes without autocast), the same passes under bf16 autocast, and
    pure bf16 weights. Reported: cosine and sign agreement with the reference.
 3. Training-step time (forward + backward) of fp32 against bf16 autocast, same process,
@@ -129,7 +129,8 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", default="bench/results/gpu_precision.json")
+    parser.add_argument("--out", default="bench/results/gpu_precision.json",
+                        help="default: bench/results/gpu_precision.json")
     args = parser.parse_args()
     device = args.device
     base = tiny_llama(device, args.hidden, args.layers)

@@ -137,7 +137,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=list(CELLS))
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "overhead.json"))
     parser.add_argument("--precision", action="store_true",
-                        help="only the fp32 vs CPU bf16 autocast entry (bench/overhead_precision.py)")
+                        help="only the fp32 vs CPU bf16 entry (bench/overhead_precision.py)")
     parser.add_argument("--repeats", type=int, default=6, help="--precision: interleaved repeats")
     parser.add_argument("--precision-work", default=str(ROOT / "runs" / "bench-precision"),
                         help="--precision: where the two quickstart fine-tunes are kept")
@@ -155,7 +155,8 @@ def main() -> None:
         sys.path.insert(0, str(Path(__file__).parent))
         import overhead_precision
 
-        work, command = Path(args.precision_work), "python bench/overhead.py " + " ".join(sys.argv[1:])
+        work = Path(args.precision_work)
+        command = "python bench/overhead.py " + " ".join(sys.argv[1:])
         if args.precision_stage == "throughput":
             print(json.dumps(overhead_precision.cached_throughput(args.repeats, work)))
             return
@@ -164,7 +165,8 @@ def main() -> None:
             return
         value = overhead_precision.entry(args.repeats, work, command, args.finetune_steps)
         overhead_precision.merge_into(Path(args.out), value)
-        print(f"[overhead] precision: {json.dumps({k: v for k, v in value.items() if k != 'loss_curves'})}")
+        shown = {k: v for k, v in value.items() if k != "loss_curves"}
+        print(f"[overhead] precision: {json.dumps(shown)}")
         return
     results = {}
     with tempfile.TemporaryDirectory() as work:
