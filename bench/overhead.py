@@ -145,6 +145,8 @@ def main() -> None:
                         help="--precision: stop the quickstart fine-tunes after N steps (0: all)")
     parser.add_argument("--precision-stage", choices=["throughput", "fp32", "bf16"],
                         help="--precision: run (and cache) only this stage")
+    parser.add_argument("--gen-tokens", type=int, default=80,
+                        help="--precision: new tokens per generation in the throughput part")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -158,12 +160,14 @@ def main() -> None:
         work = Path(args.precision_work)
         command = "python bench/overhead.py " + " ".join(sys.argv[1:])
         if args.precision_stage == "throughput":
-            print(json.dumps(overhead_precision.cached_throughput(args.repeats, work)))
+            print(json.dumps(overhead_precision.cached_throughput(args.repeats, work,
+                                                                  args.gen_tokens)))
             return
         if args.precision_stage:
             overhead_precision.results(work, args.finetune_steps, (args.precision_stage,))
             return
-        value = overhead_precision.entry(args.repeats, work, command, args.finetune_steps)
+        value = overhead_precision.entry(args.repeats, work, command, args.finetune_steps,
+                                         args.gen_tokens)
         overhead_precision.merge_into(Path(args.out), value)
         shown = {k: v for k, v in value.items() if k != "loss_curves"}
         print(f"[overhead] precision: {json.dumps(shown)}")

@@ -9,7 +9,7 @@ the aligned seed, so that no align stage is needed):
 1. Throughput, in one process, fp32 and bf16 interleaved (the order alternating every repeat)
    so that both see the same machine load: tokens/s of a LoRA training step (forward and
    backward; the AdamW step on the adapters is negligible) on the quickstart's batches, and
-   of greedy generation (80 new tokens, batch 16) on the held-out harmful prompts. Speedups
+   of greedy generation (--gen-tokens new tokens, default 80; batch 16) on the held-out harmful prompts. Speedups
    are medians of the per-repeat ratios. The machine's load average and this process's CPU share (CPU time / wall time) are
    recorded: other jobs on a shared machine slow both modes alike, but widen the spread.
 2. Results: the quickstart fine-tune run twice (model.precision fp32, then bf16), each
@@ -85,7 +85,7 @@ def _prompts(tokenizer, n: int) -> list[str]:
     return [prompt_text(tokenizer, ex, native) for ex in examples]
 
 
-def _gen_step(model, tokenizer, prompts, prec) -> int:
+def _gen_step(model, tokenizer, prompts, prec, new_tokens: int) -> int:
     import torch
 
     from stayaligned.evaluation.generation import _left_pad
@@ -95,12 +95,12 @@ def _gen_step(model, tokenizer, prompts, prec) -> int:
     rows = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     ids, mask = _left_pad(rows, tokenizer.pad_token_id, "cpu")
     with torch.no_grad(), autocast(prec):
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=80,
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
                              do_sample=False, pad_token_id=tokenizer.pad_token_id)
     return (out.shape[1] - ids.shape[1]) * len(rows)  # decoding steps x batch
 
 
-def throughput(repeats: int) -> dict:
+def throughput(repeats: int, new_tokens: int = 80) -> dict:
     """Interleaved fp32 / bf16 tokens/s of training steps and of generation."""
     from stayaligned.precision import resolve
 
@@ -119,7 +119,8 @@ def throughput(repeats: int) -> dict:
             tokens, wall, cpu = _timed(lambda: _train_step(model, optimizer, batch, precs[name]))
             rates[f"train_{name}"].append(tokens / wall)
             cpu_share.append(cpu / wall)
-            tokens, wall, cpu = _timed(lambda: _gen_step(model, tokenizer, prompts, precs[name]))
+            tokens, wall, cpu = _timed(
+                lambda: _gen_step(model, tokenizer, prompts, precs[name], new_tokens))
             rates[f"gen_{name}"].append(tokens / wall)
             cpu_share.append(cpu / wall)
         print(f"[precision] repeat {rep + 1}/{repeats}: "
@@ -135,7 +136,7 @@ def throughput(repeats: int) -> dict:
                        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
                        "cpu_share_median": round(statistics.median(cpu_share), 3),
                        "cores": os.cpu_count()},
-        "repeats": repeats,
+        "repeats": repeats, "new_tokens": new_tokens,
     }
 
 
@@ -178,22 +179,25 @@ def results(work: Path, steps: int = 0, names=PRECISIONS) -> dict:
     return out
 
 
-def cached_throughput(repeats: int, work: Path) -> dict:
-    """throughput(repeats), kept in work/throughput.json and reused on a rerun."""
+def cached_throughput(repeats: int, work: Path, new_tokens: int = 80) -> dict:
+    """throughput(repeats, new_tokens), kept in work/throughput.json, reused on a rerun."""
     path = work / "throughput.json"
-    if path.is_file() and json.loads(path.read_text()).get("repeats") == repeats:
-        return json.loads(path.read_text())
-    value = throughput(repeats)
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if (cached.get("repeats"), cached.get("new_tokens")) == (repeats, new_tokens):
+            return cached
+    value = throughput(repeats, new_tokens)
     work.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(value, indent=2) + "\n")
     return value
 
 
-def entry(repeats: int, work: Path, command: str, steps: int = 0) -> dict:
+def entry(repeats: int, work: Path, command: str, steps: int = 0,
+          new_tokens: int = 80) -> dict:
     """The whole `precision` entry."""
     import torch
 
-    speed = cached_throughput(repeats, work)
+    speed = cached_throughput(repeats, work, new_tokens)
     res = results(work, steps)
     f32, b16 = res["fp32"], res["bf16"]
     steps = dict(f32["curve"])
@@ -217,6 +221,8 @@ def entry(repeats: int, work: Path, command: str, steps: int = 0) -> dict:
         "refusal_bf16_inside_fp32_interval": inside,
         "task_accuracy_fp32": f32["task_accuracy"], "task_accuracy_bf16": b16["task_accuracy"],
         "finetune_seconds": {"fp32": f32["train_seconds"], "bf16": b16["train_seconds"]},
+        # the two fine-tunes may run at the same time (--precision-stage), under the same load
+        "finetune_speedup": round(f32["train_seconds"] / b16["train_seconds"], 3),
         "meets_targets": meets,
         "meta": {
             "command": command,
@@ -224,7 +230,7 @@ def entry(repeats: int, work: Path, command: str, steps: int = 0) -> dict:
                      "(quickstart FINETUNE), started from the embedded model",
             "throughput": "one process, fp32 and bf16 interleaved; train: forward + backward "
                           "of quickstart batches (8 x demo-arithmetic); generation: greedy, "
-                          "80 new tokens, 16 held-out harmful prompts",
+                          f"{new_tokens} new tokens, 16 held-out harmful prompts",
             "results": "quickstart FINETUNE then EVAL (keyword judge), each under its own "
                        "model.precision; task loss = held-out NLL of reference answers",
             "targets": "train and generation speedup >= 1.5, task loss within 2%, bf16 "
