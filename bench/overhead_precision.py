@@ -9,9 +9,10 @@ the aligned seed, so that no align stage is needed):
 1. Throughput, in one process, fp32 and bf16 interleaved (the order alternating every repeat)
    so that both see the same machine load: tokens/s of a LoRA training step (forward and
    backward; the AdamW step on the adapters is negligible) on the quickstart's batches, and
-   of greedy generation (--gen-tokens new tokens, default 80; batch 16) on the held-out harmful prompts. Speedups
-   are medians of the per-repeat ratios. The machine's load average and this process's CPU share (CPU time / wall time) are
-   recorded: other jobs on a shared machine slow both modes alike, but widen the spread.
+   of greedy generation (--gen-tokens new tokens, default 80; batch 16) on the held-out
+   harmful prompts. Speedups are medians of the per-repeat ratios. The machine's load average
+   and this process's CPU share (CPU time / wall time) are recorded: other jobs on a shared
+   machine slow both modes alike, but widen the spread.
 2. Results: the quickstart fine-tune run twice (model.precision fp32, then bf16), each
    evaluated under its own precision: the training-loss curves, the held-out task loss
    (mean NLL of the reference answers) and the refusal rate on the held-out harmful requests
