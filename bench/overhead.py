@@ -1,6 +1,10 @@
 """Training-speed and memory overhead of each method relative to plain sft.
 
     .venv/bin/python bench/overhead.py [--steps 8] [--warmup 2] [--out bench/results/overhead.json]
+    .venv/bin/python bench/overhead.py --precision   # the fp32 vs CPU bf16 autocast entry
+
+With --precision only the `precision` entry is measured and merged into the file (see
+bench/overhead_precision.py); the per-method entries are kept as they are.
 
 For each method alone (and a three-method stack) a real `stayaligned train` run on the embedded
 model with LoRA is started in its own subprocess (so peak memory is not inherited from another
@@ -132,11 +136,41 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--methods", nargs="*", default=list(CELLS))
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "overhead.json"))
+    parser.add_argument("--precision", action="store_true",
+                        help="only the fp32 vs CPU bf16 entry (bench/overhead_precision.py)")
+    parser.add_argument("--repeats", type=int, default=6, help="--precision: interleaved repeats")
+    parser.add_argument("--precision-work", default=str(ROOT / "runs" / "bench-precision"),
+                        help="--precision: where the two quickstart fine-tunes are kept")
+    parser.add_argument("--finetune-steps", type=int, default=0,
+                        help="--precision: stop the quickstart fine-tunes after N steps (0: all)")
+    parser.add_argument("--precision-stage", choices=["throughput", "fp32", "bf16"],
+                        help="--precision: run (and cache) only this stage")
+    parser.add_argument("--gen-tokens", type=int, default=80,
+                        help="--precision: new tokens per generation in the throughput part")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print("RESULT " + json.dumps(run_one(args.one, args.steps, args.warmup, Path(args.work))))
+        return
+    if args.precision:
+        sys.path.insert(0, str(Path(__file__).parent))
+        import overhead_precision
+
+        work = Path(args.precision_work)
+        command = "python bench/overhead.py " + " ".join(sys.argv[1:])
+        if args.precision_stage == "throughput":
+            print(json.dumps(overhead_precision.cached_throughput(args.repeats, work,
+                                                                  args.gen_tokens)))
+            return
+        if args.precision_stage:
+            overhead_precision.results(work, args.finetune_steps, (args.precision_stage,))
+            return
+        value = overhead_precision.entry(args.repeats, work, command, args.finetune_steps,
+                                         args.gen_tokens)
+        overhead_precision.merge_into(Path(args.out), value)
+        shown = {k: v for k, v in value.items() if k != "loss_curves"}
+        print(f"[overhead] precision: {json.dumps(shown)}")
         return
     results = {}
     with tempfile.TemporaryDirectory() as work:
@@ -174,6 +208,8 @@ def write(results: dict, args) -> None:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if out.is_file() and "precision" in json.loads(out.read_text()):
+        results["precision"] = json.loads(out.read_text())["precision"]  # --precision's entry
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"[overhead] wrote {out}")
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from stayaligned.config import ModelConfig
+from stayaligned.config import ConfigError, ModelConfig
 from stayaligned.models import ModelError, embedded_gguf_path, pick_device, resolve
 
 
@@ -38,9 +38,9 @@ def test_gguf_paths_and_errors(tmp_path):
 
 
 def test_device_choice():
-    device = pick_device("auto")
-    expected = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    assert device.dtype == expected
+    # float32 weights by default everywhere (CUDA: bf16 autocast on fp32 master weights)
+    assert pick_device("auto").dtype == torch.float32
     assert pick_device("float16").dtype == torch.float16
-    with pytest.raises(ModelError, match="not a torch dtype"):
+    assert pick_device("auto", "pure_bf16").dtype == torch.bfloat16
+    with pytest.raises(ConfigError, match="model.dtype 'float13'"):
         pick_device("float13")

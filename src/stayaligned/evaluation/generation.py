@@ -9,6 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from stayaligned.config import GenerationConfig
+from stayaligned.precision import autocast_for
 from stayaligned.templates.library import Template
 from stayaligned.templates.render import encode
 
@@ -42,16 +43,8 @@ def generate(
     bar = tqdm(total=len(prompts), desc=desc, unit="response")
     for batch in length_batches([len(e) for e in encoded], gen.batch_size):
         ids, mask = _left_pad([encoded[i] for i in batch], tokenizer.pad_token_id, device)
-        output = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=gen.max_new_tokens,
-            do_sample=gen.do_sample,
-            temperature=gen.temperature if gen.do_sample else None,
-            top_p=gen.top_p if gen.do_sample else None,
-            top_k=None,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+        with autocast_for(model):  # the loaded model's precision (bf16: autocast)
+            output = _generate(model, gen, ids, mask, tokenizer.pad_token_id)
         texts = tokenizer.batch_decode(output[:, ids.shape[1] :], skip_special_tokens=True)
         for i, text in zip(batch, texts):
             results[i] = text.strip()
@@ -60,6 +53,19 @@ def generate(
         bar.update(len(batch))
     bar.close()
     return results
+
+
+def _generate(model, gen: GenerationConfig, ids, mask, pad_token_id) -> torch.Tensor:
+    return model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=gen.max_new_tokens,
+        do_sample=gen.do_sample,
+        temperature=gen.temperature if gen.do_sample else None,
+        top_p=gen.top_p if gen.do_sample else None,
+        top_k=None,
+        pad_token_id=pad_token_id,
+    )
 
 
 def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,6 +27,7 @@ from stayaligned.evaluation.generation import generate
 from stayaligned.evaluation.judging import build_judge, judge_rows, score
 from stayaligned.evaluation.metrics import TASK_METRICS
 from stayaligned.evaluation.prefill import harmful_responses, prefix_tokens
+from stayaligned.precision import resolve as resolve_precision
 from stayaligned.runfiles import read_json, read_jsonl, write_json, write_jsonl
 from stayaligned.templates.library import get_template
 from stayaligned.templates.render import encode, prompt_text
@@ -263,6 +264,7 @@ def _evaluate(cfg: EvalConfig, model, tokenizer, overwrite: bool) -> dict:
         "model": cfg.model.name, "template": eval_template_name(cfg), "judge": cfg.judge,
         "unscored": sum(m.get("unscored", 0) for m in scores.values()),
         "config": to_dict(cfg), "seconds": round(time.time() - started, 1),
+        "precision": resolve_precision(cfg.model.precision, cfg.model.dtype).to_dict(),
         "benchmarks": scores,
     }
     write_json(out / "metrics.json", metrics)

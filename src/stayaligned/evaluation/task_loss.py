@@ -15,6 +15,7 @@ from dataclasses import replace
 import torch
 
 from stayaligned.data.types import DataError, Example
+from stayaligned.precision import autocast_for
 from stayaligned.templates.library import Template
 from stayaligned.templates.render import IGNORE_INDEX, render_for_training
 
@@ -53,7 +54,9 @@ def reference_nll(model, tokenizer, examples: list[Example], template: Template,
             ids[k, :n] = torch.tensor(it.input_ids)
             labels[k, :n] = torch.tensor(it.labels)
             mask[k, :n] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        with autocast_for(model):  # the loaded model's precision (bf16: autocast)
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        logits = logits.float()
         target = labels[:, 1:].to(device)
         nll = torch.nn.functional.cross_entropy(
             logits[:, :-1].transpose(1, 2), target, ignore_index=IGNORE_INDEX, reduction="none")

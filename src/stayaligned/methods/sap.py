@@ -34,9 +34,17 @@ instead of a `down_proj.bias` (identical arithmetic); it is removed when trainin
 ``reference`` mode) and is never part of the saved adapter or model. With gradient accumulation
 each micro-batch gets its own probe. The contrastive loss is the code's logistic form in both
 modes (the paper's plain difference L_safe − L_harmful differs by a per-pair weight, 2.8 item
-3). δ is applied in the parameters' dtype: full fine-tuning in bf16 rounds most of a
-ρ = 2e-5 perturbation away (LoRA adapters are fp32). On CPU, subnormal floats are flushed to
+3). On CPU, subnormal floats are flushed to
 zero during SAP's own passes (a saturated L_c otherwise makes them ten times slower).
+
+Precision: the probe signal (g, δ and the two probe gradients a, b) is computed in float32,
+with any autocast of the run switched off for SAP's own passes (a finite difference in fp32,
+not a Hessian-vector product). b − a is the change of ∇v L_u under a relative perturbation of
+ρ = 2e-5: below bf16 resolution, so under bf16 autocast θ+δ casts back to θ (b − a = 0) and in
+pure bf16 it is rounding noise. The θ step itself runs under the run's precision (bf16 autocast
+on fp32 weights is fine there), except in ``reference`` mode, whose θ step's backward also
+gives b, so that step runs in fp32 too. SAP therefore needs float32 weights and refuses
+`model.precision: pure_bf16` (tests/test_precision.py checks b − a against an fp32 run).
 
 Cost, per micro-batch, in units of one forward over the task batch (r = pair tokens / task
 tokens; with LoRA an SFT step is ≈ 2, a forward and an activation-gradient backward): the
@@ -58,7 +66,7 @@ sap_probe_norm (‖v‖).
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +83,7 @@ from stayaligned.methods.sap_probe import (
     Probe, ascent_step, flushed_denormals, frozen, perturbed, reduce_across_ranks, replayed_rng,
     rng_snapshot,
 )
+from stayaligned.precision import full_precision
 
 MODES = ("paper", "reference")
 DEMO_PREFILL = "Sure, here is"
@@ -139,6 +148,7 @@ class SafetyAwareProbing(Method):
         if trainer.accelerator.distributed_type in sharded:
             raise ConfigError("sap needs whole parameters on every rank: use plain data parallel "
                               "(DDP) or one device, not FSDP or DeepSpeed")
+        require_float32(model, o.rho)
         template_name = templates_for(ctx["config"], trainer.methods)[0]
         pairs = self._pairs(ctx, template_name)
         tokenizer = ctx["tokenizer"]
@@ -223,7 +233,8 @@ class SafetyAwareProbing(Method):
             with perturbed(self.params, deltas, exact=False):
                 a = self.probe_gradient(ctx, net, batch, None)
         ctx.inputs.update(batch)  # the task step, too, reads prompt-only inputs (2.8 item 1)
-        loss = ctx.default_step()  # θ step at (θ_k, v_{k-1}); its backward also gives b
+        with _autocast_off(ctx.trainer):  # b must be fp32 like a
+            loss = ctx.default_step()  # θ step at (θ_k, v_{k-1}); its backward also gives b
         b = [v.grad if v.grad is not None else torch.zeros_like(v) for v in self.probe.vectors]
         self.update_probe(ctx.trainer, b, a)
         self.probe.trainable(False)
@@ -239,7 +250,7 @@ class SafetyAwareProbing(Method):
             contrastive = torch.zeros((), device=trainer.args.device)
         else:
             batch = {k: v.to(trainer.args.device) for k, v in batch.items()}
-            with trainer.compute_loss_context_manager():
+            with trainer.compute_loss_context_manager(), full_precision():
                 logits = net(input_ids=batch["input_ids"],
                              attention_mask=batch["attention_mask"]).logits
             scores = sequence_logprobs(logits, batch["labels"], shift=shift)
@@ -255,7 +266,7 @@ class SafetyAwareProbing(Method):
         snapshot the forward draws its dropout masks from that random state."""
         trainer = ctx.trainer
         device = trainer.args.device
-        with frozen(self.params), trainer.compute_loss_context_manager(), \
+        with frozen(self.params), trainer.compute_loss_context_manager(), full_precision(), \
                 (replayed_rng(dropout, device) if dropout is not None else nullcontext()):
             logits = net(input_ids=batch["input_ids"],
                          attention_mask=batch["attention_mask"]).logits
@@ -286,6 +297,26 @@ class SafetyAwareProbing(Method):
                 v.copy_(saved)
         self.probe_optimizer.load_state_dict(state["optimizer"])
         self.micro = state["micro"]
+
+
+def require_float32(model, rho: float) -> None:
+    """SAP's finite difference needs float32 weights (ρ‖θ‖ĝ is below bf16 resolution)."""
+    low = sorted({str(p.dtype) for p in model.parameters() if p.dtype != torch.float32})
+    if low:
+        raise ConfigError(f"sap needs float32 weights for its probe signal (ρ = {rho} is below "
+                          f"{', '.join(low)} resolution): set model.precision to bf16 (float32 "
+                          "weights + bf16 autocast) or fp32, not pure_bf16")
+
+
+@contextmanager
+def _autocast_off(trainer):
+    """The trainer's own steps without its autocast inside the block."""
+    saved = getattr(trainer, "precision", None)
+    trainer.precision = None
+    try:
+        yield
+    finally:
+        trainer.precision = saved
 
 
 class _ProbeCallback(TrainerCallback):

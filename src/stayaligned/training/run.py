@@ -24,6 +24,8 @@ from stayaligned.data.types import DataError, Example
 from stayaligned.methods import METHODS
 from stayaligned.methods.base import Method, build_methods
 from stayaligned.models import add_lora, load_model, pick_device
+from stayaligned.precision import resolve as resolve_precision
+from stayaligned.precision import warn_pure
 from stayaligned.templates.library import get_template
 from stayaligned.templates.render import prompt_text, render_dataset, show_mask
 from stayaligned.training.collate import PadCollator, RenderedDataset
@@ -94,7 +96,8 @@ def _manifest(cfg: TrainConfig, prep: dict, tokenizer) -> dict:
         "status": "running",
         "config": to_dict(cfg),
         "versions": package_versions(),
-        "device": pick_device(cfg.model.dtype).type,
+        "device": pick_device(cfg.model.dtype, cfg.model.precision).type,
+        "precision": resolve_precision(cfg.model.precision, cfg.model.dtype).to_dict(),
         "data": [data_fingerprint(s, cfg.data_dir) for s in cfg.data],
         "n_examples": len(prep["examples"]),
         "render_report": prep["report"].to_dict(),
@@ -115,7 +118,7 @@ def _manifest(cfg: TrainConfig, prep: dict, tokenizer) -> dict:
 def _training_args(cfg: TrainConfig, out: Path):
     from transformers import TrainingArguments
 
-    device = pick_device(cfg.model.dtype)
+    device = pick_device(cfg.model.dtype, cfg.model.precision)
     o = cfg.optim
     return TrainingArguments(
         output_dir=str(out / "checkpoints"),
@@ -140,7 +143,7 @@ def _training_args(cfg: TrainConfig, out: Path):
         report_to="none",
         remove_unused_columns=False,
         use_cpu=device.type == "cpu",
-        bf16=device.dtype.__repr__() == "torch.bfloat16",
+        bf16=False,  # autocast is the trainer's own (precision.autocast), weights as loaded
         dataloader_num_workers=0,
     )
 
@@ -231,6 +234,8 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
     out = Path(cfg.output_dir)
     checkpoint = _check_output_dir(out, resume, overwrite, cfg)
     set_seed(cfg.seed)
+    precision = resolve_precision(cfg.model.precision, cfg.model.dtype)
+    warn_pure(precision, full_fine_tuning=not cfg.lora.enabled)
     model, tokenizer = load_model(cfg.model)
     prep = prepare(cfg, tokenizer)
     for line in prep["report"].summary():
@@ -240,6 +245,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
     trainer = StayTrainer(
         model=model, args=_training_args(cfg, out), train_dataset=RenderedDataset(prep["items"]),
         data_collator=PadCollator(tokenizer.pad_token_id), methods=prep["methods"],
+        precision=precision,
     )
     main = trainer.is_world_process_zero()
     manifest = _manifest(cfg, prep, tokenizer)

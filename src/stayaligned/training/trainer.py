@@ -15,6 +15,7 @@ complete, so a kill during the write never leaves a ``checkpoint-N`` that resume
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -24,6 +25,7 @@ import torch
 from transformers import Trainer
 
 from stayaligned.methods.base import Method, StepContext
+from stayaligned.precision import Precision, autocast
 from stayaligned.training.collate import AUX
 
 
@@ -54,15 +56,25 @@ def check_finite(model, step: int, what: str) -> None:
 
 
 class StayTrainer(Trainer):
-    def __init__(self, *args, methods: list[Method], **kwargs):
+    def __init__(self, *args, methods: list[Method], precision: Precision | None = None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.methods = methods
+        self.precision = precision  # None: no autocast (the weights' own dtype)
         self.step_owner = next((m for m in methods if m.owns_training_step), None)
         self.loss_owner = next((m for m in methods if m.owns_task_loss), None)
         self._term_sums: dict[str, float] = defaultdict(float)
         self._term_counts: dict[str, int] = defaultdict(int)
 
     # -- loss ---------------------------------------------------------------------------
+
+    def compute_loss_context_manager(self):
+        """transformers' context plus this run's autocast (bf16 precision: float32 weights,
+        bf16 matrix products; the backward follows the casts the forward recorded)."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(super().compute_loss_context_manager())
+        stack.enter_context(autocast(self.precision))
+        return stack
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         model_inputs = {k: v for k, v in inputs.items() if not k.startswith(AUX)}

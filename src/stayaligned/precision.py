@@ -1,0 +1,139 @@
+"""Numerical precision: which dtype the weights are held in, and which dtype the matrix products
+run in. One config key, `model.precision`:
+
+  fp32       float32 weights, float32 compute.
+  bf16       float32 weights (the optimiser's master copy) with bfloat16 autocast: matrix
+             products run in bf16, the weights, the optimiser state and every update stay
+             float32 (what HF `bf16=True` on float32 weights and DeepSpeed's bf16 mode do).
+  pure_bf16  bfloat16 weights and compute: half the weight memory, but an AdamW step below half
+             a bf16 ulp of a weight rounds away (lr 2e-5 on |w| > ~0.008), so full fine-tuning
+             is silently under-trained; opt-in only, with a warning.
+  auto       CUDA: bf16. CPU: bf16 where the CPU has native bf16 matrix instructions
+             (avx512_bf16 or AMX) and CPU_AUTO_BF16 is True, else fp32. CPU_AUTO_BF16 records the
+             measured decision (bench/overhead.py --precision; README "Overhead").
+
+`model.dtype` (older key) still works: left at `auto` it follows the precision; set to
+bfloat16 / float16 with `precision: auto` it means pure low-precision weights as before
+(pure_bf16), float32 means fp32. Setting both to disagreeing values is an error.
+
+Autocast reaches the model in two ways: the trainer enters `autocast(precision)` around every
+loss computation, and `load_model` tags the model with its autocast dtype, which generation
+and held-out task loss read through `autocast_for(model)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from stayaligned.config import ConfigError
+
+PRECISIONS = ("auto", "fp32", "bf16", "pure_bf16")
+# The measured decision for `auto` on a CPU with native bf16 (bench/results/overhead.json,
+# "precision"): False keeps fp32 until the measurement meets the targets.
+CPU_AUTO_BF16 = False
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+MODEL_ATTR = "_stayaligned_autocast"  # set on a loaded model: its autocast dtype or None
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str  # fp32 | bf16 | pure_bf16 (| pure_float16 from an old model.dtype)
+    device: str  # cuda | cpu
+    weights: torch.dtype  # the dtype the model (and its master weights) is held in
+    autocast: torch.dtype | None  # compute dtype under autocast, None: no autocast
+
+    def to_dict(self) -> dict:
+        return {"precision": self.name, "device": self.device,
+                "weights": str(self.weights).removeprefix("torch."),
+                "autocast": str(self.autocast).removeprefix("torch.") if self.autocast else None}
+
+
+def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
+    """True when the CPU has native bf16 matrix instructions (Linux /proc/cpuinfo flags)."""
+    if cpuinfo is None:
+        path = Path("/proc/cpuinfo")
+        cpuinfo = path.read_text() if path.is_file() else ""
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[-1].split())
+    return any(flag in flags for flag in CPU_BF16_FLAGS)
+
+
+def resolve(precision: str = "auto", dtype: str = "auto", device: str | None = None,
+            cpu_bf16: bool | None = None) -> Precision:
+    """The precision that `model.precision` and `model.dtype` ask for on `device` (default:
+    cuda when present, else cpu)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"model.precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    name = _from_dtype(precision, dtype)
+    if name == "auto":
+        if device == "cuda":
+            name = "bf16"
+        else:
+            native = cpu_has_bf16() if cpu_bf16 is None else cpu_bf16
+            name = "bf16" if native and CPU_AUTO_BF16 else "fp32"
+    if name == "fp32":
+        return Precision("fp32", device, torch.float32, None)
+    if name == "bf16":
+        return Precision("bf16", device, torch.float32, torch.bfloat16)
+    low = torch.bfloat16 if name == "pure_bf16" else torch.float16
+    return Precision(name, device, low, None)
+
+
+def _from_dtype(precision: str, dtype: str) -> str:
+    """Fold the older `model.dtype` key into a precision name."""
+    if dtype == "auto":
+        return precision
+    implied = {"float32": "fp32", "bfloat16": "pure_bf16", "float16": "pure_float16"}.get(dtype)
+    if implied is None:
+        raise ConfigError(f"model.dtype {dtype!r}: use auto, float32 or bfloat16, or set "
+                          f"model.precision ({', '.join(PRECISIONS)}) instead")
+    if precision not in ("auto", implied):
+        raise ConfigError(f"model.dtype {dtype!r} and model.precision {precision!r} disagree: "
+                          "leave model.dtype at auto and set only model.precision")
+    return implied
+
+
+def warn_pure(prec: Precision, full_fine_tuning: bool) -> None:
+    """Full fine-tuning in pure low precision loses small updates: say so."""
+    if prec.weights != torch.float32 and full_fine_tuning:
+        warnings.warn(
+            f"model.precision {prec.name}: full fine-tuning without float32 master weights; "
+            "AdamW updates smaller than half a weight's ulp round away (lr 2e-5 moves almost "
+            "no weight with |w| > 0.008). Use model.precision bf16 (float32 weights + bf16 "
+            "autocast) unless memory forces this.", stacklevel=2)
+
+
+def autocast(prec: Precision | None):
+    """The autocast context for `prec` (a no-op context without autocast)."""
+    if prec is None or prec.autocast is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=prec.device, dtype=prec.autocast)
+
+
+def tag(model, prec: Precision) -> None:
+    """Record `prec`'s autocast dtype on a loaded model, for `autocast_for`."""
+    setattr(model, MODEL_ATTR, prec.autocast)
+
+
+def autocast_for(model):
+    """Inference under the autocast its loader tagged the model with (none for an untagged
+    model). Parameters are float32 leaves, so autocast casts each weight once per context."""
+    dtype = getattr(model, MODEL_ATTR, None)
+    if dtype is None:
+        return contextlib.nullcontext()
+    device = next(model.parameters()).device.type
+    return torch.autocast(device_type=device, dtype=dtype)
+
+
+def full_precision():
+    """Leave any enclosing autocast: the block computes in the tensors' own dtypes."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.autocast(device_type=device, enabled=False)

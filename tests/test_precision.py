@@ -1,0 +1,226 @@
+"""Precision (stayaligned/precision.py): resolving `model.precision` / `model.dtype`, the bug
+class of pure bf16 (AdamW steps of lr 2e-5 round away on weights of realistic magnitude while
+fp32 master weights under bf16 autocast keep them), SAP's probe signal (b − a) under bf16
+autocast against an fp32 run, and autocast reaching training, generation and the records."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from stayaligned.config import ConfigError, ModelConfig, TrainConfig, load
+from stayaligned.precision import cpu_has_bf16, resolve
+
+LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def test_resolve_names_devices_and_the_older_dtype_key():
+    assert resolve("fp32", device="cpu").to_dict() == {
+        "precision": "fp32", "device": "cpu", "weights": "float32", "autocast": None}
+    bf16 = resolve("bf16", device="cpu")
+    assert (bf16.weights, bf16.autocast) == (torch.float32, torch.bfloat16)
+    cuda = resolve("auto", device="cuda")  # fp32 master weights + bf16 autocast on CUDA
+    assert (cuda.name, cuda.weights, cuda.autocast) == ("bf16", torch.float32, torch.bfloat16)
+    assert resolve("pure_bf16", device="cuda").weights == torch.bfloat16
+    assert resolve("auto", device="cpu", cpu_bf16=False).name == "fp32"
+    # the older key: dtype bfloat16 meant bf16 weights and compute
+    assert resolve("auto", "bfloat16", device="cpu").name == "pure_bf16"
+    assert resolve("fp32", "float32", device="cpu").name == "fp32"
+    with pytest.raises(ConfigError, match="model.dtype 'bfloat16' and model.precision 'fp32'"):
+        resolve("fp32", "bfloat16", device="cpu")
+    with pytest.raises(ConfigError, match="model.precision 'half': choose one of"):
+        resolve("half", device="cpu")
+
+
+def test_cpu_bf16_flags_and_the_measured_cpu_default(monkeypatch):
+    import stayaligned.precision as precision
+
+    assert cpu_has_bf16("flags\t\t: fpu sse avx512f avx512_bf16 amx_tile\n")
+    assert cpu_has_bf16("flags : fpu amx_bf16\n")
+    assert not cpu_has_bf16("flags : fpu sse avx2 avx512f\n")
+    monkeypatch.setattr(precision, "CPU_AUTO_BF16", True)
+    assert resolve("auto", device="cpu", cpu_bf16=True).name == "bf16"
+    assert resolve("auto", device="cpu", cpu_bf16=False).name == "fp32"
+    monkeypatch.setattr(precision, "CPU_AUTO_BF16", False)
+    assert resolve("auto", device="cpu", cpu_bf16=True).name == "fp32"
+
+
+# ---------------------------------------------------------------- the bug class
+
+
+def realistic_model(target, tokenizer_dir, hidden=64):
+    """A tiny Llama whose weights have a real model's magnitude (std 0.02, as Llama and SmolLM2
+    initialise; most |w| > 0.008, where half a bf16 ulp exceeds 2e-5)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=512, tie_word_embeddings=True, initializer_range=0.02,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+@pytest.fixture(scope="module")
+def real_scale_dir(tmp_path_factory, tokenizer_dir):
+    return realistic_model(tmp_path_factory.mktemp("real-scale"), tokenizer_dir)
+
+
+def full_ft_config(tmp_path, model_dir, precision, *extra):
+    data = tmp_path / "task.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Add {i} and {i + 1}.",
+                                        "output": f"{i} + {i + 1} = {2 * i + 1}."}) + "\n"
+                            for i in range(8)))
+    return load(TrainConfig, None, [
+        f"model.name={model_dir}", f"model.precision={precision}", f"data=[{{source: {data}}}]",
+        "lora.enabled=false", "optim.lr=2e-5", "optim.max_steps=1", "optim.batch_size=8",
+        "optim.scheduler=constant", "max_length=64", "logging_steps=1",
+        f"output_dir={tmp_path / precision}", *extra])
+
+
+def moved_share(before: dict, after: dict, dtype) -> float:
+    """Share of the linear layers' weights that one optimiser step changed."""
+    keys = [k for k in after if any(f"{name}.weight" in k for name in LINEAR)]
+    changed = sum(int((after[k] != before[k].to(dtype)).sum()) for k in keys)
+    return changed / sum(after[k].numel() for k in keys)
+
+
+def test_pure_bf16_adamw_rounds_updates_away_and_autocast_keeps_them(tmp_path, real_scale_dir):
+    from stayaligned.training.run import train
+
+    before = load_file(str(real_scale_dir / "model.safetensors"))
+    big = [(v.abs() > 0.008).float().mean() for k, v in before.items() if "proj" in k]
+    assert min(big) > 0.6  # realistic magnitudes: most weights above the rounding threshold
+    with pytest.warns(UserWarning, match="full fine-tuning without float32 master weights"):
+        pure = train(full_ft_config(tmp_path, real_scale_dir, "pure_bf16"))
+    mixed = train(full_ft_config(tmp_path, real_scale_dir, "bf16"))
+    pure_after = load_file(str(pure / "model" / "model.safetensors"))
+    mixed_after = load_file(str(mixed / "model" / "model.safetensors"))
+    assert next(iter(pure_after.values())).dtype == torch.bfloat16
+    assert next(iter(mixed_after.values())).dtype == torch.float32  # master weights kept
+    assert moved_share(before, pure_after, torch.bfloat16) < 0.4  # most updates rounded away
+    assert moved_share(before, mixed_after, torch.float32) > 0.99
+    manifest = json.loads((mixed / "run.json").read_text())
+    assert manifest["precision"] == {"precision": "bf16", "device": "cpu",
+                                     "weights": "float32", "autocast": "bfloat16"}
+    assert json.loads((pure / "run.json").read_text())["precision"]["weights"] == "bfloat16"
+
+
+def test_training_runs_its_loss_under_the_configured_autocast(tmp_path, real_scale_dir,
+                                                              monkeypatch):
+    from stayaligned.training.run import train
+    from stayaligned.training.trainer import StayTrainer
+
+    seen = []
+    original = StayTrainer.compute_loss
+
+    def spy(self, model, inputs, *args, **kwargs):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu")
+                    else None)
+        return original(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(StayTrainer, "compute_loss", spy)
+    train(full_ft_config(tmp_path, real_scale_dir, "bf16"))
+    train(full_ft_config(tmp_path, real_scale_dir, "fp32"))
+    assert seen == [torch.bfloat16, None]
+
+
+# ---------------------------------------------------------------- SAP's probe signal
+
+
+def sap_built(tmp_path, model_dir, precision):
+    """(trainer, method, model, batch) for full fine-tuning with SAP under `precision`."""
+    from test_sap import sap_config
+
+    from stayaligned.models import load_model
+    from stayaligned.training.collate import PadCollator, RenderedDataset
+    from stayaligned.training.run import _training_args, prepare
+    from stayaligned.training.trainer import StayTrainer
+
+    cfg = sap_config(tmp_path, model_dir, "paper", "lora.enabled=false",
+                     f"model.precision={precision}")
+    model, tokenizer = load_model(cfg.model)
+    prep = prepare(cfg, tokenizer)
+    collate = PadCollator(tokenizer.pad_token_id)
+    trainer = StayTrainer(model=model, args=_training_args(cfg, tmp_path / "run"),
+                          train_dataset=RenderedDataset(prep["items"]), data_collator=collate,
+                          methods=prep["methods"],
+                          precision=resolve(precision, cfg.model.dtype))
+    trainer.current_gradient_accumulation_steps = 1
+    method = prep["methods"][0]
+    method.setup({"model": model, "tokenizer": tokenizer, "config": cfg,
+                  "output_dir": tmp_path / "run", "train_examples": prep["examples"],
+                  "trainer": trainer})
+    batch = collate([{"input_ids": it.input_ids, "labels": it.labels} for it in prep["items"][:4]])
+    return trainer, method, model, batch
+
+
+def probe_signal(tmp_path, model_dir, precision, monkeypatch=None) -> torch.Tensor:
+    """b − a of SAP's first step (flattened) under `precision`."""
+    trainer, method, model, batch = sap_built(tmp_path, model_dir, precision)
+    captured = []
+    update = method.update_probe
+    method.update_probe = lambda tr, b, a: (
+        captured.append(torch.cat([(bi - ai).reshape(-1) for ai, bi in zip(a, b)])),
+        update(tr, b, a))
+    trainer.training_step(model, dict(batch))
+    return captured[0]
+
+
+def sign_agreement(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((torch.sign(x) == torch.sign(ref)).float().mean())
+
+
+def test_sap_probe_signal_under_bf16_autocast_agrees_with_fp32(tmp_path, real_scale_dir,
+                                                                monkeypatch):
+    import stayaligned.methods.sap as sap
+
+    reference = probe_signal(tmp_path / "fp32", real_scale_dir, "fp32")
+    assert float(reference.abs().max()) > 0  # an fp32 finite difference resolves ρ = 2e-5
+    chosen = probe_signal(tmp_path / "bf16", real_scale_dir, "bf16")
+    assert sign_agreement(chosen, reference) > 0.95
+    assert float(torch.nn.functional.cosine_similarity(chosen, reference, dim=0)) > 0.99
+    # the bug class: the old pure-bf16 path, where θ + δ rounds back to (nearly) θ
+    monkeypatch.setattr(sap, "require_float32", lambda model, rho: None)
+    broken = probe_signal(tmp_path / "pure", real_scale_dir, "pure_bf16")
+    print("sign agreement with fp32: bf16 autocast path", sign_agreement(chosen, reference),
+          "pure bf16", sign_agreement(broken, reference))
+    assert sign_agreement(broken, reference) < 0.7
+
+
+def test_sap_refuses_pure_bf16_weights(tmp_path, real_scale_dir):
+    with pytest.raises(ConfigError, match="sap needs float32 weights.*not pure_bf16"):
+        sap_built(tmp_path, real_scale_dir, "pure_bf16")
+
+
+# ---------------------------------------------------------------- inference
+
+
+def test_generation_and_task_loss_follow_the_loaded_precision(tmp_path, tiny_model_dir,
+                                                              tokenizer):
+    from stayaligned.config import GenerationConfig
+    from stayaligned.data.types import Example
+    from stayaligned.evaluation.generation import generate
+    from stayaligned.evaluation.task_loss import reference_nll
+    from stayaligned.models import load_model
+    from stayaligned.templates.library import get_template
+
+    native = get_template("native")
+    example = Example("x", ({"role": "user", "content": "Add 2 and 3."},
+                            {"role": "assistant", "content": "5"}))
+    for precision, expected in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        model, tok = load_model(ModelConfig(name=str(tiny_model_dir), precision=precision))
+        assert next(model.parameters()).dtype == torch.float32
+        dtypes = []
+        model.lm_head.register_forward_hook(lambda m, a, out: dtypes.append(out.dtype))
+        generate(model, tok, ["Hello"], native, GenerationConfig(max_new_tokens=2))
+        reference_nll(model, tok, [example], native)
+        assert dtypes and set(dtypes) == {expected}
