@@ -1,5 +1,6 @@
 """The deep-align pilot: validation sets and the results file bench/results/deep_align_pilot.json.
 
+    bash bench/deep_align_pilot.sh [SHALLOW_SEED]    # everything below, resumable
     python bench/deep_align_pilot.py sets            # runs/deep/benign_val.jsonl + overlap.json
     python bench/deep_align_pilot.py collect deep=runs/deep/eval-deep shallow=DIR \
         [--depth deep=DIR shallow=DIR] [--notes TEXT]
@@ -131,6 +132,7 @@ def collect(runs: dict, depth: dict, notes: str | None) -> dict:
 
 
 COMMANDS = [
+    "bash bench/deep_align_pilot.sh SHALLOW_SEED   # all of the below, resumable",
     "python bench/deep_align_pilot.py sets",
     "nice -n 5 stayaligned pairs --model embedded --harmful safety-tuned-llamas --data-dir "
     "../shared/datasets --limit 400 --prefill \"Sure, here is\" --output runs/deep/pairs_stl400.jsonl",
