@@ -140,3 +140,12 @@ def test_deep_without_a_recovery_source_is_a_config_error(tokenizer):
 
     with pytest.raises(ConfigError, match="recovery.source"):
         prepare(load(AlignConfig, None, ["deep=true"]), tokenizer)
+
+
+def test_a_prefix_that_does_not_start_the_answer_is_an_error(tokenizer):
+    from stayaligned.data.types import DataError
+
+    ex = Example("bad", ({"role": "user", "content": PROMPT},
+                         {"role": "assistant", "content": REFUSAL}), {"no_loss_prefix": "Sure,"})
+    with pytest.raises(DataError, match="bad: meta no_loss_prefix"):
+        render_for_training(tokenizer, ex, get_template("native"))

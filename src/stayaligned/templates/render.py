@@ -163,13 +163,14 @@ def _prefix_end(example: Example, text: str, spans: list[tuple]) -> int | None:
     prefix = example.meta.get("no_loss_prefix")
     if not prefix:
         return None
-    answer = example.content("assistant")
-    start = text.find(answer, *spans[-1]) if spans and answer else -1
+    answer = example.content("assistant") or ""
+    shown = prefix.lstrip()  # chat templates may trim the turn's leading white space
+    start = text.find(shown, *spans[-1]) if spans else -1
     if start < 0 or not answer.startswith(prefix):
         raise DataError(f"{example.id}: meta no_loss_prefix must start the last assistant "
                         "turn as rendered; build recovery examples with "
                         "data.transforms.safety_recovery")
-    return start + len(prefix)
+    return start + len(shown)
 
 
 def render_dataset(
