@@ -101,6 +101,20 @@ ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 
 
 @dataclass(frozen=True)
+class RecoveryConfig:
+    """`align` with `deep: true`: the (harmful prompt, refusal, harmful answer) triplets of the
+    safety-recovery examples (Qi et al. 2024; data.transforms.safety_recovery), e.g. a file
+    from `stayaligned pairs` (prompt / chosen / rejected) or circuit_breakers_train."""
+
+    source: str | None = None  # a file or Hub id read by data.pairs.load_pairs
+    fields: dict | None = None  # {prompt, chosen (the refusal), rejected (the harmful answer)}
+    limit: int | None = None
+    seed: int = 0
+    probability: float = 0.5  # share of triplets made into recovery examples (else plain pairs)
+    max_prefix_tokens: int = 100  # k ~ Uniform{1..min(this, harmful answer tokens)}
+
+
+@dataclass(frozen=True)
 class AlignConfig(TrainConfig):
     """`stayaligned align`: safety SFT of an unaligned seed on harmful-request -> refusal pairs
     mixed with benign helpful pairs; LoRA merged into full weights, so the aligned seed is a
@@ -117,6 +131,8 @@ class AlignConfig(TrainConfig):
     max_length: int = 256
     merge: bool = True
     output_dir: str = "runs/align"
+    deep: bool = False  # add safety-recovery examples built from `recovery` (Qi et al. 2024)
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
 
 
 @dataclass(frozen=True)

@@ -136,14 +136,41 @@ def encode(tokenizer, text: str, template: Template, **kwargs):
 
 
 def render_for_training(tokenizer, example: Example, template: Template) -> Rendered:
-    """Token ids and labels for one example (labels -100 outside assistant spans)."""
+    """Token ids and labels for one example (labels -100 outside assistant spans). An example
+    with ``meta["no_loss_prefix"]`` (a safety-recovery example, `data.transforms`) has no loss
+    on that start of its last assistant turn, and is tokenised in two parts cut at its end."""
     text, spans = training_text(tokenizer, example, template)
-    enc = encode(tokenizer, text, template, return_offsets_mapping=True)
+    cut = _prefix_end(example, text, spans)
+    if cut is None:
+        enc = encode(tokenizer, text, template, return_offsets_mapping=True)
+        ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
+    else:
+        spans = [*spans[:-1], (cut, spans[-1][1])]
+        head = encode(tokenizer, text[:cut], template, return_offsets_mapping=True)
+        tail = tokenizer(text[cut:], add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(head["input_ids"]) + list(tail["input_ids"])
+        offsets = list(head["offset_mapping"]) + [(a + cut, b + cut)
+                                                  for a, b in tail["offset_mapping"]]
     labels = []
-    for token_id, (start, end) in zip(enc["input_ids"], enc["offset_mapping"]):
+    for token_id, (start, end) in zip(ids, offsets):
         inside = any(a <= start < b for a, b in spans) and end > start
         labels.append(token_id if inside else IGNORE_INDEX)
-    return Rendered(example.id, list(enc["input_ids"]), labels, text)
+    return Rendered(example.id, ids, labels, text)
+
+
+def _prefix_end(example: Example, text: str, spans: list[tuple]) -> int | None:
+    """Where the no-loss prefix of the last assistant turn ends in `text` (None: no prefix)."""
+    prefix = example.meta.get("no_loss_prefix")
+    if not prefix:
+        return None
+    answer = example.content("assistant") or ""
+    shown = prefix.lstrip()  # chat templates may trim the turn's leading white space
+    start = text.find(shown, *spans[-1]) if spans else -1
+    if start < 0 or not answer.startswith(prefix):
+        raise DataError(f"{example.id}: meta no_loss_prefix must start the last assistant "
+                        "turn as rendered; build recovery examples with "
+                        "data.transforms.safety_recovery")
+    return start + len(shown)
 
 
 def render_dataset(

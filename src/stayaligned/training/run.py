@@ -52,6 +52,24 @@ def load_task_examples(cfg: TrainConfig) -> list[Example]:
     return examples
 
 
+def load_recovery_examples(cfg: TrainConfig, tokenizer) -> list[Example]:
+    """`align` with `deep: true`: safety-recovery examples from cfg.recovery's triplets (Qi et
+    al. 2024, data.transforms.safety_recovery); none otherwise."""
+    if not getattr(cfg, "deep", False):
+        return []
+    from stayaligned.data.pairs import load_pairs
+    from stayaligned.data.transforms import safety_recovery, token_pieces
+
+    rec = cfg.recovery
+    if not rec.source:
+        raise ConfigError("deep: true needs recovery.source, a file of (prompt, refusal, harmful "
+                          "answer) triplets, e.g. from `stayaligned pairs --prefill \"Sure, here is\"`")
+    triplets = load_pairs(rec.source, fields=rec.fields, data_dir=cfg.data_dir,
+                          limit=rec.limit, seed=rec.seed)
+    return safety_recovery(triplets, token_pieces(tokenizer), seed=cfg.seed,
+                           probability=rec.probability, max_prefix_tokens=rec.max_prefix_tokens)
+
+
 def apply_transforms(examples: list[Example], methods: list[Method]) -> list[Example]:
     """Each method's data transform, in list order (training data only)."""
     for method in methods:
@@ -70,7 +88,7 @@ def prepare(cfg: TrainConfig, tokenizer) -> dict:
     methods = build_methods(cfg.methods, cfg.options, cfg.seed, METHODS)
     for method in methods:
         method.attach(tokenizer, cfg)
-    task_examples = load_task_examples(cfg)
+    task_examples = load_task_examples(cfg) + load_recovery_examples(cfg, tokenizer)
     examples = apply_transforms(task_examples, methods)
     if not examples:
         raise DataError("the training data is empty: check data.*.source and limits")
