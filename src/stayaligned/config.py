@@ -36,6 +36,7 @@ class ModelConfig:
     trust_remote_code: bool = False
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     cache_dir: str | None = None  # embedded conversion cache; default ~/.cache/stayaligned
+    attn_implementation: str | None = None  # e.g. sdpa, flash_attention_2, eager; None: default
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class LoraConfig:
     alpha: int = 16
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    quantize: str | None = None  # "4bit": QLoRA (NF4 base via bitsandbytes; CUDA only)
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,7 @@ class OptimConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     max_grad_norm: float = 1.0
+    warmup_ratio: float = 0.0  # share of the steps used for warm-up (with warmup_steps 0)
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,13 @@ class TrainConfig:
     logging_steps: int = 5
     merge: bool = False  # also write merged full weights (always on for `align`)
     output_dir: str = "runs/train"
+    loss_on: str = "all_assistant_turns"  # multi-turn data: or last_turn
+    report_to: tuple[str, ...] = ("none",)  # trackers: tensorboard, wandb, trackio, mlflow
+    run_name: str | None = None  # the trackers' name for the run
+    torch_compile: bool = False
+    trainer_args: dict = field(default_factory=dict)  # other TrainingArguments keys, passed on
+    push_to_hub: bool = False  # upload the weights and model card when training ends
+    hub_model_id: str | None = None  # the Hub repository for push_to_hub (user/name)
 
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

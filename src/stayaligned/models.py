@@ -157,13 +157,20 @@ def load_tokenizer(cfg: ModelConfig):
     return tokenizer
 
 
-def load_model(cfg: ModelConfig, device: Device | None = None, *, trainable_adapter=False):
+def load_model(cfg: ModelConfig, device: Device | None = None, *, trainable_adapter=False,
+               quantization=None):
     """Load (model, tokenizer). A run directory with an adapter loads base + adapter, merged for
-    inference; with `trainable_adapter` the adapter stays separate and trainable."""
+    inference; with `trainable_adapter` the adapter stays separate and trainable.
+    `quantization` (a BitsAndBytesConfig, QLoRA) loads the base in 4 bits on GPU 0."""
     from transformers import AutoModelForCausalLM
 
     device = device or pick_device(cfg.dtype)
     base, gguf, adapter = resolve(cfg)
+    extra = {}
+    if cfg.attn_implementation:
+        extra["attn_implementation"] = cfg.attn_implementation
+    if quantization is not None:
+        extra.update(quantization_config=quantization, device_map={"": torch.cuda.current_device()})
     try:
         model = AutoModelForCausalLM.from_pretrained(
             base,
@@ -172,6 +179,7 @@ def load_model(cfg: ModelConfig, device: Device | None = None, *, trainable_adap
             dtype=device.dtype,
             trust_remote_code=cfg.trust_remote_code,
             use_safetensors=None if gguf else True,
+            **extra,
         )
     except OSError as err:
         raise ModelError(
@@ -184,7 +192,12 @@ def load_model(cfg: ModelConfig, device: Device | None = None, *, trainable_adap
         model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable_adapter)
         if not trainable_adapter:
             model = model.merge_and_unload()  # inference: one plain model, no adapter overhead
-    model.to(device.type)
+    if quantization is None:
+        model.to(device.type)
+    else:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model, load_tokenizer(cfg)
 
 
