@@ -111,3 +111,16 @@ def test_help_lists_the_hugging_face_aliases():
                  "per_device_train_batch_size -> optim.batch_size",
                  "gradient_accumulation_steps -> optim.grad_accum", "lora_alpha -> lora.alpha"):
         assert name in out
+
+
+def test_trl_messages_file_trains_with_one_command(tmp_path, tiny_model_dir):
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "chat_messages.jsonl"
+    out = tmp_path / "chat"
+    run("train", f"data={example}", f"model.name={tiny_model_dir}", "--max_steps", "2",
+        "--per_device_train_batch_size", "4", f"--output_dir={out}", "methods=[sft,ptst]")
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["status"] == "complete" and manifest["global_step"] == 2
+    assert manifest["n_examples"] == 32
+    assert "ptst" in (out / "README.md").read_text()

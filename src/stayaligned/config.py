@@ -252,6 +252,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(inner[0], value, where)
     if dataclasses.is_dataclass(tp):
+        if tp is DataConfig and isinstance(value, str):
+            value = {"source": value}  # data=FILE: one source with the defaults
         return value if isinstance(value, tp) else from_dict(tp, value, where)
     if origin is tuple:
         if isinstance(value, (str, dict)) or not isinstance(value, (list, tuple)):
