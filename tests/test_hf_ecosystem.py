@@ -126,3 +126,17 @@ def test_evaluation_updates_the_card_and_metrics_carry_provenance(tmp_path, tiny
     assert "None yet" not in card and str((tmp_path / "eval").resolve()) in card
     assert "| harm | harmful | 2 | refusal rate |" in card
     assert "| over | benign | 2 | over-refusal |" in card
+
+
+def test_card_of_an_embedded_run_says_the_weights_were_dequantised(tmp_path):
+    from stayaligned.modelcard import write_card
+
+    manifest = {"config": {"model": {"name": "embedded"}, "methods": ["sft", "str"],
+                           "options": {"str": {"lam": 0.1}}, "lora": {"enabled": True, "r": 8},
+                           "optim": {"lr": 1e-4}},
+                "templates": {"train": "native", "eval": "native"}, "global_step": 5}
+    (tmp_path / "run.json").write_text(json.dumps(manifest))
+    card = write_card(tmp_path).read_text()
+    assert 'base_model: "HuggingFaceTB/SmolLM2-135M-Instruct"' in card
+    assert "de-quantised to float32 from the Q4_1 GGUF" in card
+    assert '- `str`: {"lam": 0.1}' in card and "- stayaligned" in card

@@ -146,3 +146,14 @@ def test_bad_loss_on_and_out_of_order_turns(tokenizer):
     odd = Example("odd", (TURNS[0], TURNS[0]))
     with pytest.raises(DataError, match="odd: template chat:vanilla needs user and assistant"):
         render_for_training(tokenizer, odd, get_template("chat:vanilla"))
+
+
+def test_hub_rows_in_trl_formats_are_read_the_same_way():
+    from stayaligned.data.loading import examples_from_records
+
+    rows = [("org/chat:train[0]", {"prompt": "ignored id text", "prompt_id": "abc",
+                                   "messages": [SYSTEM, *TURNS]}),
+            ("org/chat:train[1]", {"prompt": [TURNS[0]], "completion": [TURNS[1]]})]
+    first, second = examples_from_records(rows, Fields(), "org/chat (split train)")
+    assert list(first.messages) == [SYSTEM, *TURNS]  # `messages` wins over a text `prompt`
+    assert list(second.messages) == TURNS[:2]

@@ -354,6 +354,16 @@ def build(cls: type, *layers: dict | None, where: str = "") -> Any:
     return from_dict(cls, merged, where)
 
 
+def with_defaults(cls: type, data: dict) -> dict:
+    """A recorded config (run.json, metrics.json) with keys added since it was written filled
+    in from `cls`'s defaults, so that a run made before a new key existed compares equal to
+    the same config today; `data` unchanged if it no longer builds."""
+    try:
+        return to_dict(build(cls, data))
+    except (ConfigError, TypeError, ValueError):
+        return data
+
+
 def _deep_merge(base: dict, top: dict) -> dict:
     out = dict(base)
     for key, value in top.items():

@@ -46,6 +46,7 @@ from stayaligned.config import (
     build,
     load,
     to_dict,
+    with_defaults,
 )
 from stayaligned.runfiles import package_versions, read_json, write_json
 
@@ -115,7 +116,7 @@ def eval_config(cfg: StudyConfig, model: str, target: Path) -> EvalConfig:
 
 def _eval_done(cfg: EvalConfig) -> bool:
     metrics = read_json(Path(cfg.output_dir) / "metrics.json")
-    return bool(metrics) and metrics.get("config") == to_dict(cfg)
+    return bool(metrics) and with_defaults(EvalConfig, metrics.get("config") or {}) == to_dict(cfg)
 
 
 def _run_eval(cfg: EvalConfig):
@@ -136,7 +137,8 @@ def _same_config(cfg: TrainConfig) -> None:
     run (finished or not) is an error, not silently reused or resumed with other settings."""
     manifest = read_json(Path(cfg.output_dir) / "run.json")
     # output_dir may differ: a run directory that was moved is still the same run
-    old = {k: v for k, v in (manifest or {}).get("config", {}).items() if k != "output_dir"}
+    recorded = with_defaults(type(cfg), (manifest or {}).get("config", {}))
+    old = {k: v for k, v in recorded.items() if k != "output_dir"}
     new = {k: v for k, v in to_dict(cfg).items() if k != "output_dir"}
     if manifest and old != new:
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))

@@ -3,9 +3,9 @@ the `trainer_args` pass-through to `TrainingArguments`, QLoRA's 4-bit base, and 
 `push_to_hub` pre-flight check.
 
 `trainer_args: {KEY: VALUE}` passes any `TrainingArguments` field that stayaligned does not
-wrap (e.g. ``optim: adamw_torch_fused``, ``dataloader_num_workers: 4``, ``eval_strategy``
-is not useful here, there is no eval set). A key stayaligned sets from its own config is refused
-with the config key to use, so that the run's recorded config stays the one that ran.
+wrap (e.g. ``optim: adamw_torch_fused``, ``dataloader_num_workers: 4``, ``tf32: true``). A key
+stayaligned sets from its own config is refused with the config key to use, so that the run's
+recorded config says what ran.
 """
 
 from __future__ import annotations
