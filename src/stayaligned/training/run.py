@@ -9,7 +9,8 @@ Output directory layout:
   merged/             base + adapter merged (with merge=true), loadable with from_pretrained
   checkpoints/        checkpoint-N every save_steps steps, for --resume
   README.md           model card: base model, methods, data, budget, evaluations (modelcard.py)
-  runs/               tracker logs (report_to: tensorboard) under checkpoints/runs/
+  checkpoints/runs/   tensorboard logs with report_to: tensorboard (TENSORBOARD_LOGGING_DIR
+                      moves them)
 """
 
 from __future__ import annotations
