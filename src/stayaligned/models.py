@@ -161,7 +161,7 @@ def load_model(cfg: ModelConfig, device: Device | None = None, *, trainable_adap
                quantization=None):
     """Load (model, tokenizer). A run directory with an adapter loads base + adapter, merged for
     inference; with `trainable_adapter` the adapter stays separate and trainable.
-    `quantization` (a BitsAndBytesConfig, QLoRA) loads the base in 4 bits on GPU 0."""
+    `quantization` (a BitsAndBytesConfig, QLoRA) loads the base in 4 bits on this process's GPU."""
     from transformers import AutoModelForCausalLM
 
     device = device or pick_device(cfg.dtype)
@@ -170,7 +170,9 @@ def load_model(cfg: ModelConfig, device: Device | None = None, *, trainable_adap
     if cfg.attn_implementation:
         extra["attn_implementation"] = cfg.attn_implementation
     if quantization is not None:
-        extra.update(quantization_config=quantization, device_map={"": torch.cuda.current_device()})
+        # each data-parallel process puts its 4-bit copy on its own GPU
+        extra.update(quantization_config=quantization,
+                     device_map={"": int(os.environ.get("LOCAL_RANK", 0))})
     try:
         model = AutoModelForCausalLM.from_pretrained(
             base,
