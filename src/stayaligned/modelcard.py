@@ -119,6 +119,11 @@ def _base_lines(model: dict) -> list[str]:
                 "model (4-bit rounding), so the adapter's `base_model_name_or_path` is the local "
                 "conversion (`~/.cache/stayaligned/embedded/`), not the Hub id."]
     where = "the Hugging Face Hub" if is_hub_id(name) else "a local path"
+    parent = (read_json(Path(name) / "run.json") or {}) if Path(name).is_dir() else {}
+    if parent.get("config"):
+        methods = ", ".join(parent["config"].get("methods") or [])
+        where = (f"a stayaligned run: {methods} on "
+                 f"`{parent['config'].get('model', {}).get('name')}`; see its README.md")
     extra = f", revision {model['revision']}" if model.get("revision") else ""
     return [f"`{name}` (from {where}{extra}), dtype {model.get('dtype', 'auto')}."]
 
