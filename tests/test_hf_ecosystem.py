@@ -140,3 +140,18 @@ def test_card_of_an_embedded_run_says_the_weights_were_dequantised(tmp_path):
     assert 'base_model: "HuggingFaceTB/SmolLM2-135M-Instruct"' in card
     assert "de-quantised to float32 from the Q4_1 GGUF" in card
     assert '- `str`: {"lam": 0.1}' in card and "- stayaligned" in card
+
+
+def test_card_of_a_run_on_an_aligned_seed_names_the_seed_run(tmp_path):
+    from stayaligned.modelcard import write_card
+
+    seed = tmp_path / "align"
+    seed.mkdir()
+    (seed / "run.json").write_text(json.dumps({"config": {"model": {"name": "embedded"},
+                                                          "methods": ["sft"]}}))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"config": {"model": {"name": str(seed)},
+                                                         "methods": ["ptst"]}}))
+    card = write_card(run).read_text()
+    assert f"`{seed}` (from a stayaligned run: sft on `embedded`; see its README.md)" in card
