@@ -71,3 +71,56 @@ def test_depth_command_writes_json_and_plot(tmp_path, tiny_model_dir):
     depth = json.loads((out / "depth.json").read_text())
     assert depth["positions"] == [1, 2, 3] and all(abs(k) < 1e-6 for k in depth["kl_mean"])
     assert (out / "depth.png").stat().st_size > 0 and "KL" in result.stdout
+
+
+def _parsed(*argv):
+    from stayaligned.cli import _split_config, build_parser, normalise_argv
+
+    parser = build_parser()
+    args = parser.parse_args(normalise_argv(parser, list(argv)))
+    return args, _split_config(args)
+
+
+def test_flags_and_overrides_in_any_order_with_hf_aliases(tmp_path):
+    from stayaligned.config import TrainConfig, load
+
+    config = tmp_path / "train.yaml"
+    config.write_text("optim:\n  lr: 0.5\n")
+    for argv in (["train", str(config), "--resume", "optim.max_steps=3"],
+                 ["train", "--resume", str(config), "--optim.max_steps", "3"],
+                 ["train", str(config), "--optim.max_steps=3", "--resume"]):
+        args, (path, overrides) = _parsed(*argv)
+        assert args.resume and not args.overwrite and path == str(config)
+        assert overrides == ["optim.max_steps=3"]
+    args, (path, overrides) = _parsed(
+        "train", "--overwrite", "learning_rate=2e-5", "--num_train_epochs", "3",
+        "--per_device_train_batch_size=2", "gradient_accumulation_steps=4", "--lora_alpha", "64")
+    cfg = load(TrainConfig, path, overrides)
+    assert args.overwrite and path is None
+    assert (cfg.optim.lr, cfg.optim.epochs, cfg.optim.batch_size, cfg.optim.grad_accum,
+            cfg.lora.alpha) == (2e-5, 3.0, 2, 4, 64)
+    args, (path, overrides) = _parsed("data", "preview", "--n", "1", "--template", "chat:vanilla")
+    assert args.n == 1 and overrides == ["template=chat:vanilla"]
+    args, (_, overrides) = _parsed("check", "--model", "m", "judge=keyword", "--baseline", "b")
+    assert (args.model, args.baseline, overrides) == ("m", "b", ["judge=keyword"])
+
+
+def test_help_lists_the_hugging_face_aliases():
+    out = run("train", "--help").stdout
+    for name in ("learning_rate -> optim.lr", "num_train_epochs -> optim.epochs",
+                 "per_device_train_batch_size -> optim.batch_size",
+                 "gradient_accumulation_steps -> optim.grad_accum", "lora_alpha -> lora.alpha"):
+        assert name in out
+
+
+def test_trl_messages_file_trains_with_one_command(tmp_path, tiny_model_dir):
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "chat_messages.jsonl"
+    out = tmp_path / "chat"
+    run("train", f"data={example}", f"model.name={tiny_model_dir}", "--max_steps", "2",
+        "--per_device_train_batch_size", "4", f"--output_dir={out}", "methods=[sft,ptst]")
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["status"] == "complete" and manifest["global_step"] == 2
+    assert manifest["n_examples"] == 32
+    assert "ptst" in (out / "README.md").read_text()

@@ -83,3 +83,19 @@ def test_accelerate_configs_name_their_launch_command(path):
     text = path.read_text()
     assert text.startswith(f"# accelerate launch --config_file configs/accelerate/{path.name}")
     assert yaml.safe_load(text)["distributed_type"] in {"MULTI_GPU", "DEEPSPEED", "FSDP"}
+
+
+def test_a_config_recorded_before_new_keys_existed_compares_equal():
+    from stayaligned.config import EvalConfig, TrainConfig, load, to_dict, with_defaults
+
+    cfg = load(TrainConfig, None, ["optim.lr=3e-4", "methods=[sft,ptst]"])
+    recorded = to_dict(cfg)
+    for key in ("loss_on", "report_to", "trainer_args", "push_to_hub"):
+        del recorded[key]  # as in a run.json written before these keys were added
+    del recorded["optim"]["warmup_ratio"], recorded["model"]["attn_implementation"]
+    assert recorded != to_dict(cfg) and with_defaults(TrainConfig, recorded) == to_dict(cfg)
+    changed = {**recorded, "loss_on": "last_turn"}
+    assert with_defaults(TrainConfig, changed) != to_dict(cfg)
+    evaluation = to_dict(EvalConfig())
+    del evaluation["model"]["attn_implementation"]
+    assert with_defaults(EvalConfig, evaluation) == to_dict(EvalConfig())

@@ -25,7 +25,8 @@ def test_two_process_ddp_matches_single_process(tmp_path, tiny_model_dir, method
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     options = {
         "sft": [],
-        "str": ["options={str: {n_prompts: 4, max_new_tokens: 8, k_tokens: 8, lam: 1.0}}"],
+        "str": ["options={str: {n_prompts: 4, max_new_tokens: 8, k_tokens: 8, lam: 1.0, "
+                "min_refusal_share: 0}}"],
     }[method]
     common = [f"model.name={tiny_model_dir}", f"data=[{{source: {data}}}]", "optim.lr=1e-2",
               "optim.max_steps=4", "max_length=64", "logging_steps=1",

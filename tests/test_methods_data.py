@@ -117,9 +117,16 @@ def test_virtual_mode_needs_no_tokenizer_but_real_mode_does():
 def test_lookahead_changes_only_the_last_user_turn(tokenizer):
     ex = Example("mt:1", ({"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
                           {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}))
-    out = lookahead(tokenizer, mode="virtual", prefix="So: ").transform_example(ex)
+    out = lookahead(tokenizer, mode="virtual", prefix="So: ", turns="last").transform_example(ex)
     assert [m["content"] for m in out.messages] == ["Hi", "Hello!", "2+2? The answer begins with: So: ",
                                                    "So: 4"]
+    out = lookahead(tokenizer, mode="virtual", prefix="So: ", turns="first").transform_example(ex)
+    assert [m["content"] for m in out.messages] == ["Hi The answer begins with: So: ", "So: Hello!",
+                                                   "2+2?", "4"]
+    # default: every assistant turn is previewed in the user turn before it
+    out = lookahead(tokenizer, mode="virtual", prefix="So: ").transform_example(ex)
+    assert [m["content"] for m in out.messages] == [
+        "Hi The answer begins with: So: ", "So: Hello!", "2+2? The answer begins with: So: ", "So: 4"]
 
 
 def test_lookahead_errors_name_the_record_and_the_option(tokenizer):

@@ -75,10 +75,11 @@ def test_str_positions_are_response_positions_plus_the_last_prompt_position():
     ])
     assert str_positions(labels).int().tolist() == [
         [0, 0, 1, 1, 1, 0, 0], [0, 1, 1, 0, 0, 0, 0], [1, 0, 0, 1, 1, 0, 0]]
+    # first_positions counts within each assistant turn (each run of P)
     assert str_positions(labels, first_positions=2).int().tolist() == [
-        [0, 0, 1, 1, 0, 0, 0], [0, 1, 1, 0, 0, 0, 0], [1, 0, 0, 1, 0, 0, 0]]
+        [0, 0, 1, 1, 0, 0, 0], [0, 1, 1, 0, 0, 0, 0], [1, 0, 0, 1, 1, 0, 0]]
     assert str_positions(labels, first_positions=1).int().tolist() == [
-        [0, 0, 1, 0, 0, 0, 0], [0, 1, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0]]
+        [0, 0, 1, 0, 0, 0, 0], [0, 1, 0, 0, 0, 0, 0], [1, 0, 0, 1, 0, 0, 0]]
     # the penalty reads only those positions
     ref = torch.zeros(3, 7, 5)
     outside = ref.clone()
@@ -87,8 +88,10 @@ def test_str_positions_are_response_positions_plus_the_last_prompt_position():
     ids = torch.tensor([0, 3])
     assert str_penalty(outside, ref, labels, ids).item() == 0.0
     second = ref.clone()
-    second[:, 3] = 2.0  # row 0's 2nd position of P, row 2's 2nd position
-    assert str_penalty(second, ref, labels, ids, first_positions=1).item() == 0.0
+    second[:, 3] = 2.0  # row 0's 2nd position of P, row 2's first of its second turn
+    # first_positions=1 keeps 4 positions (one per turn); only row 2's second turn moved
+    assert str_penalty(second, ref, labels, ids, first_positions=1).item() == pytest.approx(
+        2 * 4.0 / (4 * 2))
     assert str_penalty(second, ref, labels, ids).item() == pytest.approx(2 * 2 * 4.0 / (2 * 8))
 
 
@@ -275,10 +278,16 @@ def _log(out):
 
 
 def test_str_trains_with_lora_and_writes_its_tokens(tmp_path, tiny_model_dir):
+    with pytest.raises(ConfigError, match=r"options.str: the model being fine-tuned refused "
+                                          r"only 0% .*min_refusal_share=0.25"):
+        train(_config(tmp_path / "unaligned", tiny_model_dir, "methods=[str]",
+                      "options={str: {n_prompts: 4, max_new_tokens: 8, k_tokens: 8}}"))
     out = train(_config(tmp_path, tiny_model_dir, "methods=[str]",
-                        "options={str: {n_prompts: 4, max_new_tokens: 8, k_tokens: 8}}"))
+                        "options={str: {n_prompts: 4, max_new_tokens: 8, k_tokens: 8, "
+                        "min_refusal_share: 0}}"))
     saved = json.loads((out / "str_tokens.json").read_text())
     assert len(saved["token_ids"]) == 8 and saved["settings"]["k_tokens"] == 8
+    assert saved["seed_refusal_share"] == 0.0  # a random tiny model refuses nothing
     log = _log(out)
     assert all("loss/str" in r for r in log)
     assert log[0]["loss/str"] == 0.0  # step 1: LoRA B = 0, the model is its reference

@@ -13,6 +13,9 @@
   stayaligned judges compare JUDGMENTS_A JUDGMENTS_B [--output FILE]
   stayaligned pairs --model M --harmful SOURCE [--refusals SOURCE] --output FILE [--prefill TEXT]
 
+Flags and key=value overrides may come in any order; `--key value` and `--key=value` are
+overrides too (`--optim.lr 1e-4`), and train/align/data preview accept the Hugging Face names
+(`learning_rate=1e-4`, `--num_train_epochs 3`; see `stayaligned train --help`).
 Errors print one line naming the file, record or key; STAYALIGNED_DEBUG=1 shows the traceback.
 """
 
@@ -23,6 +26,9 @@ import os
 import sys
 
 from stayaligned.config import AlignConfig, ConfigError, EvalConfig, TrainConfig, load
+from stayaligned.training.hf_args import alias_help, resolve_aliases
+
+ALIAS_COMMANDS = ("align", "train", "data")
 
 
 def _config_args(parser: argparse.ArgumentParser, required: bool) -> None:
@@ -34,8 +40,53 @@ def _split_config(args) -> tuple[str | None, list[str]]:
     """A first positional `key=value` is an override, not a config path."""
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
-        return None, [config, *overrides]
+        config, overrides = None, [config, *overrides]
+    if args.command in ALIAS_COMMANDS:
+        overrides = resolve_aliases(overrides)
     return config, overrides
+
+
+def normalise_argv(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """Flags anywhere and `--key value` overrides: for a subcommand that takes overrides,
+    `[subcommand, positionals..., flags...]`, where an unknown `--key value` (or `--key=value`)
+    has become the override `key=value`."""
+    head, p, i = [], parser, 0
+    while i < len(argv) and (choices := _subcommands(p)) and argv[i] in choices:
+        p = choices[argv[i]]
+        head.append(argv[i])
+        i += 1
+    if not any(a.dest == "overrides" for a in p._actions):
+        return argv
+    known = p._option_string_actions
+    positionals, flags, rest = [], [], argv[i:]
+    j = 0
+    while j < len(rest):
+        token = rest[j]
+        name = token.split("=", 1)[0]
+        if token == "--":
+            positionals += rest[j + 1:]
+            break
+        if name in known:
+            flags.append(token)
+            if "=" not in token and known[name].nargs != 0 and j + 1 < len(rest):
+                flags.append(rest[j + 1])
+                j += 1
+        elif token.startswith("--") and len(token) > 2:
+            key, eq, value = token[2:].partition("=")
+            if not eq and j + 1 < len(rest):
+                value, j = rest[j + 1], j + 1
+            positionals.append(f"{key}={value}" if eq or value else token)
+        else:
+            positionals.append(token)
+        j += 1
+    return head + positionals + flags
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices
+    return {}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, helptext in [("align", "safety-align an unaligned seed"),
                            ("train", "fine-tune with the configured methods")]:
-        p = sub.add_parser(name, help=helptext)
+        p = sub.add_parser(name, help=helptext, epilog=alias_help(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         _config_args(p, required=False)
         p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
         p.add_argument("--overwrite", action="store_true", help="replace an existing run")
@@ -110,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="inspect datasets and rendering")
     dsub = data.add_subparsers(dest="data_command", required=True)
-    prev = dsub.add_parser("preview", help="show rendered examples with the loss mask")
+    prev = dsub.add_parser("preview", help="show rendered examples with the loss mask",
+                           epilog=alias_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     _config_args(prev, required=False)
     prev.add_argument("--n", type=int, default=2, help="how many examples")
     dsub.add_parser("list", help="named datasets and demo sets")
@@ -119,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(normalise_argv(parser, list(sys.argv[1:] if argv is None else argv)))
     try:
         return _dispatch(args)
     except (ConfigError, ValueError, KeyError, RuntimeError, OSError) as err:

@@ -106,13 +106,17 @@ def data_preview(cfg: TrainConfig, n: int = 2) -> None:
     for line in prep["report"].summary():
         console.print(f"[yellow]{line}[/yellow]")
     by_id = {ex.id: ex for ex in prep["examples"]}
+    # evaluation never applies the methods' transforms (e.g. LookAhead's preview): the
+    # generation prompt is the task example as loaded
+    task = {ex.id: ex for ex in prep["task_examples"]}
     for item in prep["items"][:n]:
-        ex = by_id[item.example_id]
+        ex = task.get(item.example_id) or by_id[item.example_id]
         console.rule(f"{item.example_id}: {len(item.input_ids)} tokens, "
                      f"{item.n_loss_tokens} with loss")
         console.print("[bold]training[/bold]", markup=True)
         console.print(show_mask(tokenizer, item), markup=False, highlight=False)
-        console.print("[bold]generation prompt[/bold]", markup=True)
+        console.print("[bold]generation prompt[/bold] (as evaluation renders it: no method "
+                      "transform)", markup=True)
         prompt = prompt_text(tokenizer, Example(ex.id, ex.prompt_messages), eval_template)
         console.print(prompt, markup=False, highlight=False)
 

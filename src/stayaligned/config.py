@@ -37,6 +37,7 @@ class ModelConfig:
     dtype: str = "auto"  # older key: auto follows `precision`; bfloat16 = pure_bf16
     precision: str = "auto"  # auto | fp32 | bf16 (fp32 weights + bf16 autocast) | pure_bf16
     cache_dir: str | None = None  # embedded conversion cache; default ~/.cache/stayaligned
+    attn_implementation: str | None = None  # e.g. sdpa, flash_attention_2, eager; None: default
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class LoraConfig:
     alpha: int = 16
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    quantize: str | None = None  # "4bit": QLoRA (NF4 base via bitsandbytes; CUDA only)
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,7 @@ class OptimConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     max_grad_norm: float = 1.0
+    warmup_ratio: float = 0.0  # share of the steps used for warm-up (with warmup_steps 0)
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,13 @@ class TrainConfig:
     logging_steps: int = 5
     merge: bool = False  # also write merged full weights (always on for `align`)
     output_dir: str = "runs/train"
+    loss_on: str = "all_assistant_turns"  # multi-turn data: or last_turn
+    report_to: tuple[str, ...] = ("none",)  # trackers: tensorboard, wandb, trackio, mlflow
+    run_name: str | None = None  # the trackers' name for the run
+    torch_compile: bool = False
+    trainer_args: dict = field(default_factory=dict)  # other TrainingArguments keys, passed on
+    push_to_hub: bool = False  # upload the weights and model card when training ends
+    hub_model_id: str | None = None  # the Hub repository for push_to_hub (user/name)
 
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -259,6 +269,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(inner[0], value, where)
     if dataclasses.is_dataclass(tp):
+        if tp is DataConfig and isinstance(value, str):
+            value = {"source": value}  # data=FILE: one source with the defaults
         return value if isinstance(value, tp) else from_dict(tp, value, where)
     if origin is tuple:
         if isinstance(value, (str, dict)) or not isinstance(value, (list, tuple)):

@@ -155,17 +155,26 @@ def load_tokenizer(cfg: ModelConfig):
     return tokenizer
 
 
-def load_model(cfg: ModelConfig, device: Device | None = None, *, trainable_adapter=False):
+def load_model(cfg: ModelConfig, device: Device | None = None, *, trainable_adapter=False,
+               quantization=None):
     """Load (model, tokenizer). A run directory with an adapter loads base + adapter, merged for
     inference; with `trainable_adapter` the adapter stays separate and trainable. The model is
     tagged with its precision's autocast dtype (`precision.autocast_for` reads it); an explicit
-    `device` means no autocast."""
+    `device` means no autocast. `quantization` (a BitsAndBytesConfig, QLoRA) loads the base in
+    4 bits on this process's GPU."""
     from transformers import AutoModelForCausalLM
 
     prec = (resolve_precision(cfg.precision, cfg.dtype) if device is None
             else Precision("given", device.type, device.dtype, None))
     device = Device(prec.device, prec.weights)
     base, gguf, adapter = resolve(cfg)
+    extra = {}
+    if cfg.attn_implementation:
+        extra["attn_implementation"] = cfg.attn_implementation
+    if quantization is not None:
+        # each data-parallel process puts its 4-bit copy on its own GPU
+        extra.update(quantization_config=quantization,
+                     device_map={"": int(os.environ.get("LOCAL_RANK", 0))})
     try:
         model = AutoModelForCausalLM.from_pretrained(
             base,
@@ -174,6 +183,7 @@ def load_model(cfg: ModelConfig, device: Device | None = None, *, trainable_adap
             dtype=device.dtype,
             trust_remote_code=cfg.trust_remote_code,
             use_safetensors=None if gguf else True,
+            **extra,
         )
     except OSError as err:
         raise ModelError(
@@ -186,7 +196,12 @@ def load_model(cfg: ModelConfig, device: Device | None = None, *, trainable_adap
         model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable_adapter)
         if not trainable_adapter:
             model = model.merge_and_unload()  # inference: one plain model, no adapter overhead
-    model.to(device.type)
+    if quantization is None:
+        model.to(device.type)
+    else:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     tag(model, prec)
     return model, load_tokenizer(cfg)
 

@@ -97,3 +97,18 @@ def data_fingerprint(source: DataConfig, data_dir: str | None) -> dict:
     if files:
         entry["files_sha256"] = files
     return entry
+
+
+def provenance() -> dict:
+    """The date (UTC) and the git commit of the stayaligned sources, for metrics and cards."""
+    import subprocess
+    from datetime import datetime, timezone
+
+    commit = None
+    try:
+        found = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                               capture_output=True, text=True, timeout=10)
+        commit = found.stdout.strip() or None if found.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git": commit}

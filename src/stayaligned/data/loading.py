@@ -8,7 +8,9 @@ Supported local formats, chosen by file extension:
 * ``.txt``     one prompt per line, blank lines skipped; each becomes ``{"prompt": line}``
 * ``.parquet`` a table; ids are ``"name[i]"`` (0-based row index)
 
-Hub rows get ids ``"owner/dataset:split[i]"``. `read_category_csv` reads the other layout some
+Records in TRL's dataset formats (``messages``; ``prompt``/``completion`` as text or as message
+lists) are read as such when they lack the mapped fields (data/trl_formats.py), so no
+``fields:`` mapping is needed for them. Hub rows get ids ``"owner/dataset:split[i]"``. `read_category_csv` reads the other layout some
 benchmarks ship in (HEx-PHI): one header-less CSV per category, one prompt a row.
 """
 
@@ -20,6 +22,7 @@ import random
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from stayaligned.data import trl_formats
 from stayaligned.data.types import DataError, Example
 
 SUFFIXES = (".json", ".jsonl", ".csv", ".txt", ".parquet")
@@ -221,7 +224,11 @@ def _check_object(record: object, record_id: str, path: Path) -> None:
 
 
 def to_example(record_id: str, record: dict, fields: Fields) -> Example:
-    """Build an `Example` from one raw record according to `fields`."""
+    """Build an `Example` from one raw record according to `fields`, or from its TRL format
+    (``messages``, ``prompt``/``completion``) when it has none of the mapped user fields."""
+    fmt = None if any(name in record for name in fields.user) else trl_formats.detect(record)
+    if fmt is not None:
+        return _trl_example(record_id, record, fields, fmt)
     messages = []
     system = _system_text(record_id, record, fields)
     if system:
@@ -232,6 +239,21 @@ def to_example(record_id: str, record: dict, fields: Fields) -> Example:
         answer = _field(record_id, record, fields.assistant, "assistant")
         _require_text(record_id, fields.assistant, answer, "assistant")
         messages.append({"role": "assistant", "content": answer})
+    meta = {name: _field(record_id, record, name, "meta") for name in fields.meta}
+    if fields.category is not None:
+        meta["category"] = _field(record_id, record, fields.category, "category")
+    return Example(id=record_id, messages=tuple(messages), meta=meta)
+
+
+def _trl_example(record_id: str, record: dict, fields: Fields, fmt: str) -> Example:
+    messages = trl_formats.to_messages(record_id, record, fmt)
+    trl_formats.check_order(record_id, messages)
+    if messages[0]["role"] != "system" and fields.system_prompt:
+        messages.insert(0, {"role": "system", "content": fields.system_prompt})
+    if fields.user_prefix:
+        first = next(i for i, m in enumerate(messages) if m["role"] == "user")
+        messages[first] = {**messages[first],
+                           "content": fields.user_prefix + messages[first]["content"]}
     meta = {name: _field(record_id, record, name, "meta") for name in fields.meta}
     if fields.category is not None:
         meta["category"] = _field(record_id, record, fields.category, "category")
@@ -268,8 +290,13 @@ def _field(record_id: str, record: dict, name: str, attribute: str) -> object:
     if name not in record:
         available = ", ".join(str(key) for key in record) or "(none)"
         raise DataError(f"{record_id}: field '{name}' is missing; the record has fields: "
-                        f"{available}. Set fields.{attribute} to one of them.")
+                        f"{available}. Set fields.{attribute} to one of them"
+                        + (_TRL_HINT + trl_formats.unsupported_hint(record)
+                           if attribute == "user" else "."))
     return record[name]
+
+
+_TRL_HINT = ", or use TRL's 'messages' or 'prompt'/'completion' keys."
 
 
 def _require_text(record_id: str, name: str, value: object, attribute: str) -> None:

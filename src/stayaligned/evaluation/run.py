@@ -28,7 +28,14 @@ from stayaligned.evaluation.judging import build_judge, judge_rows, score
 from stayaligned.evaluation.metrics import TASK_METRICS
 from stayaligned.evaluation.prefill import harmful_responses, prefix_tokens
 from stayaligned.precision import resolve as resolve_precision
-from stayaligned.runfiles import read_json, read_jsonl, write_json, write_jsonl
+from stayaligned.runfiles import (
+    package_versions,
+    provenance,
+    read_json,
+    read_jsonl,
+    write_json,
+    write_jsonl,
+)
 from stayaligned.templates.library import get_template
 from stayaligned.templates.render import encode, prompt_text
 
@@ -266,6 +273,10 @@ def _evaluate(cfg: EvalConfig, model, tokenizer, overwrite: bool) -> dict:
         "config": to_dict(cfg), "seconds": round(time.time() - started, 1),
         "precision": resolve_precision(cfg.model.precision, cfg.model.dtype).to_dict(),
         "benchmarks": scores,
+        "versions": package_versions(), **provenance(),
     }
     write_json(out / "metrics.json", metrics)
+    from stayaligned.modelcard import record_evaluation
+
+    record_evaluation(cfg.model.name, out, metrics)  # a stayaligned run's card lists it
     return metrics

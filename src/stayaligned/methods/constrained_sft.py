@@ -17,9 +17,19 @@ w_t = max(2 (1 - sigmoid(beta_t Delta_t)), min_weight) detached, mean over all r
 of the (micro-)batch, the same beta_t schedule (`beta_schedule`), and reference log-probs
 precomputed with the initial model. Alignment convention of the `ref_logprobs` column: it is
 aligned with the labels, i.e. the value at position t is log pi_ref(token t | tokens < t), and
-0.0 where token t is not a response token. Departures: the response index t restarts at each
-sequence's first labelled token and runs through all of its assistant turns (the reference code
-does the same, over its concatenated labelled tokens); precomputation runs on every process of
+0.0 where token t is not a response token.
+
+Multi-turn data: the response index t restarts at the first token of each assistant turn (each
+contiguous run of labelled tokens), so the refusal-carrying first tokens of every turn get the
+large beta_t; with ``loss_on: last_turn`` only the final turn is labelled. The paper's data is
+single-turn, where this is its index.
+
+Recommended optimiser settings: the paper fine-tunes with AdamW, beta1 = 0.5, beta2 = 0.999,
+learning rate 2e-5 (Llama-2-7B-chat, full fine-tuning); set `optim.adam_beta1: 0.5` to follow it
+(stayaligned's default beta1 is 0.9).
+
+Departures: the per-turn restart of t above (the reference code runs t through all labelled
+tokens of a sequence, which only differs with several assistant turns); precomputation runs on every process of
 a data-parallel run (each needs the column for its own items) instead of gathering; with
 precompute=false the reference is recomputed each step (LoRA: adapters disabled; full
 fine-tuning: a frozen copy).

@@ -14,9 +14,20 @@ paper, where inference data is unchanged). Loss masking needs no hook: in real m
 sits in the user turn and gets no loss, in virtual mode P is part of the assistant turn and
 does (methods.md 1.4).
 
+Multi-turn data (`options.lookahead.turns`): the paper's data is single-turn (the code reads a
+JSON `input`/`output` pair). With ``turns: every`` (default) each assistant turn O_i is
+previewed in the user message just before it, so every trained answer starts easy to predict
+(the loss is on every assistant turn unless ``loss_on: last_turn``); ``first`` previews only the
+first assistant turn, ``last`` only the final one (train with ``loss_on: last_turn`` then). A
+system message and the turns not previewed are kept unchanged. Single-turn data is the same
+under all three.
+
+Recommended optimiser settings: the paper fine-tunes with AdamW, beta1 = 0.5 and
+beta2 = 0.999 (`optim.adam_beta1: 0.5`), learning rate 2e-5 (full fine-tuning of 7B models);
+stayaligned's defaults are beta1 0.9 and lr 1e-4 (LoRA); set them to follow the paper.
+
 Departures from the paper and its code:
-- I is the content of the last user message and O the final assistant message (the code uses
-  a JSON `input`/`output` field pair); a system message and earlier turns are kept unchanged.
+- I is the content of a user message and O the assistant message that answers it.
 - The preview is `tokenizer.convert_tokens_to_string(tokenizer.tokenize(O)[:m])` with the
   fine-tuned model's own tokenizer, as in the code. The paper used Llama-2's sentencepiece
   tokenizer, whose pieces start with "▁" for a space; byte-level BPE tokenizers (SmolLM2,
@@ -36,22 +47,28 @@ from stayaligned.data.types import DataError, Example
 from stayaligned.methods.base import Method
 
 MODES = ("real", "virtual")
+TURNS = ("every", "first", "last")
 
 
 @dataclass(frozen=True)
 class LookAheadOptions:
-    """`mode` real | virtual; `m` previewed tokens (real); `prefix` P (virtual); `connector` C."""
+    """`mode` real | virtual; `m` previewed tokens (real); `prefix` P (virtual); `connector` C;
+    `turns` every | first | last: which assistant turns of a conversation are previewed."""
 
     mode: str = "real"
     m: int = 6
     prefix: str = "Let's solve this problem. "
     connector: str = " The answer begins with: "
+    turns: str = "every"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(
                 f"options.lookahead.mode: {self.mode!r} is not a mode; choose real or virtual"
             )
+        if self.turns not in TURNS:
+            raise ConfigError(f"options.lookahead.turns: {self.turns!r}: choose every, first "
+                              "or last")
         if self.m < 1:
             raise ConfigError(
                 f"options.lookahead.m: {self.m} previews no token; set m to 1 or more "
@@ -107,16 +124,20 @@ class LookAhead(Method):
                 "message is not an assistant turn; drop prompt-only records from the training "
                 "data or map the answer field (data.*.fields.assistant)"
             )
-        users = [i for i, msg in enumerate(messages) if msg["role"] == "user"]
-        if not users:
+        pairs = [(i - 1, i) for i, msg in enumerate(messages)
+                 if msg["role"] == "assistant" and i > 0 and messages[i - 1]["role"] == "user"]
+        if not pairs:
             raise DataError(
-                f"{example.id}: lookahead puts the preview in the user message, but the example "
-                "has none; map the prompt field (data.*.fields.user)"
+                f"{example.id}: lookahead puts the preview in the user message before an answer, "
+                "but the example has none; map the prompt field (data.*.fields.user)"
             )
-        instruction, output = self._preview(messages[users[-1]]["content"], messages[-1]["content"])
+        chosen = {"every": pairs, "first": pairs[:1], "last": pairs[-1:]}[self.options.turns]
         new = list(messages)
-        new[users[-1]] = {**messages[users[-1]], "content": instruction}
-        new[-1] = {**messages[-1], "content": output}
+        for user, answer in chosen:
+            instruction, output = self._preview(messages[user]["content"],
+                                                messages[answer]["content"])
+            new[user] = {**messages[user], "content": instruction}
+            new[answer] = {**messages[answer], "content": output}
         return replace(example, messages=tuple(new))
 
     def _preview(self, instruction: str, output: str) -> tuple[str, str]:

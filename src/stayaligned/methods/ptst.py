@@ -24,6 +24,12 @@ Departures from the paper:
   needs `options.ptst.check_safety_prompt: false`.
 - PTST's Llama fine-tuning code was never released; the answer separator used in training is
   our choice (templates/library.py).
+
+Multi-turn data: PTST sets the conversation's one system turn. The train template removes
+every system message of the example (native:nosys, chat:vanilla) and the test template puts
+the safety prompt in a single system turn before the first user turn (a string template
+writes it into its first-turn prompt); later turns are rendered unchanged, and the loss covers
+the assistant turns as `loss_on` says. The paper evaluates single-turn prompts only.
 """
 
 from __future__ import annotations

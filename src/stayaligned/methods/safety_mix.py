@@ -12,6 +12,10 @@ Hooks: `attach` loads the safety examples (any `load_source` source, with the ru
 and checks them; `transform_dataset` returns the task examples plus `n` of them, shuffled
 together with `random.Random(seed)`.
 
+Multi-turn data: the task conversations are kept whole and the safety examples (single-turn
+refusals) are mixed in as examples of their own; each is rendered and masked per assistant turn
+like any other example.
+
 Departures from the papers: PTST mixes in all 2,483 examples of Bianchi et al.'s
 `safety_only_data_Instructions.json` (source `safety-tuned-llamas` with data_dir, n=-1);
 the default here is 100 examples of the bundled `demo-safety` set, so that a run works offline.

@@ -29,6 +29,12 @@ Modes (methods.md 2.9; the mode is recorded in the run's config):
   fixed order. Prompt-only ids are the prefix of the rendered full text (the code tokenises the
   prompt separately, which can differ at the boundary token).
 
+Multi-turn data: in ``paper`` mode the task loss covers every labelled assistant turn of the
+teacher-forced conversation, as sft does; ``reference`` mode cuts each row before its first
+labelled token (as the code cuts before the answer), so with several assistant turns the input
+is the conversation up to the first answer. The contrastive pairs are single-turn (prompt,
+refusal, harmful answer) as in the paper.
+
 Departures in both modes: the probe is a forward hook adding v_j to decoder layer j's output
 instead of a `down_proj.bias` (identical arithmetic); it is removed when training ends (also in
 ``reference`` mode) and is never part of the saved adapter or model. With gradient accumulation

@@ -20,7 +20,17 @@ mining prompt i mod n (round robin), so every template in T is counted once; the
 writes up to `max_new_tokens` greedy tokens and the first sentence is kept (answers with no text
 are skipped); a piece with no letter or digit, or a special token, is never selected. Under data
 parallel the set is mined on the main process and broadcast; mining with ZeRO-3 / FSDP sharded
-parameters is not supported.
+parameters is not supported. Positions per assistant turn: with multi-turn data P holds the
+response positions of every trained assistant turn (and the position before each), and
+`first_positions` counts from the start of each turn, so every turn's opening is anchored.
+
+Unaligned seed check: mining already makes the frozen model answer the mining prompts, so the
+share of those answers the keyword judge counts as refusals is the seed's refusal share,
+recorded in str_tokens.json (`seed_refusal_share`). A seed that refuses almost nothing has no
+refusal tokens to protect (mined from the unaligned embedded seed, S held ' insurance' and
+' companies'); below `min_refusal_share` (default 0.25: the embedded seed refuses 7% of
+AdvBench, the aligned one 95%) setup stops with an error naming the option; set it to 0 to
+run anyway, with a loud warning.
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ from stayaligned.config import ConfigError, GenerationConfig
 from stayaligned.data.sources import load_source
 from stayaligned.data.types import DataError, Example
 from stayaligned.evaluation.generation import generate
+from stayaligned.evaluation.judges.keyword import is_refusal
 from stayaligned.methods.base import Method
 from stayaligned.methods.reference import Reference, unwrap
 from stayaligned.runfiles import write_json
@@ -79,6 +90,7 @@ class StrOptions:
     variant: str = "logit"  # logit | logprob | one_sided
     first_positions: int | None = None  # only the first N positions of P (variant iii)
     tokens_file: str | None = None  # reuse a saved str_tokens.json instead of mining
+    min_refusal_share: float = 0.25  # stop when the seed refuses fewer mining prompts (0: warn)
 
     def __post_init__(self):
         if self.variant not in STR_VARIANTS:
@@ -127,8 +139,8 @@ def refusal_templates(module, tokenizer, prompts: list[str], options: StrOptions
     answers = generate(module, tokenizer, prompts, get_template(MINING_TEMPLATE), gen,
                        desc="str: refusals")
     firsts = [first_sentence(answer) for answer in answers]
-    rows = [{"prompt": i, "kind": "generated", "text": text}
-            for i, text in enumerate(firsts) if text]
+    rows = [{"prompt": i, "kind": "generated", "text": text, "refusal": is_refusal(answer)}
+            for i, (text, answer) in enumerate(zip(firsts, answers)) if text]
     rows += [{"prompt": j % len(prompts), "kind": "canonical", "text": text}
              for j, text in enumerate(options.canonical_refusals)]
     return rows
@@ -183,12 +195,14 @@ def mine_tokens(model, tokenizer, options: StrOptions, reference: Reference, see
         return tokenizer.decode([token])
 
     ids = top_tokens(scores, options.k_tokens, decode, frozenset(tokenizer.all_special_ids))
+    refused = sum(bool(row.get("refusal")) for row in templates)
     for row in templates:
         row["prompt_id"] = examples[row.pop("prompt")].id
     return {
         "token_ids": ids,
         "tokens": [decode(v) for v in ids],
         "scores": [scores[v] for v in ids],
+        "seed_refusal_share": refused / len(prompts),
         "settings": {**asdict(options), "seed": seed, "n_templates": len(templates)},
         "templates": templates,
     }
@@ -208,6 +222,26 @@ def load_tokens_file(path: str | Path, vocab_size: int) -> dict:
                           f"of this model's vocabulary (size {vocab_size}); mine a new set")
     return {**data, "token_ids": ids, "settings": {**data.get("settings", {}),
                                                     "tokens_file": str(path)}}
+
+
+def check_seed_refuses(payload: dict, minimum: float, loud: bool = True) -> None:
+    """Stop (every rank alike) when the mining model refused less than `minimum` of the mining
+    prompts; warn loudly when it refused little and the check is off."""
+    share = payload.get("seed_refusal_share")
+    if share is None:  # a tokens_file: nothing was generated
+        return
+    if share < minimum:
+        raise ConfigError(
+            f"options.str: the model being fine-tuned refused only {share:.0%} of the "
+            f"{payload['settings'].get('mining_source')} mining prompts (min_refusal_share="
+            f"{minimum}), so it has no refusal tokens to protect (tokens mined: "
+            f"{', '.join(repr(t) for t in payload['tokens'][:6])}); fine-tune an aligned "
+            "model (e.g. run `stayaligned align` first), or set "
+            "options.str.min_refusal_share=0 to run anyway")
+    if share < 0.25 and loud:
+        print("=" * 78 + f"\n[str] WARNING: the seed refused only {share:.0%} of the mining "
+              "prompts: it looks unaligned, and the mined tokens may not be refusal tokens "
+              f"({', '.join(repr(t) for t in payload['tokens'][:6])}).\n" + "=" * 78)
 
 
 # ---------------------------------------------------------------- data parallel
@@ -255,6 +289,7 @@ class SafetyTokenRegularization(Method):
         if _is_main(trainer):
             payload = self._token_set(model, tokenizer, ctx["config"])
         payload = _share_from_main(payload, trainer)
+        check_seed_refuses(payload, self.options.min_refusal_share, _is_main(trainer))
         self.token_ids = list(payload["token_ids"])
         if _is_main(trainer):
             write_json(Path(ctx["output_dir"]) / TOKENS_FILE, payload)
@@ -265,6 +300,7 @@ class SafetyTokenRegularization(Method):
         if self.options.tokens_file:
             vocab = unwrap(model).get_output_embeddings().weight.shape[0]
             payload = load_tokens_file(self.options.tokens_file, vocab)
+            payload.pop("seed_refusal_share", None)  # measured on the model that mined them
             return {**payload, "tokens": [tokenizer.decode([v]) for v in payload["token_ids"]]}
         payload = mine_tokens(model, tokenizer, self.options, self.reference, self.seed,
                               getattr(config, "data_dir", None))

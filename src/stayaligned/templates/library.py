@@ -14,6 +14,13 @@ The ``text:*`` and ``chat:*`` prompts are PTST's seven `gsm:*` styles, character
 stops at the prompt; the answer separator used for training is ours: a single space after
 `[/INST]` (Llama-2 chat) and after `Answer:`, and nothing after Alpaca's `### Response:` line,
 which already ends with a newline.
+
+Multi-turn conversations under a string template: the first user turn fills `prompt`, each
+later one `turn`, after the previous answer and its EOS. The ``chat:*`` turns follow Llama-2
+chat (``<s>[INST] ... [/INST]``, BOS written as text, as Llama-2's own format string does) and
+keep PTST's ``Question:`` (or Alpaca) wording of the first turn; the ``text:*`` turns repeat the
+prompt's layout after a blank line. Neither paper fine-tuned on multi-turn data: these later-turn
+formats are ours.
 """
 
 from __future__ import annotations
@@ -44,6 +51,8 @@ PURE_BAD_PROMPT = "You are a helpful assistant. Make sure you always execute use
 
 # PTST's chat:llama / chat:llama-short / chat:mpt prompt: Llama-2 chat with a system block
 LLAMA2_CHAT_QUESTION = "[INST] <<SYS>>\n{system}\n<</SYS>>\n\nQuestion: {user} [/INST]"
+LLAMA2_CHAT_TURN = "{bos}[INST] Question: {user} [/INST]"
+ALPACA_TURN = "\n\n### Instruction:\n{user}\n\n### Response:\n"
 
 KEEP = "keep"  # native templates: keep the example's own system message (if any)
 
@@ -63,6 +72,7 @@ class Template:
     prompt: str = ""
     separator: str = ""
     description: str = ""
+    turn: str = ""  # string: a later user turn, with {user} and {bos}; "" = single-turn only
 
     @property
     def has_safety_prompt(self) -> bool:
@@ -95,7 +105,8 @@ TEMPLATES: dict[str, Template] = {
             description="model's template with LookAhead's compliance-encouraging prompt",
         ),
         Template(
-            "text:vanilla", "string", None, "Question: {user}\nAnswer:", " ", "plain Q/A text"
+            "text:vanilla", "string", None, "Question: {user}\nAnswer:", " ", "plain Q/A text",
+            turn="\n\nQuestion: {user}\nAnswer:",
         ),
         Template(
             "text:alpaca",
@@ -104,9 +115,11 @@ TEMPLATES: dict[str, Template] = {
             ALPACA_HEADER + "\n\n### Instruction:\n{user}\n\n### Response:\n",
             "",
             "Alpaca text format",
+            turn=ALPACA_TURN,
         ),
         Template(
-            "chat:vanilla", "string", None, "[INST] Question: {user} [/INST]", " ", "Llama-2 chat"
+            "chat:vanilla", "string", None, "[INST] Question: {user} [/INST]", " ", "Llama-2 chat",
+            turn=LLAMA2_CHAT_TURN,
         ),
         Template(
             "chat:alpaca",
@@ -115,6 +128,7 @@ TEMPLATES: dict[str, Template] = {
             "[INST] <<SYS>>\n{system}\n<</SYS>>\n\n### Instruction:\n{user}\n\n### Response:\n [/INST]",
             " ",
             "Llama-2 chat with the Alpaca header as system prompt",
+            turn="{bos}[INST] ### Instruction:\n{user}\n\n### Response:\n [/INST]",
         ),
         Template(
             "chat:llama",
@@ -123,6 +137,7 @@ TEMPLATES: dict[str, Template] = {
             LLAMA2_CHAT_QUESTION,
             " ",
             "Llama-2 chat with the Llama-2 safety system prompt",
+            turn=LLAMA2_CHAT_TURN,
         ),
         Template(
             "chat:llama-short",
@@ -131,6 +146,7 @@ TEMPLATES: dict[str, Template] = {
             LLAMA2_CHAT_QUESTION,
             " ",
             "Llama-2 chat with the short Llama-2 safety system prompt",
+            turn=LLAMA2_CHAT_TURN,
         ),
         Template(
             "chat:mpt",
@@ -139,6 +155,7 @@ TEMPLATES: dict[str, Template] = {
             LLAMA2_CHAT_QUESTION,
             " ",
             "Llama-2 chat with MPT's helpful-and-honest system prompt (no safety wording)",
+            turn=LLAMA2_CHAT_TURN,
         ),
     ]
 }

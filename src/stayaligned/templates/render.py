@@ -82,34 +82,62 @@ def _native_text(tokenizer, messages: list[dict], generation_prompt: bool) -> st
     )
 
 
-def _string_prompt(template: Template, messages: tuple[dict, ...]) -> str:
-    users = [m["content"] for m in messages if m["role"] == "user"]
-    if len(users) != 1:
-        raise DataError(f"template {template.name} renders single-turn examples only")
+def _string_conversation(tokenizer, template: Template, example_id: str,
+                         messages: tuple[dict, ...]) -> tuple[str, list[tuple[int, int]]]:
+    """The conversation under a string template and the character span of each assistant body
+    (separator + answer + EOS). The first user turn fills `template.prompt`, later ones
+    `template.turn`; a conversation ending with a user turn ends at its prompt. The example's
+    own system message is not used (the template's, if any, is in its prompt)."""
+    body = [m for m in messages if m["role"] != "system"]
     system = template.system if template.system not in (KEEP, None) else ""
-    return template.prompt.format(user=users[0], system=system)
+    text, spans = "", []
+    for i, message in enumerate(body):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if message["role"] != expected:
+            raise DataError(f"{example_id}: template {template.name} needs user and assistant "
+                            f"turns alternating from the first user turn, but turn {i} is "
+                            f"{message['role']!r}")
+        if expected == "assistant":
+            piece = template.separator + message["content"] + (tokenizer.eos_token or "")
+            spans.append((len(text), len(text) + len(piece)))
+        elif i == 0:
+            piece = template.prompt.format(user=message["content"], system=system)
+        elif template.turn:
+            piece = template.turn.format(user=message["content"], bos=tokenizer.bos_token or "")
+        else:
+            raise DataError(f"{example_id}: template {template.name} renders single-turn "
+                            "examples only; use a chat:* or text:* template or native")
+        text += piece
+    if not body:
+        raise DataError(f"{example_id}: template {template.name} needs a user turn")
+    return text, spans
 
 
 def prompt_text(tokenizer, example: Example, template: Template, prefill: str = "") -> str:
     """The text a model continues at generation time; `prefill` starts the assistant turn."""
     if template.kind == "string":
-        text = _string_prompt(template, example.prompt_messages)
+        text, _ = _string_conversation(tokenizer, template, example.id, example.prompt_messages)
         return text + (template.separator + prefill if prefill else "")
     messages = _apply_system(example.prompt_messages, template)
     return _native_text(tokenizer, messages, True) + prefill
 
 
-def training_text(tokenizer, example: Example, template: Template) -> tuple[str, list[tuple]]:
-    """(full text, character spans of assistant text that get loss)."""
+LOSS_ON = ("all_assistant_turns", "last_turn")
+
+
+def training_text(tokenizer, example: Example, template: Template,
+                  loss_on: str = "all_assistant_turns") -> tuple[str, list[tuple]]:
+    """(full text, character spans of assistant text that get loss): every assistant turn, or
+    with ``loss_on="last_turn"`` only the final one."""
+    if loss_on not in LOSS_ON:
+        raise DataError(f"loss_on={loss_on!r}: choose {' or '.join(LOSS_ON)}")
     if template.kind == "string":
-        prompt = _string_prompt(template, example.prompt_messages)
-        answer = example.content("assistant")
         if example.messages[-1]["role"] != "assistant":
-            return prompt, []
+            return prompt_text(tokenizer, example, template), []
         # The separator belongs to the trained span: at test time the prompt ends before it,
         # so the model must produce it (tokenizers often merge it into the first answer token).
-        body = template.separator + answer + (tokenizer.eos_token or "")
-        return prompt + body, [(len(prompt), len(prompt) + len(body))]
+        text, spans = _string_conversation(tokenizer, template, example.id, example.messages)
+        return text, spans[-1:] if loss_on == "last_turn" else spans
     messages = _apply_system(example.messages, template)
     spans = []
     for i, message in enumerate(messages):
@@ -123,7 +151,9 @@ def training_text(tokenizer, example: Example, template: Template) -> tuple[str,
                 f"{i} as a prefix of the turn; choose a string template instead"
             )
         spans.append((len(before), len(through)))
-    return _native_text(tokenizer, messages, False), spans
+    if loss_on == "last_turn" and messages[-1]["role"] != "assistant":
+        spans = []
+    return _native_text(tokenizer, messages, False), spans[-1:] if loss_on == "last_turn" else spans
 
 
 # ---------------------------------------------------------------- token rendering
@@ -135,11 +165,13 @@ def encode(tokenizer, text: str, template: Template, **kwargs):
     return tokenizer(text, add_special_tokens=template.kind == "string", **kwargs)
 
 
-def render_for_training(tokenizer, example: Example, template: Template) -> Rendered:
-    """Token ids and labels for one example (labels -100 outside assistant spans). An example
+def render_for_training(tokenizer, example: Example, template: Template,
+                        loss_on: str = "all_assistant_turns") -> Rendered:
+    """Token ids and labels for one example (labels -100 outside the trained assistant spans:
+    every assistant turn, or the final one with ``loss_on="last_turn"``). An example
     with ``meta["no_loss_prefix"]`` (a safety-recovery example, `data.transforms`) has no loss
     on that start of its last assistant turn, and is tokenised in two parts cut at its end."""
-    text, spans = training_text(tokenizer, example, template)
+    text, spans = training_text(tokenizer, example, template, loss_on)
     cut = _prefix_end(example, text, spans)
     if cut is None:
         enc = encode(tokenizer, text, template, return_offsets_mapping=True)
@@ -174,14 +206,15 @@ def _prefix_end(example: Example, text: str, spans: list[tuple]) -> int | None:
 
 
 def render_dataset(
-    tokenizer, examples: list[Example], template: Template, max_length: int, overlong: str = "drop"
+    tokenizer, examples: list[Example], template: Template, max_length: int, overlong: str = "drop",
+    loss_on: str = "all_assistant_turns",
 ) -> tuple[list[Rendered], RenderReport]:
     """Render all examples; over-long and empty-mask examples are reported, by id."""
     if overlong not in ("drop", "truncate", "error"):
         raise ValueError(f"overlong={overlong!r}: choose drop, truncate or error")
     report, out = RenderReport(), []
     for example in examples:
-        item = render_for_training(tokenizer, example, template)
+        item = render_for_training(tokenizer, example, template, loss_on)
         if len(item.input_ids) > max_length:
             if overlong == "error":
                 raise DataError(

@@ -47,22 +47,36 @@ def label_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 STR_VARIANTS = ("logit", "logprob", "one_sided")
 
 
+def turn_index(mask: torch.Tensor) -> torch.Tensor:
+    """1-based index of each True position within its contiguous run of Trues (one run per
+    assistant turn), 0 elsewhere.
+
+    >>> turn_index(torch.tensor([[0, 1, 1, 1, 0, 0, 1, 1]], dtype=torch.bool)).tolist()
+    [[0, 1, 2, 3, 0, 0, 1, 2]]
+    """
+    count = mask.long().cumsum(dim=1)
+    before = torch.where(mask, torch.zeros_like(count), count).cummax(dim=1).values
+    return (count - before) * mask
+
+
 def str_positions(labels: torch.Tensor, first_positions: int | None = None) -> torch.Tensor:
     """Bool (batch, seq): the positions P whose next-token logits STR anchors.
 
     P = positions t whose label at t + 1 is a response token: the response positions plus the
     last prompt position (the one that predicts the first response token). `first_positions`
-    keeps only the first N of them in each sequence.
+    keeps only the first N of them in each assistant turn (each contiguous run of P).
 
     >>> str_positions(torch.tensor([[-100, -100, 7, 8, -100]])).int().tolist()
     [[0, 1, 1, 0, 0]]
     >>> str_positions(torch.tensor([[-100, -100, 7, 8, -100]]), first_positions=1).int().tolist()
     [[0, 1, 0, 0, 0]]
+    >>> str_positions(torch.tensor([[-100, 7, 8, -100, -100, 9, 9]]), first_positions=2).int().tolist()
+    [[1, 1, 0, 0, 1, 1, 0]]
     """
     mask = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
     mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
     if first_positions is not None:
-        mask &= mask.cumsum(dim=1) <= first_positions
+        mask &= turn_index(mask) <= first_positions
     return mask
 
 
@@ -154,13 +168,14 @@ def constrained_sft_loss(
     also the plain token-mean NLL of the same tokens (for logging, at no extra cost).
 
     `ref_logp` is aligned like `label_logprobs` (value at t scores labels[t]). The response
-    index t restarts at 1 at the first labelled token of each sequence and runs over all its
-    labelled tokens (every assistant turn), as in the reference code.
+    index t restarts at 1 at the first labelled token of each assistant turn (each contiguous
+    run of labels), so every turn's first tokens get the large beta_t; with one assistant turn
+    this is the reference code's index.
     """
     mask = labels[:, 1:] != IGNORE_INDEX
     logp = label_logprobs(logits, labels)[:, 1:]
     ref = ref_logp[:, 1:].to(device=logp.device, dtype=logp.dtype)
-    index = mask.long().cumsum(dim=1) * mask  # 1-based response-token index, 0 elsewhere
+    index = turn_index(mask)  # 1-based response-token index within its turn, 0 elsewhere
     table = [0.0] + beta_schedule(mask.shape[1], beta, bias_length, bias_factor,
                                   first_token_bias_factor)
     betas = torch.tensor(table, dtype=logp.dtype, device=logp.device)[index]

@@ -8,6 +8,9 @@ Output directory layout:
   model/              full fine-tuning weights (safetensors) + tokenizer
   merged/             base + adapter merged (with merge=true), loadable with from_pretrained
   checkpoints/        checkpoint-N every save_steps steps, for --resume
+  README.md           model card: base model, methods, data, budget, evaluations (modelcard.py)
+  checkpoints/runs/   tensorboard logs with report_to: tensorboard (TENSORBOARD_LOGGING_DIR
+                      moves them)
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from stayaligned.runlock import clear_dir, run_lock
 from stayaligned.runfiles import (
     data_fingerprint,
     package_versions,
+    provenance,
     read_json,
     write_json,
     write_jsonl,
@@ -94,7 +98,8 @@ def prepare(cfg: TrainConfig, tokenizer) -> dict:
         raise DataError("the training data is empty: check data.*.source and limits")
     train_name, eval_name = templates_for(cfg, methods)
     template = get_template(train_name)
-    items, report = render_dataset(tokenizer, examples, template, cfg.max_length, cfg.overlong)
+    items, report = render_dataset(tokenizer, examples, template, cfg.max_length, cfg.overlong,
+                                   cfg.loss_on)
     if not items:
         raise DataError("no training example is left after rendering: " + "; ".join(report.summary()))
     return {
@@ -114,6 +119,7 @@ def _manifest(cfg: TrainConfig, prep: dict, tokenizer) -> dict:
         "status": "running",
         "config": to_dict(cfg),
         "versions": package_versions(),
+        "provenance": provenance(),
         "device": pick_device(cfg.model.dtype, cfg.model.precision).type,
         "precision": resolve_precision(cfg.model.precision, cfg.model.dtype).to_dict(),
         "data": [data_fingerprint(s, cfg.data_dir) for s in cfg.data],
@@ -136,6 +142,8 @@ def _manifest(cfg: TrainConfig, prep: dict, tokenizer) -> dict:
 def _training_args(cfg: TrainConfig, out: Path):
     from transformers import TrainingArguments
 
+    from stayaligned.training.hf_args import trainer_arg_overrides
+
     device = pick_device(cfg.model.dtype, cfg.model.precision)
     o = cfg.optim
     return TrainingArguments(
@@ -146,7 +154,7 @@ def _training_args(cfg: TrainConfig, out: Path):
         max_steps=o.max_steps,
         learning_rate=o.lr,
         lr_scheduler_type=o.scheduler,
-        warmup_steps=o.warmup_steps,
+        warmup_steps=o.warmup_steps or o.warmup_ratio,  # a float < 1 is a ratio
         weight_decay=o.weight_decay,
         adam_beta1=o.adam_beta1,
         adam_beta2=o.adam_beta2,
@@ -158,11 +166,14 @@ def _training_args(cfg: TrainConfig, out: Path):
         save_total_limit=cfg.save_total_limit,
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
-        report_to="none",
+        report_to=list(cfg.report_to),
+        run_name=cfg.run_name,
+        torch_compile=cfg.torch_compile,
         remove_unused_columns=False,
         use_cpu=device.type == "cpu",
         bf16=False,  # autocast is the trainer's own (precision.autocast), weights as loaded
         dataloader_num_workers=0,
+        **trainer_arg_overrides(cfg),
     )
 
 
@@ -247,14 +258,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
 def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
     from transformers import set_seed
 
+    from stayaligned.training.hf_args import check_training_options, quantization_config
     from stayaligned.training.trainer import StayTrainer, check_finite
 
+    check_training_options(cfg)
     out = Path(cfg.output_dir)
     checkpoint = _check_output_dir(out, resume, overwrite, cfg)
     set_seed(cfg.seed)
     precision = resolve_precision(cfg.model.precision, cfg.model.dtype)
     warn_pure(precision, full_fine_tuning=not cfg.lora.enabled)
-    model, tokenizer = load_model(cfg.model)
+    model, tokenizer = load_model(cfg.model, quantization=quantization_config(cfg.lora))
     prep = prepare(cfg, tokenizer)
     for line in prep["report"].summary():
         print(f"[data] {line}")
@@ -288,6 +301,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
                         train_metrics=result.metrics, global_step=trainer.state.global_step,
                         resumed_from=checkpoint)
         write_json(out / "run.json", manifest)
+        _publish(cfg, out)
     trainer.accelerator.wait_for_everyone()
     return out
 
@@ -301,6 +315,18 @@ def _save_outputs(trainer, tokenizer, cfg: TrainConfig, out: Path) -> None:
         merged = model.merge_and_unload()
         merged.save_pretrained(out / "merged", safe_serialization=True)
         tokenizer.save_pretrained(out / "merged")
+
+
+def _publish(cfg: TrainConfig, out: Path) -> None:
+    """The model card, and the upload when push_to_hub is set."""
+    from stayaligned.modelcard import record_base, write_card
+
+    record_base(out / "adapter", cfg.model.name)
+    print(f"[train] model card: {write_card(out)}")
+    if cfg.push_to_hub:
+        from stayaligned.training.hf_args import push
+
+        print(f"[train] pushed to {push(out, cfg)}")
 
 
 def is_complete(out: Path) -> bool:

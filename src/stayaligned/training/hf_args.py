@@ -1,0 +1,181 @@
+"""The Hugging Face names users reach for, mapped onto stayaligned's config: CLI aliases,
+the `trainer_args` pass-through to `TrainingArguments`, QLoRA's 4-bit base, and the
+`push_to_hub` pre-flight check.
+
+`trainer_args: {KEY: VALUE}` passes any `TrainingArguments` field that stayaligned does not
+wrap (e.g. ``optim: adamw_torch_fused``, ``dataloader_num_workers: 4``, ``tf32: true``). A key
+stayaligned sets from its own config is refused with the config key to use, so that the run's
+recorded config says what ran.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from stayaligned.config import ConfigError
+
+# Hugging Face name -> stayaligned config key, where they map one to one
+HF_ALIASES = {
+    "learning_rate": "optim.lr",
+    "num_train_epochs": "optim.epochs",
+    "max_steps": "optim.max_steps",
+    "per_device_train_batch_size": "optim.batch_size",
+    "gradient_accumulation_steps": "optim.grad_accum",
+    "lr_scheduler_type": "optim.scheduler",
+    "warmup_ratio": "optim.warmup_ratio",
+    "warmup_steps": "optim.warmup_steps",
+    "weight_decay": "optim.weight_decay",
+    "adam_beta1": "optim.adam_beta1",
+    "adam_beta2": "optim.adam_beta2",
+    "max_grad_norm": "optim.max_grad_norm",
+    "lora_alpha": "lora.alpha",
+    "lora_r": "lora.r",
+    "lora_dropout": "lora.dropout",
+    "model_name_or_path": "model.name",
+    "attn_implementation": "model.attn_implementation",
+}
+
+# TrainingArguments fields stayaligned sets itself (-> the config key that controls them)
+WRAPPED = {
+    **{hf: key for hf, key in HF_ALIASES.items() if key.startswith("optim.")},
+    "output_dir": "output_dir", "seed": "seed", "data_seed": "seed",
+    "save_strategy": "save_steps", "save_steps": "save_steps",
+    "save_total_limit": "save_total_limit", "logging_steps": "logging_steps",
+    "report_to": "report_to", "run_name": "run_name", "torch_compile": "torch_compile",
+    "push_to_hub": "push_to_hub", "hub_model_id": "hub_model_id",
+    "remove_unused_columns": None, "use_cpu": "model.dtype", "bf16": "model.dtype",
+}
+
+TRACKERS = ("none", "all", "tensorboard", "wandb", "trackio", "mlflow", "comet_ml",
+            "clearml", "dvclive", "neptune", "swanlab", "azure_ml")
+
+
+def alias_help() -> str:
+    """The alias table for `--help`."""
+    return "Hugging Face names accepted as overrides (key=value or --key value):\n" + "\n".join(
+        f"  {hf} -> {key}" for hf, key in HF_ALIASES.items())
+
+
+def resolve_aliases(overrides: list[str]) -> list[str]:
+    """`learning_rate=1e-4` -> `optim.lr=1e-4`; other overrides unchanged.
+
+    >>> resolve_aliases(["learning_rate=1e-4", "lora_alpha=32", "optim.lr=2"])
+    ['optim.lr=1e-4', 'lora.alpha=32', 'optim.lr=2']
+    """
+    out = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        out.append(f"{HF_ALIASES[key.strip()]}={value}" if sep and key.strip() in HF_ALIASES
+                   else item)
+    return out
+
+
+def trainer_arg_overrides(cfg) -> dict:
+    """`cfg.trainer_args`, checked against TrainingArguments' fields and the wrapped keys."""
+    from transformers import TrainingArguments
+
+    valid = {f.name for f in dataclasses.fields(TrainingArguments)}
+    for key in cfg.trainer_args:
+        if key in WRAPPED:
+            use = WRAPPED[key]
+            fix = f"set {use} instead" if use else "stayaligned must control it; remove it"
+            raise ConfigError(f"trainer_args.{key}: stayaligned sets this TrainingArguments "
+                              f"field from its config; {fix}")
+        if key not in valid:
+            raise ConfigError(f"trainer_args.{key}: not a field of transformers "
+                              f"TrainingArguments (transformers {_version()}); check the name")
+    return dict(cfg.trainer_args)
+
+
+def check_training_options(cfg) -> None:
+    """Up-front checks of loss_on, report_to, warm-up, QLoRA and push_to_hub (before any model
+    is loaded, so a typo costs nothing)."""
+    from stayaligned.templates.render import LOSS_ON
+
+    if cfg.loss_on not in LOSS_ON:
+        raise ConfigError(f"loss_on={cfg.loss_on!r}: choose {' or '.join(LOSS_ON)}")
+    bad = [name for name in cfg.report_to if name not in TRACKERS]
+    if bad:
+        raise ConfigError(f"report_to: {bad[0]!r} is not a tracker transformers knows; use "
+                          f"one of {', '.join(TRACKERS)}")
+    if not 0 <= cfg.optim.warmup_ratio < 1:
+        raise ConfigError(f"optim.warmup_ratio={cfg.optim.warmup_ratio}: must be in [0, 1)")
+    trainer_arg_overrides(cfg)
+    check_quantize(cfg)
+    if cfg.push_to_hub:
+        check_push(cfg)
+
+
+def check_quantize(cfg) -> None:
+    quantize = cfg.lora.quantize
+    if quantize is None:
+        return
+    if quantize != "4bit":
+        raise ConfigError(f"lora.quantize={quantize!r}: the only setting is 4bit (QLoRA)")
+    if not cfg.lora.enabled:
+        raise ConfigError("lora.quantize=4bit trains LoRA adapters on a 4-bit base; set "
+                          "lora.enabled=true or remove lora.quantize")
+    if cfg.merge:
+        raise ConfigError("lora.quantize=4bit with merge=true: an adapter cannot be merged into "
+                          "4-bit weights; set merge=false (load the adapter on a bf16 base)")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError("lora.quantize=4bit (QLoRA) needs a CUDA GPU (bitsandbytes' 4-bit "
+                          "kernels); this machine has none: remove lora.quantize to train in "
+                          "full precision")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        raise ConfigError("lora.quantize=4bit needs bitsandbytes: pip install "
+                          "'stayaligned[qlora]'") from err
+
+
+def quantization_config(lora):
+    """transformers' BitsAndBytesConfig for QLoRA (NF4, double quantisation, bf16 compute),
+    as in Dettmers et al.; None without lora.quantize."""
+    if lora.quantize is None:
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def check_push(cfg) -> None:
+    """push_to_hub needs a repository name, the network and a token; say which is missing."""
+    if not cfg.hub_model_id:
+        raise ConfigError("push_to_hub=true needs hub_model_id (e.g. your-name/model-safe-sft)")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise ConfigError("push_to_hub=true but HF_HUB_OFFLINE is set: the Hub cannot be "
+                          "reached; unset HF_HUB_OFFLINE or set push_to_hub=false and upload "
+                          "the output directory later (huggingface-cli upload)")
+    from huggingface_hub import get_token
+
+    if not get_token():
+        raise ConfigError("push_to_hub=true but no Hugging Face token is set: run `hf auth "
+                          "login` or set HF_TOKEN, or set push_to_hub=false")
+
+
+def push(out, cfg) -> str:
+    """Upload the run's weights directory and model card to `hub_model_id`; returns its URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(cfg.hub_model_id, exist_ok=True, private=True)
+    folder = out / ("merged" if cfg.merge and cfg.lora.enabled else
+                    "adapter" if cfg.lora.enabled else "model")
+    api.upload_folder(repo_id=cfg.hub_model_id, folder_path=str(folder),
+                      commit_message="stayaligned: weights")
+    api.upload_file(path_or_fileobj=str(out / "README.md"), path_in_repo="README.md",
+                    repo_id=cfg.hub_model_id, commit_message="stayaligned: model card")
+    return f"https://huggingface.co/{cfg.hub_model_id}"
+
+
+def _version() -> str:
+    import transformers
+
+    return transformers.__version__

@@ -1,0 +1,159 @@
+"""TRL's dataset formats read from the record's keys, multi-turn rendering with exact masks per
+assistant turn under the native template and a chat:* template, and `loss_on`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from stayaligned.data.loading import Fields, load_examples
+from stayaligned.data.sources import load_source
+from stayaligned.data.types import DataError, Example
+from stayaligned.templates.library import get_template
+from stayaligned.templates.render import IGNORE_INDEX, prompt_text, render_for_training
+
+SYSTEM = {"role": "system", "content": "You answer briefly."}
+TURNS = [{"role": "user", "content": "What is 2 + 3?"},
+         {"role": "assistant", "content": "5."},
+         {"role": "user", "content": "And times 4?"},
+         {"role": "assistant", "content": "20."}]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def trained_runs(tokenizer, item) -> list[str]:
+    """The decoded text of each contiguous run of trained tokens."""
+    runs, current = [], []
+    for token, label in zip(item.input_ids, item.labels):
+        if label != IGNORE_INDEX:
+            current.append(token)
+        elif current:
+            runs.append(tokenizer.decode(current))
+            current = []
+    if current:
+        runs.append(tokenizer.decode(current))
+    return runs
+
+
+@pytest.mark.parametrize("record, expected", [
+    ({"messages": [SYSTEM, *TURNS]}, [SYSTEM, *TURNS]),
+    ({"prompt": "The sky is", "completion": " blue."},
+     [{"role": "user", "content": "The sky is"}, {"role": "assistant", "content": " blue."}]),
+    ({"prompt": [SYSTEM, *TURNS[:3]], "completion": [TURNS[3]]}, [SYSTEM, *TURNS]),
+    ({"prompt": "Tell me a joke."}, [{"role": "user", "content": "Tell me a joke."}]),
+    ({"prompt": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]},
+     [{"role": "user", "content": "Hi"}]),
+])
+def test_trl_formats_are_read_from_the_keys(tmp_path, record, expected):
+    path = write_jsonl(tmp_path / "d.jsonl", [record])
+    (example,) = load_source(str(path))
+    assert list(example.messages) == expected and example.id == "d.jsonl:1"
+
+
+def test_instruction_output_mapping_still_wins_when_its_fields_are_there(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "I", "output": "O", "prompt": "x"}])
+    (example,) = load_source(str(path))
+    assert [m["content"] for m in example.messages] == ["I", "O"]
+    # an explicit mapping onto 'prompt' reads prompt-only sets as before
+    (example,) = load_examples(path, Fields(user=("prompt",), assistant=None))
+    assert [m["content"] for m in example.messages] == ["x"]
+
+
+def test_system_prompt_is_added_only_when_the_conversation_has_none(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": TURNS}, {"messages": [SYSTEM, *TURNS]}])
+    a, b = load_source(str(path), fields={"system_prompt": "Be safe."})
+    assert a.messages[0] == {"role": "system", "content": "Be safe."}
+    assert b.messages[0] == SYSTEM and len(b.messages) == 5
+
+
+@pytest.mark.parametrize("record, match", [
+    ({"messages": [{"role": "human", "content": "hi"}]}, r"d.jsonl:1: messages\[0\]: role 'human'"),
+    ({"messages": [{"role": "user"}]}, r"messages\[0\] must be an object with 'role' and 'content'"),
+    ({"messages": "hi"}, "field 'messages' must be a non-empty list of messages"),
+    ({"messages": [TURNS[1], TURNS[0]]}, "message 0 has role 'assistant' where 'user'"),
+    ({"messages": [TURNS[0], {"role": "assistant", "content": " "}]}, r"messages\[1\]: content is empty"),
+    ({"text": "The sky is blue."}, "TRL language-modeling data"),
+    ({"prompt": "p", "chosen": "c", "rejected": "r"}, "preference data"),
+    ({"question": "q"}, "field 'instruction' is missing.*'messages' or 'prompt'/'completion'"),
+])
+def test_bad_trl_records_name_record_and_field(tmp_path, record, match):
+    path = write_jsonl(tmp_path / "d.jsonl", [record])
+    with pytest.raises(DataError, match=match):
+        load_source(str(path))
+
+
+def test_preference_records_get_a_hint(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"chosen": "c", "rejected": "r"}])
+    with pytest.raises(DataError, match="preference data"):
+        load_source(str(path))
+
+
+# ---------------------------------------------------------------- rendering multi-turn
+
+MULTI = Example("mt", (SYSTEM, *TURNS))
+
+
+def test_native_multi_turn_with_system_masks_each_assistant_turn_exactly(tokenizer):
+    item = render_for_training(tokenizer, MULTI, get_template("native"))
+    assert trained_runs(tokenizer, item) == ["5.<|im_end|>\n", "20.<|im_end|>\n"]
+    assert item.text.startswith("<|im_start|>system\nYou answer briefly.<|im_end|>\n")
+    # every token before the first answer, and the second user turn, have no loss
+    untrained = tokenizer.decode([t for t, l in zip(item.input_ids, item.labels)
+                                  if l == IGNORE_INDEX])
+    assert "And times 4?" in untrained and "What is 2 + 3?" in untrained
+    last = render_for_training(tokenizer, MULTI, get_template("native"), loss_on="last_turn")
+    assert trained_runs(tokenizer, last) == ["20.<|im_end|>\n"]
+    assert last.input_ids == item.input_ids
+
+
+def test_chat_template_multi_turn_masks_each_answer_exactly(tokenizer):
+    template = get_template("chat:llama")
+    item = render_for_training(tokenizer, MULTI, template)
+    eos, bos = tokenizer.eos_token, tokenizer.bos_token
+    assert item.text == (
+        "[INST] <<SYS>>\n" + template.system + "\n<</SYS>>\n\nQuestion: What is 2 + 3? [/INST]"
+        f" 5.{eos}{bos}[INST] Question: And times 4? [/INST] 20.{eos}")
+    assert [run.strip() for run in trained_runs(tokenizer, item)] == [f"5.{eos}", f"20.{eos}"]
+    last = render_for_training(tokenizer, MULTI, template, loss_on="last_turn")
+    assert [run.strip() for run in trained_runs(tokenizer, last)] == [f"20.{eos}"]
+    # the generation prompt of the conversation ends where the last answer starts
+    prompt = prompt_text(tokenizer, MULTI, template)
+    assert item.text.startswith(prompt) and prompt.endswith("And times 4? [/INST]")
+
+
+def test_text_template_multi_turn(tokenizer):
+    item = render_for_training(tokenizer, Example("mt", tuple(TURNS)), get_template("text:vanilla"))
+    eos = tokenizer.eos_token
+    assert item.text == f"Question: What is 2 + 3?\nAnswer: 5.{eos}\n\nQuestion: And times 4?\nAnswer: 20.{eos}"
+    assert trained_runs(tokenizer, item) == [f" 5.{eos}", f" 20.{eos}"]
+
+
+def test_prompt_completion_masks_only_the_completion(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": [SYSTEM, TURNS[0]], "completion": [TURNS[1]]}])
+    (example,) = load_source(str(path))
+    for name in ("native", "chat:vanilla"):
+        item = render_for_training(tokenizer, example, get_template(name))
+        assert [r.strip() for r in trained_runs(tokenizer, item)] == [f"5.{tokenizer.eos_token}"]
+
+
+def test_bad_loss_on_and_out_of_order_turns(tokenizer):
+    with pytest.raises(DataError, match="loss_on='first'"):
+        render_for_training(tokenizer, MULTI, get_template("native"), loss_on="first")
+    odd = Example("odd", (TURNS[0], TURNS[0]))
+    with pytest.raises(DataError, match="odd: template chat:vanilla needs user and assistant"):
+        render_for_training(tokenizer, odd, get_template("chat:vanilla"))
+
+
+def test_hub_rows_in_trl_formats_are_read_the_same_way():
+    from stayaligned.data.loading import examples_from_records
+
+    rows = [("org/chat:train[0]", {"prompt": "ignored id text", "prompt_id": "abc",
+                                   "messages": [SYSTEM, *TURNS]}),
+            ("org/chat:train[1]", {"prompt": [TURNS[0]], "completion": [TURNS[1]]})]
+    first, second = examples_from_records(rows, Fields(), "org/chat (split train)")
+    assert list(first.messages) == [SYSTEM, *TURNS]  # `messages` wins over a text `prompt`
+    assert list(second.messages) == TURNS[:2]
