@@ -64,3 +64,37 @@ def test_a_repair_cell_runs_and_is_evaluated(repair_study, tiny_model_dir):
     rows = summary_rows(out)
     assert rows["sft+resta"]["refusal_rate"] == metrics["benchmarks"]["harm-plain"]["refusal_rate"]["value"]
     assert (write_report(out)[0]).is_file()
+
+
+def test_bench_repair_effect_collects_the_repair_cells(repair_study, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    import yaml
+
+    from stayaligned.config import to_dict
+
+    cfg, out = repair_study
+    bench = Path(__file__).resolve().parents[1] / "bench" / "repair_effect.py"
+    spec = importlib.util.spec_from_file_location("repair_effect", bench)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(to_dict(cfg)))
+    target = tmp_path / "repair_effect.json"
+    assert module.main([str(config), "--output", str(target)]) == 0
+    data = json.loads(target.read_text())
+    assert set(data) == {"resta", "target", "meta"}
+    row = data["resta"]
+    metrics = json.loads((out / "cells/sft+resta/eval/metrics.json").read_text())["benchmarks"]
+    aligned = json.loads((out / "aligned/eval/metrics.json").read_text())["benchmarks"]
+    sft = json.loads((out / "cells/sft/eval/metrics.json").read_text())["benchmarks"]
+    assert row["refusal_rate"] == metrics["harm-plain"]["refusal_rate"]["value"]
+    a = aligned["harm-plain"]["refusal_rate"]["value"]
+    assert row["kept"] == (None if a == 0 else row["refusal_rate"] / a)
+    loss, ref = metrics["arith"]["task_loss"]["loss"], sft["arith"]["task_loss"]["loss"]
+    assert row["task_loss"] == loss and row["task_loss_vs_sft"] == pytest.approx(loss / ref - 1)
+    assert row["strength"] == 0.0 and row["knob"] == "beta"
+    assert len(row["validation"]["curve"]) == 2 and row["status"] == "done"
+    assert {"refusal_ci", "prefill_refusal_rate", "over_refusal_rate"} <= set(row)
+    assert data["meta"]["command"].startswith("python bench/repair_effect.py")
