@@ -16,9 +16,11 @@ import torch
 
 from stayaligned.config import RepairConfig
 from stayaligned.repair.weights import (
-    ModelInput,
+    CODES,
     COPIED_FILES,
+    ModelInput,
     RepairError,
+    Streamed,
     TensorSource,
     copy_side_files,
     save_shards,
@@ -80,16 +82,18 @@ class Repair:
 
 def full_weights(inputs: RepairInputs, tensor: Callable[[str], torch.Tensor], info=None) -> Weights:
     """Full weights in the aligned model's shard layout, each tensor computed by `tensor(name)`
-    in float32 and stored in the aligned model's dtype."""
+    (in float32) and stored in the aligned model's dtype as it is computed; tensors that are
+    not floating point are the fine-tune's."""
     like = inputs.aligned.source
+    ft = inputs.finetune.source
+
+    def compute(name):
+        return tensor(name) if like.dtype(name).is_floating_point else ft.get(name)
 
     def shards():
         for filename, names in like.shards:
-            out = {}
-            for name in names:
-                dtype = like.get(name).dtype
-                out[name] = tensor(name).to(dtype)
-            yield filename, out
+            entries = [(n, CODES[like.dtype(n)], like.shape(n)) for n in names]
+            yield filename, Streamed(entries, compute)
 
     return Weights("full", shards, like, side_dirs(inputs), templates(inputs), info=info or {})
 

@@ -28,13 +28,27 @@ class RepairError(ValueError):
     """A repair input problem; the message names the file or tensor and the fix."""
 
 
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+          "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+          "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+CODES = {v: k for k, v in DTYPES.items()}
+
+
+def read_header(path: Path) -> tuple[int, dict]:
+    """(byte offset of the data, {name: {dtype, shape, data_offsets}}) of a safetensors file."""
+    with open(path, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(size))
+    header.pop("__metadata__", None)
+    return 8 + size, header
+
+
 class TensorSource:
     """The tensors of a safetensors model directory (one file or an indexed set of shards),
-    read lazily by name."""
+    read lazily by name with plain file reads (not a memory map, so tensors already used do
+    not stay resident)."""
 
     def __init__(self, path: Path):
-        from safetensors import safe_open
-
         self.path = Path(path)
         index = read_json(self.path / "model.safetensors.index.json")
         if index:
@@ -44,25 +58,44 @@ class TensorSource:
         else:
             raise RepairError(f"{self.path}: no model.safetensors (or index): repairs read "
                               "safetensors weights only; re-save the model with safe_serialization")
-        self.handles = {f: safe_open(str(self.path / f), framework="pt") for f in files}
-        self.shards = [(f, list(h.keys())) for f, h in self.handles.items()]
+        self.headers = {}
+        for f in files:
+            try:
+                self.headers[f] = read_header(self.path / f)
+            except (OSError, ValueError) as err:
+                raise RepairError(f"{self.path / f}: not a readable safetensors file ({err})") from None
+        self.shards = [(f, sorted(h, key=lambda n, h=h: h[n]["data_offsets"][0]))
+                       for f, (_, h) in self.headers.items()]
         self.where = {name: f for f, names in self.shards for name in names}
 
     @property
     def names(self) -> list[str]:
         return [name for _, names in self.shards for name in names]
 
+    def entry(self, name: str) -> dict:
+        return self.headers[self.where[name]][1][name]
+
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.handles[self.where[name]].get_slice(name).get_shape())
+        return tuple(self.entry(name)["shape"])
 
     def dtype(self, name: str) -> torch.dtype:
-        return self.get(name).dtype
+        return DTYPES[self.entry(name)["dtype"]]
 
     def get(self, name: str) -> torch.Tensor:
-        return self.handles[self.where[name]].get_tensor(name)
+        filename = self.where[name]
+        start, header = self.headers[filename]
+        entry = header[name]
+        begin, end = entry["data_offsets"]
+        dtype, shape = DTYPES[entry["dtype"]], entry["shape"]
+        if end == begin:
+            return torch.empty(shape, dtype=dtype)
+        with open(self.path / filename, "rb") as handle:
+            handle.seek(start + begin)
+            buffer = bytearray(handle.read(end - begin))
+        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
 
     def files(self) -> list[Path]:
-        return [self.path / f for f in self.handles]
+        return [self.path / f for f in self.headers]
 
 
 class LoraSource:
@@ -241,12 +274,51 @@ def check_compatible(reference: ModelInput, other: ModelInput, label: str, ref_l
 # ---------------------------------------------------------------- writing outputs
 
 
+class Streamed:
+    """One output shard computed tensor by tensor: its names, safetensors dtypes and shapes are
+    known up front, so the file is written as each tensor is computed."""
+
+    def __init__(self, entries: list[tuple[str, str, tuple]], compute):
+        self.entries, self.compute = entries, compute
+
+    def items(self):
+        for name, _, _ in self.entries:
+            yield name, self.compute(name)
+
+
+def write_streamed(path: Path, shard: Streamed) -> None:
+    """A safetensors file written tensor by tensor (header first: 8-byte length, JSON padded
+    to 8 bytes, then the data in order), atomically."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, code, shape in shard.entries:
+        size = DTYPES[code].itemsize * int(torch.tensor(shape).prod()) if shape else DTYPES[code].itemsize
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(len(text).to_bytes(8, "little"))
+        handle.write(text)
+        for (name, code, shape), (_, tensor) in zip(shard.entries, shard.items()):
+            tensor = tensor.to(DTYPES[code]).contiguous()
+            if tuple(tensor.shape) != tuple(shape):
+                raise RepairError(f"tensor {name}: computed shape {list(tensor.shape)}, "
+                                  f"expected {list(shape)}")
+            handle.write(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    tmp.replace(path)
+
+
 def save_shards(shards, out: Path) -> None:
-    """Write (file name, {name: tensor}) pairs as safetensors, each atomically."""
+    """Write (file name, tensors) pairs as safetensors, each atomically: a Streamed shard tensor
+    by tensor, a dict in one go."""
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
     for filename, tensors in shards:
+        if isinstance(tensors, Streamed):
+            write_streamed(out / filename, tensors)
+            continue
         tmp = out / f".{filename}.tmp"
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
         tmp.replace(out / filename)
