@@ -18,7 +18,7 @@ from pathlib import Path
 
 from stayaligned.config import RepairConfig, to_dict
 from stayaligned.repair import METHOD_NAMES, repairs
-from stayaligned.repair.base import RepairInputs, save
+from stayaligned.repair.base import RepairInputs, save, templates
 from stayaligned.repair.sweep import (
     TargetNotMet,
     best,
@@ -110,7 +110,9 @@ def _sweep(cfg, method, state, inputs, sweep, out: Path, log) -> dict:
         run = inputs.finetune.run_dir
         train_cfg = (read_json(run / "run.json") or {}).get("config", {}) if run else {}
         holdout = task_holdout(train_cfg, cfg.task_holdout, out / "sweep", cfg.data_dir)
-    aligned_cfg = validation_config(cfg, str(inputs.aligned.config_dir), out / "sweep" / "aligned" / "eval", holdout)
+    template = (templates(inputs) or {}).get("eval")
+    aligned_cfg = validation_config(cfg, str(inputs.aligned.config_dir),
+                                    out / "sweep" / "aligned" / "eval", holdout, template)
     log("[repair] evaluating the aligned model on the validation config")
     aligned = point(evaluate_model(aligned_cfg))
     target = cfg.target_refusal
@@ -123,8 +125,8 @@ def _sweep(cfg, method, state, inputs, sweep, out: Path, log) -> dict:
         save(method.apply(state, s), cand / "candidate", str(inputs.aligned.config_dir.resolve()))
         seconds = round(time.time() - started, 1)
         log(f"[repair] {method.knob}={_label(s)}: evaluating")
-        p = {"strength": s, **point(evaluate_model(validation_config(cfg, str(cand / "candidate"), cand / "eval", holdout))),
-             "apply_seconds": seconds}
+        ecfg = validation_config(cfg, str(cand / "candidate"), cand / "eval", holdout, template)
+        p = {"strength": s, **point(evaluate_model(ecfg)), "apply_seconds": seconds}
         curve.append(p)
         if kept is None and target is not None and (p["refusal_rate"]["value"] or 0) >= target:
             kept = s  # the weakest passing candidate: keep its weights, drop the others

@@ -132,15 +132,16 @@ def calibration_hessians(inputs: RepairInputs, cfg) -> tuple[dict[str, torch.Ten
         return accumulate
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
+    device = next(model.parameters()).device
     try:
         with torch.no_grad():
             for ids in rows:  # one sequence at a time: no padding enters X
                 seen.clear()
-                model(input_ids=torch.tensor([ids]))
+                model(input_ids=torch.tensor([ids], device=device))
     finally:
         for h in handles:
             h.remove()
-    hessians = {g: 2 * sums[g] / counts[g] for g in sums}
+    hessians = {g: (2 * sums[g] / counts[g]).cpu() for g in sums}
     return hessians, group
 
 

@@ -27,13 +27,18 @@ class TargetNotMet(RuntimeError):
     """No strength met the safety target; the message says the best one found."""
 
 
-def validation_config(cfg: RepairConfig, model: str, out: Path, holdout: dict | None) -> EvalConfig:
-    """The EvalConfig each candidate is evaluated with (`validation: {config: PATH, ...}`
-    starts from an eval YAML), plus the task hold-out benchmark if any."""
+def validation_config(cfg: RepairConfig, model: str, out: Path, holdout: dict | None,
+                      template: str | None = None) -> EvalConfig:
+    """The EvalConfig each candidate (and the aligned model) is evaluated with
+    (`validation: {config: PATH, ...}` starts from an eval YAML), plus the task hold-out
+    benchmark if any; `template` (the fine-tune's eval template) unless the validation sets one,
+    so that every model of the curve is asked the same way."""
     block = dict(cfg.validation or {})
     path = block.pop("config", None)
     layers = [to_dict(load(EvalConfig, path))] if path else [DEFAULT_VALIDATION]
     layers.append(block)
+    if template and not any(layer.get("template") for layer in layers):
+        layers.append({"template": template})
     ecfg = build(EvalConfig, *layers, {"model": {"name": model}, "output_dir": str(out),
                                        "data_dir": cfg.data_dir}, where="validation")
     if holdout:
