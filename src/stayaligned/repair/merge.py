@@ -21,7 +21,7 @@ def interpolate(finetuned, aligned, lam: float):
         return f
     if lam == 1:
         return a
-    return (1.0 - lam) * f + lam * a
+    return (f * (1.0 - lam)).add_(a, alpha=lam)
 
 
 class Merge(Repair):

@@ -39,10 +39,13 @@ def dare(delta: torch.Tensor, p: float, generator: torch.Generator | None = None
 
 def resta_tensor(f, a, u, beta: float, p: float = 0.0, generator=None) -> torch.Tensor:
     """One tensor of the RESTA model, in float32."""
-    f, a, u = f.float(), a.float(), u.float()
+    f, a = f.float(), a.float()
+    if beta == 0 and p == 0:
+        return f
+    safety = (a - u.float()).mul_(beta)  # in place: a few tensors of memory, not a model's
     if p == 0:
-        return f if beta == 0 else f + beta * (a - u)
-    return a + dare(f - a, p, generator) + beta * (a - u)
+        return safety.add_(f)
+    return safety.add_(a).add_(dare(f - a, p, generator))
 
 
 class Resta(Repair):

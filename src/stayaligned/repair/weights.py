@@ -305,7 +305,7 @@ def write_streamed(path: Path, shard: Streamed) -> None:
             if tuple(tensor.shape) != tuple(shape):
                 raise RepairError(f"tensor {name}: computed shape {list(tensor.shape)}, "
                                   f"expected {list(shape)}")
-            handle.write(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+            handle.write(tensor.reshape(-1).view(torch.uint8).numpy())  # no extra copy
     tmp.replace(path)
 
 
