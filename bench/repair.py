@@ -37,9 +37,11 @@ CASES = [  # (name, method, fine-tune input, strength, extra args)
     ("safe_delta (LoRA fine-tune)", "safe_delta", "sft", 0.1, []),
 ]
 TARGETS = {"merge": 30, "resta": 30, "safelora": 30, "safe_delta": 300}
-PROBE = ("import resource, sys, runpy; sys.argv = ['stayaligned'] + sys.argv[1:]; "
-         "from stayaligned.cli import main; code = main(sys.argv[1:]); "
-         "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)")
+PROBE = ("import resource, sys, time; t0 = time.time(); import torch, transformers, peft; "
+         "import stayaligned.repair.run; from stayaligned.cli import main; t1 = time.time(); "
+         "code = main(sys.argv[1:]); t2 = time.time(); u = resource.getrusage(resource.RUSAGE_SELF); "
+         "print('MAXRSS_KB', u.ru_maxrss); print('IMPORT_S', t1 - t0); print('RUN_S', t2 - t1); "
+         "print('CPU_S', u.ru_utime + u.ru_stime); sys.exit(code)")
 BASELINE = ("import resource, torch, transformers, peft, safetensors, stayaligned.repair.run; "
             "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
 
@@ -52,9 +54,13 @@ def run(cmd: list[str], env: dict) -> subprocess.CompletedProcess:
     return done
 
 
+def probe(out: str, key: str) -> float:
+    line = next(row for row in out.splitlines() if row.startswith(key + " "))
+    return float(line.split()[1])
+
+
 def maxrss_mb(out: str) -> float:
-    line = next(l for l in out.splitlines() if l.startswith("MAXRSS_KB"))
-    return int(line.split()[1]) / 1024
+    return probe(out, "MAXRSS_KB") / 1024
 
 
 def build_inputs(work: Path, env: dict) -> dict:
@@ -90,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     paths = build_inputs(work, env)
-    weights = work / "aligned" / "merged" / "model.safetensors"
+    weights = next(p for p in (work / "aligned" / d / "model.safetensors" for d in ("merged", "model"))
+                   if p.is_file())
     model_mb = weights.stat().st_size / 2**20
     baseline = maxrss_mb(run([sys.executable, "-c", BASELINE], env).stdout)
     rows = []
@@ -106,11 +113,16 @@ def main(argv: list[str] | None = None) -> int:
         seconds = time.time() - started
         rss = maxrss_mb(done.stdout)
         row = {"case": name, "method": method, "finetune": ft, "strength": strength,
-               "seconds": round(seconds, 1), "peak_rss_mb": round(rss, 1),
+               "seconds": round(seconds, 1),
+               "import_seconds": round(probe(done.stdout, "IMPORT_S"), 1),
+               "repair_seconds": round(probe(done.stdout, "RUN_S"), 1),
+               "cpu_seconds": round(probe(done.stdout, "CPU_S"), 1),
+               "peak_rss_mb": round(rss, 1),
                "peak_rss_x_model": round(rss / model_mb, 2),
                "peak_rss_above_imports_x_model": round((rss - baseline) / model_mb, 2),
                "target_seconds": TARGETS[method],
-               "seconds_ok": seconds < TARGETS[method]}
+               "seconds_ok": seconds < TARGETS[method],
+               "repair_seconds_ok": probe(done.stdout, "RUN_S") < TARGETS[method]}
         if method in ("merge", "resta"):
             row["rss_ok"] = rss / model_mb <= 2.2
         rows.append(row)
@@ -122,10 +134,16 @@ def main(argv: list[str] | None = None) -> int:
                  "model_file_mb": round(model_mb, 1), "imports_only_rss_mb": round(baseline, 1),
                  "device": f"cpu ({os.cpu_count()} cores visible, shared with other jobs)",
                  "inputs": {k: str(v) for k, v in paths.items()},
-                 "notes": "seconds are the whole `stayaligned repair` command at one strength "
-                          "(no validation sweep), including Python start-up and imports; "
-                          "safe_delta includes its calibration pass over 110 demo-safety "
-                          "examples on the aligned model"},
+                 "load_average_at_start": os.getloadavg(),
+                 "notes": "seconds: the whole `stayaligned repair` command at one strength (no "
+                          "validation sweep), wall clock, with Python start-up; import_seconds: "
+                          "importing torch/transformers/peft/stayaligned; repair_seconds: the "
+                          "command after imports (resolve + sha256 of the inputs, prepare, apply, "
+                          "save); cpu_seconds: user + system CPU time of the process. The machine "
+                          "was shared with other jobs (see load_average_at_start: 2 cores), so "
+                          "wall-clock numbers are inflated; cpu_seconds is the less contended "
+                          "measure. safe_delta includes its calibration pass over the 110 "
+                          "demo-safety examples on the aligned model."},
     }
     from stayaligned.runfiles import write_json
 
