@@ -127,6 +127,13 @@ def main(argv: list[str] | None = None) -> int:
             row["rss_ok"] = rss / model_mb <= 2.2
         rows.append(row)
         print(json.dumps(row))
+    if args.only:  # keep the other methods' rows of an earlier run
+        from stayaligned.runfiles import read_json
+
+        earlier = (read_json(Path(args.output)) or {}).get("rows", [])
+        done = {r["case"] for r in rows}
+        rows = [r for r in earlier if r["case"] not in done and r["method"] not in args.only] + rows
+        rows.sort(key=lambda r: [c[0] for c in CASES].index(r["case"]))
     result = {
         "rows": rows,
         "meta": {"command": f"python bench/repair.py --work {args.work}",

@@ -26,26 +26,35 @@ from stayaligned.repair.base import Repair, RepairInputs, Weights, full_weights
 from stayaligned.repair.weights import RepairError
 
 
-def dare(delta: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+def dare(delta: torch.Tensor, p: float, generator: torch.Generator | None = None,
+         inplace: bool = False) -> torch.Tensor:
     """Drop And REscale (Yu et al. 2023): zero each entry with probability p, scale the rest by
     1/(1 − p); p = 0 returns `delta` unchanged."""
     if not 0 <= p < 1:
         raise RepairError(f"dare_p={p}: must be in [0, 1)")
     if p == 0:
         return delta
-    keep = torch.rand(delta.shape, generator=generator) >= p
-    return torch.where(keep, delta / (1.0 - p), torch.zeros_like(delta))
+    drop = torch.rand(delta.shape, generator=generator) < p
+    out = delta if inplace else delta.clone()
+    return out.mul_(1.0 / (1.0 - p)).masked_fill_(drop, 0.0)
 
 
 def resta_tensor(f, a, u, beta: float, p: float = 0.0, generator=None) -> torch.Tensor:
-    """One tensor of the RESTA model, in float32."""
+    """One tensor of the RESTA model, in float32. Inputs are released as soon as they are used
+    (the caller passes fresh tensors), so one tensor costs a few copies of itself, not more."""
     f, a = f.float(), a.float()
     if beta == 0 and p == 0:
         return f
-    safety = (a - u.float()).mul_(beta)  # in place: a few tensors of memory, not a model's
+    out = a - u.float()
+    del u
+    out.mul_(beta)
     if p == 0:
-        return safety.add_(f)
-    return safety.add_(a).add_(dare(f - a, p, generator))
+        return out.add_(f)
+    delta = f - a
+    del f
+    out.add_(a)
+    del a
+    return out.add_(dare(delta, p, generator, inplace=True))
 
 
 class Resta(Repair):
