@@ -117,6 +117,11 @@ def test_safelora_projection_equals_a_hand_computed_4x4_case():
     projected = project(v, delta)
     # ⟨ΔW, CΔW⟩ = (1 + 4)/√5, ‖ΔW‖ = 2, ‖CΔW‖ = √17/√5
     assert similarity(delta, projected) == pytest.approx(5 / (2 * 17 ** 0.5), abs=1e-6)
+    from stayaligned.repair.safelora import lora_similarity
+
+    a2, b2 = torch.randn(2, 4), torch.randn(4, 2)
+    assert lora_similarity(a2, b2, project(v, b2)) == pytest.approx(
+        similarity(b2 @ a2, project(v, b2 @ a2)), abs=1e-5)
     sims = {"a": 0.9, "b": 0.2, "c": 0.5}
     assert chosen_layers(sims, "threshold", 0.5) == ["b"]
     assert chosen_layers(sims, "number", 2) == ["b", "c"]

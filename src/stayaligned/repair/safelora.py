@@ -43,6 +43,17 @@ def similarity(delta: torch.Tensor, projected: torch.Tensor) -> float:
     return num / den if den > 0 else 1.0
 
 
+def lora_similarity(a: torch.Tensor, b: torch.Tensor, cb: torch.Tensor) -> float:
+    """`similarity(B A, C B A)` through r x r products only: with G = A Aᵀ,
+    ⟨BA, CBA⟩ = tr(Bᵀ C B G), ‖BA‖² = tr(Bᵀ B G), ‖CBA‖² = tr((CB)ᵀ CB G)."""
+    a, b, cb = a.float(), b.float(), cb.float()
+    g = a @ a.t()
+    num = float(torch.trace(b.t() @ cb @ g))
+    den = float(torch.trace(b.t() @ b @ g).clamp(min=0).sqrt() *
+                torch.trace(cb.t() @ cb @ g).clamp(min=0).sqrt())
+    return num / den if den > 0 else 1.0
+
+
 def chosen_layers(sims: dict[str, float], mode: str, strength: float) -> list[str]:
     """The layers projected: similarity < τ, or the K lowest (ties: the earlier layer)."""
     if mode == "threshold":
@@ -76,8 +87,13 @@ class SafeLora(Repair):
         modules = list(ft.modules) if isinstance(ft, LoraSource) else full_modules(inputs)
         sims = {}
         for module in modules:
-            delta, v = self._delta(inputs, module), self._v(inputs, module)
-            sims[module] = similarity(delta, project(v, delta))
+            v = self._v(inputs, module)
+            if isinstance(ft, LoraSource):  # C (B A) = (C B) A: never form the full update
+                a, b = ft.lora_pair(module)
+                sims[module] = lora_similarity(a, b, project(v, b))
+            else:
+                delta = self._delta(inputs, module)
+                sims[module] = similarity(delta, project(v, delta))
         return {"inputs": inputs, "similarity": sims}
 
     def _v(self, inputs: RepairInputs, module: str) -> torch.Tensor:
