@@ -12,6 +12,7 @@
   stayaligned depth --seed SEED --model RUN [--source demo-safety] [--tokens 8] --output DIR
   stayaligned judges compare JUDGMENTS_A JUDGMENTS_B [--output FILE]
   stayaligned pairs --model M --harmful SOURCE [--refusals SOURCE] --output FILE [--prefill TEXT]
+  stayaligned repair --model FT --aligned A [--base B] --method M [--target-refusal R] --output DIR
 
 Flags and key=value overrides may come in any order; `--key value` and `--key=value` are
 overrides too (`--optim.lr 1e-4`), and train/align/data preview accept the Hugging Face names
@@ -160,6 +161,32 @@ def build_parser() -> argparse.ArgumentParser:
     pairs.add_argument("--data-dir", help="local copies of named datasets")
     pairs.add_argument("--max-new-tokens", type=int, default=64)
 
+    rep = sub.add_parser("repair", help="restore the safety of a finished fine-tune (post hoc)")
+    rep.add_argument("--model", required=True, help="the fine-tune: run dir, PEFT adapter, weights or Hub id")
+    rep.add_argument("--aligned", required=True, help="the aligned model the fine-tune started from")
+    rep.add_argument("--base", help="the pre-alignment base (safelora; resta --reference base)")
+    rep.add_argument("--unaligned", help="resta --reference harmful_finetune: the aligned model "
+                     "fine-tuned on harmful pairs")
+    rep.add_argument("--method", required=True, help="merge | resta | safelora | safe_delta")
+    rep.add_argument("--strengths", help="the sweep, e.g. 0,0.25,0.5 (default: the method's)")
+    rep.add_argument("--strength", type=float, help="without a target: the strength to save")
+    rep.add_argument("--target-refusal", type=float, help="keep the weakest strength with this "
+                     "validation refusal rate (0-1)")
+    rep.add_argument("--target-kept", type=float, help="... or this share of the aligned model's")
+    rep.add_argument("--validation", help="an eval YAML of validation benchmarks (not the "
+                     "evaluation sets); default: the demo harmful align split")
+    rep.add_argument("--task-holdout", type=int, default=0, help="add N task items held out of "
+                     "the fine-tune's own training source (stayaligned runs)")
+    rep.add_argument("--reference", default="base", help="resta: base | harmful_finetune")
+    rep.add_argument("--dare-p", type=float, default=0.0, help="resta: DARE drop probability")
+    rep.add_argument("--select", default="threshold", help="safelora: threshold (tau) | number (K)")
+    rep.add_argument("--calibration", default="demo-safety", help="safe_delta: harmful prompts "
+                     "with refusals")
+    rep.add_argument("--calibration-limit", type=int, default=128)
+    rep.add_argument("--data-dir", help="local copies of named datasets")
+    rep.add_argument("--seed", type=int, default=0)
+    rep.add_argument("--output", required=True, help="the repaired model's directory")
+
     data = sub.add_parser("data", help="inspect datasets and rendering")
     dsub = data.add_subparsers(dest="data_command", required=True)
     prev = dsub.add_parser("preview", help="show rendered examples with the loss mask",
@@ -250,6 +277,8 @@ def _dispatch(args) -> int:
                             args.limit, args.data_dir, args.max_new_tokens)
         print(f"[pairs] wrote {out}")
         return 0
+    if args.command == "repair":
+        return commands.repair(args)
     path, overrides = _split_config(args)
     if args.command in ("align", "train"):
         cls = AlignConfig if args.command == "align" else TrainConfig

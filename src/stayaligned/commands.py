@@ -231,5 +231,39 @@ def judges_compare(a: str, b: str, output: str | None) -> dict:
     return result
 
 
+def repair(args) -> int:
+    """`stayaligned repair`: 0 when saved, 1 when a target was given and no strength met it."""
+    from stayaligned.config import RepairConfig, build
+    from stayaligned.repair.run import run_repair
+    from stayaligned.repair.sweep import TargetNotMet
+
+    strengths = [float(x) for x in args.strengths.split(",") if x.strip()] if args.strengths else []
+    cfg = build(RepairConfig, {
+        "method": args.method, "model": args.model, "aligned": args.aligned, "base": args.base,
+        "unaligned": args.unaligned, "strengths": strengths, "strength": args.strength,
+        "target_refusal": args.target_refusal, "target_kept": args.target_kept,
+        "reference": args.reference, "dare_p": args.dare_p, "select": args.select,
+        "calibration": args.calibration, "calibration_limit": args.calibration_limit,
+        "validation": {"config": args.validation} if args.validation else {},
+        "task_holdout": args.task_holdout, "data_dir": args.data_dir, "seed": args.seed,
+        "output_dir": args.output}, where="repair")
+    try:
+        record = run_repair(cfg, log=console.print)
+    except TargetNotMet as err:
+        console.print(f"[red]stayaligned repair: {err}[/red]")
+        return 1
+    if record.get("curve"):
+        table = Table(title=f"{record['method']}: validation curve ({record['knob']})")
+        for column in (record["knob"], "refusal [95% CI]", "task loss [95% CI]"):
+            table.add_column(column)
+        for p in record["curve"]:
+            r, loss = p["refusal_rate"], p.get("task_loss")
+            mark = " (chosen)" if p["strength"] == record["strength"] else ""
+            table.add_row(f"{p['strength']:g}{mark}", fmt_rate(r) if r["value"] is not None else "-",
+                          fmt_mean(loss, digits=3))
+        console.print(table)
+    return 0
+
+
 __all__ = ["train", "evaluate", "data_preview", "data_list", "data_templates", "quickstart",
-           "check", "depth", "judges_compare"]
+           "check", "depth", "judges_compare", "repair"]

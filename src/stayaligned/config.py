@@ -194,6 +194,34 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class RepairConfig:
+    """`stayaligned repair` (and a study cell's `repair:` block): restore the safety of a
+    finished fine-tune post hoc, sweeping the method's knob on a validation split."""
+
+    method: str = "merge"  # merge | resta | safelora | safe_delta (stayaligned.repair)
+    of: str | None = None  # study cells only: the cell whose fine-tune is repaired
+    model: str | None = None  # the fine-tune: run dir, PEFT adapter dir, full weights or Hub id
+    aligned: str | None = None  # the aligned model the fine-tune started from
+    base: str | None = None  # the pre-alignment base (safelora; resta with reference: base)
+    unaligned: str | None = None  # resta with reference: harmful_finetune
+    strengths: tuple[float, ...] = ()  # the sweep; empty: the method's defaults
+    strength: float | None = None  # without a target: the one to save (None: method default)
+    target_refusal: float | None = None  # pick the weakest strength with refusal >= this
+    target_kept: float | None = None  # ... or >= this share of the aligned model's refusal
+    reference: str = "base"  # resta: base | harmful_finetune
+    dare_p: float = 0.0  # resta: DARE drop probability on the fine-tune's delta
+    select: str = "threshold"  # safelora: threshold (knob tau) | number (knob K)
+    calibration: str = "demo-safety"  # safe_delta: harmful prompts with refusals
+    calibration_split: str = "train"
+    calibration_limit: int = 128
+    validation: dict = field(default_factory=dict)  # an EvalConfig mapping ({config: PATH} ok)
+    task_holdout: int = 0  # task items held out of the fine-tune's own training source
+    data_dir: str | None = None
+    seed: int = 0
+    output_dir: str = "runs/repair"
+
+
+@dataclass(frozen=True)
 class CellConfig:
     """One cell of a study: a method or a stack, with its options and any other overrides of
     the study's shared `train` block (e.g. a different learning rate)."""
@@ -202,6 +230,7 @@ class CellConfig:
     methods: tuple[str, ...] = ("sft",)
     options: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
+    repair: RepairConfig | None = None  # a post-hoc repair of another cell instead of training
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ A study is a list of stages, each writing into its own directory under the study
   cells/<cell>/train/      one fine-tune per cell (and per seed: <cell>-seed<k> with several)
   cells/<cell>/eval/       generations, judgments, task_loss, metrics
   cells/<cell>/depth/      per-token KL against the base model
+  cells/<cell>/repair/     a repair cell's repaired model (`repair: {of: CELL, method: ...}`)
 
 A stage whose output is complete is skipped, so running the same command again after a kill
 finishes the study without redoing finished training, generation or judging (an interrupted
@@ -220,12 +221,16 @@ def plan(cfg: StudyConfig) -> list[Stage]:
         add_eval("aligned/eval", "evaluate the aligned seed", str(out / "aligned" / "train"))
     base = base_model(cfg, out)
     for run_id, cell, seed in cell_ids(cfg):
-        tcfg = cell_train_config(cfg, out, run_id, cell, seed)
-        trained = str(out / "cells" / run_id / "train")
-        stages.append(Stage(f"cells/{run_id}/train", "train",
-                            f"{run_id}: fine-tune ({' + '.join(cell.methods)})", run_id,
-                            lambda tcfg=tcfg: _run_train(tcfg), lambda tcfg=tcfg: _train_done(tcfg),
-                            tcfg))
+        if cell.repair is not None:
+            trained = _add_repair(cfg, out, stages, run_id, cell, seed)
+        else:
+            tcfg = cell_train_config(cfg, out, run_id, cell, seed)
+            trained = str(out / "cells" / run_id / "train")
+            stages.append(Stage(f"cells/{run_id}/train", "train",
+                                f"{run_id}: fine-tune ({' + '.join(cell.methods)})", run_id,
+                                lambda tcfg=tcfg: _run_train(tcfg),
+                                lambda tcfg=tcfg: _train_done(tcfg),
+                                tcfg))
         add_eval(f"cells/{run_id}/eval", f"{run_id}: evaluate", trained, cell=run_id)
         if cfg.depth.enabled:
             target = out / "cells" / run_id / "depth"
@@ -234,6 +239,50 @@ def plan(cfg: StudyConfig) -> list[Stage]:
                 run_id, lambda target=target, trained=trained: _run_depth(cfg, base, trained, target),
                 lambda target=target, trained=trained: _depth_done(cfg, base, trained, target)))
     return stages
+
+
+def repair_config(cfg: StudyConfig, out: Path, run_id: str, cell, seed: int):
+    """The RepairConfig of a repair cell: the `of` cell's fine-tune (same seed), the study's
+    aligned seed, and the seed as the pre-alignment base when the study aligns it."""
+    from stayaligned.config import RepairConfig
+
+    names = [c.name for c in cfg.cells]
+    of = cell.repair.of
+    if of not in names or of == cell.name or cfg.cells[names.index(of)].repair is not None:
+        raise ConfigError(f"cells.{cell.name}.repair.of: {of!r} must name an earlier training "
+                          f"cell of this study ({', '.join(n for n, c in zip(names, cfg.cells) if c.repair is None)})")
+    if names.index(of) > names.index(cell.name):
+        raise ConfigError(f"cells.{cell.name}: list it after the cell it repairs ({of})")
+    of_id = f"{of}-seed{seed}" if len(cfg.seeds) > 1 else of
+    pre_aligned = cfg.model.name if cfg.align is not None else None
+    return build(RepairConfig, to_dict(cell.repair), {
+        "model": str(out / "cells" / of_id / "train"), "aligned": base_model(cfg, out),
+        "base": cell.repair.base or pre_aligned, "data_dir": cfg.data_dir, "seed": seed,
+        "output_dir": str(out / "cells" / run_id / "repair")}, where=f"cells.{cell.name}.repair")
+
+
+def _add_repair(cfg: StudyConfig, out: Path, stages: list, run_id: str, cell, seed: int) -> str:
+    rcfg = repair_config(cfg, out, run_id, cell, seed)
+
+    def run():
+        from stayaligned.repair.run import run_repair
+        from stayaligned.training.run import is_complete
+
+        if not is_complete(Path(rcfg.model)):
+            raise ConfigError(f"{rcfg.model} is not a finished fine-tune; run the cell "
+                              f"{cell.repair.of} first")
+        return run_repair(rcfg)
+
+    def done():
+        from stayaligned.fingerprint import differences
+
+        record = read_json(Path(rcfg.output_dir) / "repair.json") or {}
+        return "strength" in record and not differences(
+            record.get("config", {}), to_dict(rcfg), to_dict(type(rcfg)()))
+
+    stages.append(Stage(f"cells/{run_id}/repair", "repair",
+                        f"{run_id}: repair {cell.repair.of} ({cell.repair.method})", run_id, run, done))
+    return rcfg.output_dir
 
 
 # ---------------------------------------------------------------- running

@@ -1,0 +1,163 @@
+"""`stayaligned repair`: resolve and check the inputs, prepare the method once, sweep its knob
+on the validation config, keep the weakest strength that meets the target, and write
+
+  OUT/model/ or OUT/adapter/   the repaired model (safetensors; an adapter for a LoRA SafeLoRA)
+  OUT/run.json                 the templates of the fine-tune, so `eval` uses the same ones
+  OUT/repair.json              inputs with hashes, method, options, the curve, the choice
+  OUT/curve.png                refusal and task loss against the knob
+  OUT/sweep/<strength>/eval/   each candidate's validation evaluation (and the aligned model's)
+
+OUT is then a model name for `eval`, `check` and `study` like any run directory.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from stayaligned.config import RepairConfig, to_dict
+from stayaligned.repair import METHOD_NAMES, repairs
+from stayaligned.repair.base import RepairInputs, save, templates
+from stayaligned.repair.sweep import (
+    TargetNotMet,
+    best,
+    evaluate_model,
+    pick,
+    plot_curve,
+    point,
+    task_holdout,
+    validation_config,
+)
+from stayaligned.repair.weights import RepairError, TensorSource, check_compatible, open_model
+from stayaligned.runfiles import package_versions, read_json, write_json
+
+
+def open_inputs(cfg: RepairConfig, work_dir: Path) -> RepairInputs:
+    """Resolve every model and check each against the aligned one, tensor by tensor."""
+    if not cfg.model or not cfg.aligned:
+        raise RepairError("repair needs the fine-tune (--model) and the aligned model it came "
+                          "from (--aligned)")
+    aligned = open_model(cfg.aligned)
+    if aligned.kind != "full":
+        raise RepairError(f"aligned model {cfg.aligned}: expected full weights, got a LoRA "
+                          "adapter; merge it first (stayaligned align writes merged/)")
+    source = aligned.source if isinstance(aligned.source, TensorSource) else None
+    inputs = RepairInputs(open_model(cfg.model, source), aligned, config=cfg, work_dir=work_dir)
+    check_compatible(aligned, inputs.finetune, "fine-tune", "aligned model")
+    for role in ("base", "unaligned"):
+        name = getattr(cfg, role)
+        if name:
+            other = open_model(name, source)
+            check_compatible(aligned, other, f"{role} model", "aligned model")
+            setattr(inputs, role, other)
+    return inputs
+
+
+def _label(strength: float) -> str:
+    return f"{strength:g}"
+
+
+def run_repair(cfg: RepairConfig, log=print) -> dict:
+    """The whole repair; returns the repair.json dict. Raises TargetNotMet (after writing
+    repair.json and the curve) when a target is given and no strength meets it."""
+    if cfg.method not in METHOD_NAMES:
+        raise RepairError(f"method={cfg.method!r}: use one of {', '.join(METHOD_NAMES)}")
+    if cfg.target_refusal is not None and cfg.target_kept is not None:
+        raise RepairError("give --target-refusal or --target-kept, not both")
+    started = time.time()
+    out = Path(cfg.output_dir)
+    method = repairs()[cfg.method](cfg)
+    inputs = open_inputs(cfg, out / ".work")
+    log(f"[repair] {cfg.method}: preparing ({inputs.finetune.kind} fine-tune {cfg.model})")
+    state = method.prepare(inputs)
+    targeted = cfg.target_refusal is not None or cfg.target_kept is not None
+    strength = cfg.strength if cfg.strength is not None else method.default
+    sweep = method.order(cfg.strengths or method.defaults) if (targeted or cfg.strengths) else []
+    record = {"method": cfg.method, "knob": method.knob, "stronger": "larger" if method.stronger > 0
+              else "smaller", "config": to_dict(cfg), "versions": package_versions(),
+              "inputs": {role: m.describe() for role, m in _roles(inputs).items()}}
+    if sweep:
+        record.update(_sweep(cfg, method, state, inputs, sweep, out, log))
+        chosen = record["choice"]
+        if targeted and chosen is None:
+            _finish(record, out, started)
+            b = record["best"]
+            raise TargetNotMet(
+                f"no {method.knob} in {', '.join(map(_label, sweep))} met the target refusal "
+                f"{100 * record['target']['refusal']:.1f}% on the validation set; the best was "
+                f"{method.knob}={_label(b['strength'])} with {100 * b['refusal_rate']['value']:.1f}%"
+                f"; nothing saved; the curve is in {out / 'repair.json'}")
+        strength = chosen["strength"] if targeted else strength
+    _place(method, state, inputs, strength, out, log)
+    record["strength"] = strength
+    _finish(record, out, started)
+    log(f"[repair] saved {cfg.method} with {method.knob}={_label(strength)} in {out}")
+    return record
+
+
+def _roles(inputs: RepairInputs) -> dict:
+    roles = {"finetune": inputs.finetune, "aligned": inputs.aligned}
+    for role in ("base", "unaligned"):
+        if getattr(inputs, role) is not None:
+            roles[role] = getattr(inputs, role)
+    return roles
+
+
+def _sweep(cfg, method, state, inputs, sweep, out: Path, log) -> dict:
+    holdout = None
+    if cfg.task_holdout:
+        run = inputs.finetune.run_dir
+        train_cfg = (read_json(run / "run.json") or {}).get("config", {}) if run else {}
+        holdout = task_holdout(train_cfg, cfg.task_holdout, out / "sweep", cfg.data_dir)
+    template = (templates(inputs) or {}).get("eval")
+    aligned_cfg = validation_config(cfg, str(inputs.aligned.config_dir),
+                                    out / "sweep" / "aligned" / "eval", holdout, template)
+    log("[repair] evaluating the aligned model on the validation config")
+    aligned = point(evaluate_model(aligned_cfg))
+    target = cfg.target_refusal
+    if cfg.target_kept is not None:
+        target = cfg.target_kept * (aligned["refusal_rate"]["value"] or 0)
+    curve, kept = [], None
+    for s in sweep:
+        started = time.time()
+        cand = out / "sweep" / _label(s)
+        save(method.apply(state, s), cand / "candidate", str(inputs.aligned.config_dir.resolve()))
+        seconds = round(time.time() - started, 1)
+        log(f"[repair] {method.knob}={_label(s)}: evaluating")
+        ecfg = validation_config(cfg, str(cand / "candidate"), cand / "eval", holdout, template)
+        p = {"strength": s, **point(evaluate_model(ecfg)), "apply_seconds": seconds}
+        curve.append(p)
+        if kept is None and target is not None and (p["refusal_rate"]["value"] or 0) >= target:
+            kept = s  # the weakest passing candidate: keep its weights, drop the others
+        elif not (cfg.target_refusal is None and cfg.target_kept is None and s == cfg.strength):
+            shutil.rmtree(cand / "candidate", ignore_errors=True)
+    chosen = pick(curve, target)
+    plot_curve(curve, out / "curve.png", method.knob, cfg.method, target,
+               chosen["strength"] if chosen else None, aligned)
+    return {"aligned": aligned, "curve": curve, "choice": chosen, "best": best(curve),
+            "target": {"refusal": target, "refusal_given": cfg.target_refusal,
+                       "kept": cfg.target_kept, "met": chosen is not None if target is not None else None},
+            "validation": to_dict(aligned_cfg)["benchmarks"]}
+
+
+def _place(method, state, inputs, strength: float, out: Path, log) -> None:
+    """The final model into OUT: the swept candidate's files if kept, else computed now."""
+    for sub in ("model", "adapter"):
+        shutil.rmtree(out / sub, ignore_errors=True)
+    cand = out / "sweep" / _label(strength) / "candidate"
+    if cand.is_dir():
+        for sub in ("model", "adapter"):
+            if (cand / sub).is_dir():
+                (cand / sub).rename(out / sub)
+        (cand / "run.json").replace(out / "run.json")
+        shutil.rmtree(cand, ignore_errors=True)
+        return
+    log(f"[repair] applying {method.knob}={_label(strength)}")
+    save(method.apply(state, strength), out, str(inputs.aligned.config_dir.resolve()))
+
+
+def _finish(record: dict, out: Path, started: float) -> None:
+    record["seconds"] = round(time.time() - started, 1)
+    shutil.rmtree(out / ".work", ignore_errors=True)
+    write_json(out / "repair.json", record)

@@ -1,0 +1,100 @@
+"""A study cell that repairs another cell: planned after it, run, evaluated and reported."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_study import study_config
+
+from stayaligned.config import ConfigError
+from stayaligned.study import plan, run_study
+
+REPAIR_CELL = (
+    "cells=[{name: sft, methods: [sft]}, {name: sft+resta, repair: {of: sft, method: resta, "
+    "strengths: [0, 1], target_kept: 0.0, task_holdout: 2, validation: {benchmarks: "
+    "[{name: val-harm, source: demo-harmful, split: align, kind: harmful, limit: 3}], "
+    "generation: {max_new_tokens: 3, batch_size: 4}}}}]")
+
+
+@pytest.fixture(scope="module")
+def repair_study(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("repair-study")
+    cfg = study_config(root, tiny_model_dir, "study", REPAIR_CELL)
+    assert run_study(cfg)["failed"] == []
+    return cfg, root / "study"
+
+
+def test_a_repair_cell_is_planned_after_its_cell(tmp_path, tiny_model_dir):
+    keys = [s.key for s in plan(study_config(tmp_path, tiny_model_dir, "s", REPAIR_CELL))]
+    assert keys[keys.index("cells/sft/depth") + 1:] == [
+        "cells/sft+resta/repair", "cells/sft+resta/eval", "cells/sft+resta/depth"]
+    bad = REPAIR_CELL.replace("of: sft", "of: nope")
+    with pytest.raises(ConfigError, match="repair.of: 'nope' must name an earlier training cell"):
+        plan(study_config(tmp_path, tiny_model_dir, "s", bad))
+
+
+def test_a_repair_cell_runs_and_is_evaluated(repair_study, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    from stayaligned.reports.report import summary_rows, write_report
+
+    cfg, out = repair_study
+    record = json.loads((out / "cells/sft+resta/repair/repair.json").read_text())
+    assert record["method"] == "resta" and record["strength"] == 0.0  # weakest meets kept >= 0
+    assert [p["strength"] for p in record["curve"]] == [0.0, 1.0]
+    assert record["inputs"]["finetune"]["kind"] == "lora"
+    assert record["inputs"]["base"]["path"].startswith(str(tiny_model_dir))
+    assert [b["name"] for b in record["validation"]] == ["val-harm", "task-holdout"]
+    held_out = [json.loads(line)["question"] for line in
+                (out / "cells/sft+resta/repair/sweep/task_holdout.jsonl").read_text().splitlines()]
+    trained = json.loads((out / "cells/sft/train/run.json").read_text())
+    assert len(held_out) == 2 and not any(q in json.dumps(trained) for q in held_out)
+    # beta = 0 is the fine-tune itself: the sft adapter merged into the aligned seed
+    repaired = load_file(str(out / "cells/sft+resta/repair/model/model.safetensors"))
+    from stayaligned.config import ModelConfig
+    from stayaligned.models import load_model
+
+    sft, _ = load_model(ModelConfig(name=str(out / "cells/sft/train")))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.allclose(repaired[name], sft.state_dict()[name], atol=1e-5)
+    metrics = json.loads((out / "cells/sft+resta/eval/metrics.json").read_text())
+    assert metrics["model"] == str(out / "cells/sft+resta/repair")
+    rows = summary_rows(out)
+    assert rows["sft+resta"]["refusal_rate"] == metrics["benchmarks"]["harm-plain"]["refusal_rate"]["value"]
+    assert (write_report(out)[0]).is_file()
+
+
+def test_bench_repair_effect_collects_the_repair_cells(repair_study, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    import yaml
+
+    from stayaligned.config import to_dict
+
+    cfg, out = repair_study
+    bench = Path(__file__).resolve().parents[1] / "bench" / "repair_effect.py"
+    spec = importlib.util.spec_from_file_location("repair_effect", bench)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(to_dict(cfg)))
+    target = tmp_path / "repair_effect.json"
+    assert module.main([str(config), "--output", str(target)]) == 0
+    data = json.loads(target.read_text())
+    assert set(data) == {"resta", "target", "meta"}
+    row = data["resta"]
+    metrics = json.loads((out / "cells/sft+resta/eval/metrics.json").read_text())["benchmarks"]
+    aligned = json.loads((out / "aligned/eval/metrics.json").read_text())["benchmarks"]
+    sft = json.loads((out / "cells/sft/eval/metrics.json").read_text())["benchmarks"]
+    assert row["refusal_rate"] == metrics["harm-plain"]["refusal_rate"]["value"]
+    a = aligned["harm-plain"]["refusal_rate"]["value"]
+    assert row["kept"] == (None if a == 0 else row["refusal_rate"] / a)
+    loss, ref = metrics["arith"]["task_loss"]["loss"], sft["arith"]["task_loss"]["loss"]
+    assert row["task_loss"] == loss and row["task_loss_vs_sft"] == pytest.approx(loss / ref - 1)
+    assert row["strength"] == 0.0 and row["knob"] == "beta"
+    assert len(row["validation"]["curve"]) == 2 and row["status"] == "done"
+    assert {"refusal_ci", "prefill_refusal_rate", "over_refusal_rate"} <= set(row)
+    assert data["meta"]["command"].startswith("python bench/repair_effect.py")
