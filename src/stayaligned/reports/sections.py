@@ -134,10 +134,14 @@ def study_words(study: Study) -> list[Block]:
     if c.get("train"):
         text.append(f"Shared budget: {_budget_words(c['train'])}.")
     ts, js = templates(study), judges(study)
-    if ts:
+    if len(c.get("eval_templates") or []) > 1:
         text.append(f"Every model is evaluated under {len(ts)} template(s) ({', '.join(ts)}) and "
                     f"judged by {', '.join(js)}; kept shares and differences compare models under "
                     f"one template and one judge, against the {study.reference_name} cell.")
+    elif ts:
+        text.append(f"Each model is evaluated once, under its run's own eval template "
+                    f"({', '.join(ts)}), judged by {', '.join(js)}; a kept share is only computed "
+                    "where the aligned seed was evaluated under the same template.")
     dose = c.get("dose")
     if dose and dose.get("values"):
         text.append(f"Dose axis: {', '.join(dose.get('cells') or [])} trained once (seed "
@@ -157,7 +161,7 @@ def study_words(study: Study) -> list[Block]:
 
 def template_blocks(study: Study) -> list[Block]:
     ts, js = templates(study), judges(study)
-    if len(ts) < 2 or not js:
+    if len(study.config.get("eval_templates") or []) < 2 or len(ts) < 2 or not js:
         return []
     roles, judge, ref = benchmark_roles(study), js[0], study.reference_name
     aligned = next((m for m in study.models if m.label == "aligned"), None)
