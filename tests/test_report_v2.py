@@ -90,5 +90,6 @@ def test_judges_plots_and_sections(v2):
     assert "ptst − sft: +" in markdown and "ptst − sft-safe: +" in markdown
     plots = {p.name for p in (v2 / "plots").glob("*.png")}
     assert {"dose.png", "training_norms.png", "prefill.png", "over_refusal.png"} <= plots
-    assert '"template": "native:safe"' not in markdown.split("## Configuration")[0]  # words
+    description = next(p for p in markdown.split("\n\n") if p.startswith("Study fake-v2:"))
+    assert "{" not in description and "sft-safe (sft: template native:safe" in description
     assert "str with lam 0.1" in markdown
