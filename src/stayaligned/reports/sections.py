@@ -217,13 +217,13 @@ def _ptst_blocks(study, cells, aligned, roles, judge) -> list[Block]:
 # ---------------------------------------------------------------- judges
 
 
-def judge_blocks(study: Study) -> list[Block]:
+def judge_agreement(study: Study) -> list[dict]:
+    """Per (first judge, other judge, safety benchmark): items judged by both over every model
+    and template, agreement, Cohen's kappa (NaN when undefined) and both refusal rates."""
     from stayaligned.evaluation.judges.compare import cohen_kappa
 
     js = judges(study)
-    if len(js) < 2:
-        return []
-    rows = []
+    out = []
     for other in js[1:]:
         pairs: dict[str, list[tuple[bool, bool]]] = {}
         for m in study.models:
@@ -236,54 +236,91 @@ def judge_blocks(study: Study) -> list[Block]:
                     pairs.setdefault(bench, []).extend(
                         (v, theirs[i]) for i, v in verdicts.items() if i in theirs)
         for bench, items in pairs.items():
-            if not items:
-                continue
-            x, y = [p for p, _ in items], [q for _, q in items]
-            kappa = cohen_kappa(x, y)
-            rows.append((f"{js[0]} vs {other}", bench, str(len(items)),
-                         f"{100 * sum(p == q for p, q in items) / len(items):.1f}%",
-                         "undefined" if math.isnan(kappa) else f"{kappa:.2f}",
-                         f"{100 * sum(x) / len(x):.1f}% / {100 * sum(y) / len(y):.1f}%"))
+            if items:
+                x, y = [p for p, _ in items], [q for _, q in items]
+                out.append({"judges": [js[0], other], "benchmark": bench, "n": len(items),
+                            "agreement": sum(p == q for p, q in items) / len(items),
+                            "kappa": cohen_kappa(x, y), "refusal_rates": [
+                                sum(x) / len(x), sum(y) / len(y)]})
+    return out
+
+
+def judge_blocks(study: Study) -> list[Block]:
+    rows = tuple((" vs ".join(a["judges"]), a["benchmark"], str(a["n"]),
+                  f"{100 * a['agreement']:.1f}%",
+                  "undefined" if math.isnan(a["kappa"]) else f"{a['kappa']:.2f}",
+                  f"{100 * a['refusal_rates'][0]:.1f}% / {100 * a['refusal_rates'][1]:.1f}%")
+                 for a in judge_agreement(study))
+    if len(judges(study)) < 2:
+        return []
     return [Heading("Judges"), Table(
         ("Judges", "Benchmark", "Items (all models, templates)", "Agreement", "Cohen's κ",
-         "Refusal rate (first / second)"), tuple(rows),
+         "Refusal rate (first / second)"), rows,
         "The headline uses the first judge; the second is shown beside it.")]
 
 
 # ---------------------------------------------------------------- dose
 
 
-def dose_blocks(study: Study, colours: dict[str, str]) -> list[Block]:
+def dose_data(study: Study) -> dict | None:
+    """The dose axis measured: per cell, per value, the run, kept share (Pooled), task loss and
+    task-loss gain over the aligned seed, under the first template and the headline judge."""
     dose = study.config.get("dose") or {}
-    runs = [m for m in study.cells if m.dose is not None]
     if not dose.get("values"):
-        return []
-    roles, js = benchmark_roles(study), judges(study)
+        return None
+    roles, js, ts = benchmark_roles(study), judges(study), templates(study)
     aligned = next((m for m in study.models if m.label == "aligned"), None)
-    blocks: list[Block] = [Heading("Dose")]
-    if aligned is None or not js:
-        return [*blocks, Paragraph("Needs the aligned seed's evaluation.")]
-    t, judge = templates(study)[0], js[0]
+    out = {"key": dose.get("key"), "values": dose["values"], "seed": dose.get("seed", 0),
+           "template": ts[0] if ts else None, "judge": js[0] if js else None, "cells": {}}
+    if aligned is None or not js or not ts:
+        return out
+    t, judge = ts[0], js[0]
     base_loss = task_loss([aligned], t, judge, roles["task"])
-    by_cell = {m.group: m for m in study.cells if m.dose is None and m.seed == dose.get("seed", 0)}
-    lines: dict[str, list] = {}
-    table = []
+    runs = [m for m in study.cells if m.dose is not None]
+    own = {m.group: m for m in study.cells if m.dose is None and m.seed == out["seed"]}
     for cell in dose.get("cells") or []:
         for value in dose["values"]:
-            run = next((m for m in runs if m.dose == (cell, value)), None) or by_cell.get(cell)
+            run = next((m for m in runs if m.dose == (cell, value)), None)
+            run = run or (own.get(cell) if _is_own(study, cell, value) else None)
             if run is None:
                 continue
-            k = kept([run], aligned, t, judge, roles["harmful"])
             loss = task_loss([run], t, judge, roles["task"])
-            gain = None if loss is None or base_loss is None else base_loss - loss
-            table.append((cell, str(value), run.label, pct(k), _fmt(loss), _fmt(gain)))
-            if k is not None and gain is not None:
-                lines.setdefault(cell, []).append((value, gain, k))
-    png = plots.dose_curves(lines, colours, dose.get("key", "dose"))
+            out["cells"].setdefault(cell, []).append({
+                "value": value, "run": run.label,
+                "kept": kept([run], aligned, t, judge, roles["harmful"]), "task_loss": loss,
+                "task_loss_gain": None if loss is None or base_loss is None else base_loss - loss})
+    return out
+
+
+def _is_own(study: Study, cell: str, value) -> bool:
+    """Whether `value` is the cell's own value of the dose key (its seed run is the point)."""
+    from stayaligned.grid import _lookup, _same
+
+    config, key = study.config, (study.config.get("dose") or {}).get("key", "")
+    entry = next((c for c in config.get("cells") or [] if c.get("name") == cell), {})
+    own = _lookup(entry.get("train") or {}, key)
+    own = own if own is not None else _lookup(config.get("train") or {}, key)
+    return own is not None and _same(own, value)
+
+
+def dose_blocks(study: Study, colours: dict[str, str]) -> list[Block]:
+    data = dose_data(study)
+    if data is None:
+        return []
+    blocks: list[Block] = [Heading("Dose")]
+    if not data["cells"]:
+        return [*blocks, Paragraph("No dose run evaluated yet (needs the aligned seed's "
+                                   "evaluation and the dose cells').")]
+    lines = {cell: [(p["value"], p["task_loss_gain"], p["kept"]) for p in pts
+                    if p["kept"] is not None and p["task_loss_gain"] is not None]
+             for cell, pts in data["cells"].items()}
+    png = plots.dose_curves(lines, colours, data["key"])
     if png is not None:
         blocks.append(Image("dose.png", png, f"Kept share against task-loss gain (aligned seed's "
-                            f"loss minus the fine-tune's) at each {dose.get('key')}, under {t}; "
-                            "a method helps where its curve lies above sft's"))
-    blocks.append(Table(("Cell", dose.get("key", "value"), "Run", "Kept share", "Task loss",
-                         "Task-loss gain"), tuple(table)))
+                            f"loss minus the fine-tune's) at each {data['key']}, under "
+                            f"{data['template']}; a method helps where its curve lies above sft's"))
+    rows = tuple((cell, str(p["value"]), p["run"], pct(p["kept"]), _fmt(p["task_loss"]),
+                  _fmt(p["task_loss_gain"])) for cell, pts in data["cells"].items() for p in pts)
+    blocks.append(Table(("Cell", data["key"], "Run", "Kept share", "Task loss", "Task-loss gain"),
+                        rows))
     return blocks
