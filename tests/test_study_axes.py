@@ -128,3 +128,35 @@ def test_rejudge_reads_the_generations_and_never_regenerates(tmp_path):
     assert rejudge_done(src, "keyword", src / "judge-keyword")
     (src / "metrics.json").write_text(json.dumps({"config": {"x": 2}, "benchmarks": {}}))
     assert not rejudge_done(src, "keyword", src / "judge-keyword")  # a new evaluation
+
+
+def test_a_tiny_study_with_templates_judges_and_seeds_runs_and_reports(tmp_path,
+                                                                             tiny_model_dir):
+    from test_study import study_config
+
+    from stayaligned.reports.headline import headline_rows
+    from stayaligned.reports.report import write_report
+    from stayaligned.reports.study_files import load_study
+    from stayaligned.study import run_study
+
+    cfg = study_config(tmp_path, tiny_model_dir, "axes", "evaluate_seed=false",
+                       "cells=[{name: sft, methods: [sft]}]", "seeds=[0, 1]",
+                       "eval_templates=[native, native:safe]", "judges=[keyword, classifier]")
+    assert run_study(cfg)["failed"] == []
+    out = tmp_path / "axes"
+    for model in ("aligned", "cells/sft-seed0", "cells/sft-seed1"):
+        for folder in ("eval", "eval-native-safe"):
+            metrics = json.loads((out / model / folder / "metrics.json").read_text())
+            assert metrics["template"] == folder.replace("eval-native-safe", "native:safe") \
+                .replace("eval", "native") and metrics["judge"] == "keyword"
+            other = json.loads((out / model / folder / "judge-classifier/metrics.json").read_text())
+            assert other["judge"] == "classifier"
+            assert other["benchmarks"]["arith"] == metrics["benchmarks"]["arith"]
+            generated = (out / model / folder / "generations.jsonl").read_text().splitlines()
+            judged = (out / model / folder / "judge-classifier/judgments.jsonl").read_text()
+            assert len(judged.splitlines()) == len(generated)
+    rows = {r.cell: r for r in headline_rows(load_study(out))}
+    assert set(rows) == {"sft"} and rows["sft"].kept is None or rows["sft"].kept.seeds == 2
+    markdown = write_report(out)[0].read_text()
+    assert markdown.startswith("# Study report: tiny\n\n| Method |")
+    assert "## Judges" in markdown and "## Templates" in markdown
