@@ -18,7 +18,7 @@ import numpy as np
 
 from stayaligned.reports import pooling
 from stayaligned.reports.pooling import Pooled
-from stayaligned.reports.study_files import ModelRun, Study, View
+from stayaligned.reports.study_files import ModelRun, Study
 from stayaligned.reports.tables import pareto_front, prefill_parts
 
 REFERENCE_LABELS = ("seed", "aligned")

@@ -11,12 +11,12 @@ configuration, package versions and stage times.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import yaml
 
-from stayaligned.reports import plots, pooling, sections
+from stayaligned.reports import groups as grouping
+from stayaligned.reports import plots, sections
 from stayaligned.reports.document import (
     Block,
     Code,
@@ -28,12 +28,11 @@ from stayaligned.reports.document import (
     to_html,
     to_markdown,
 )
-from stayaligned.reports.study_files import ModelRun, Study, View, load_study
+from stayaligned.reports.study_files import ModelRun, Study, load_study
 from stayaligned.reports.tables import (
     benchmarks,
     fmt_rate,
     main_benchmark,
-    model_rate,
     over_refusal_table,
     pareto_front,
     prefill_groups,
@@ -98,38 +97,12 @@ def write_report(study_dir: str | Path, output: str | Path | None = None,
 def build_report(study: Study, utility: str = "both", overhead: dict | None = None) -> list[Block]:
     """The headline table and recommendation first, then the study in words, then the
     detailed sections."""
-    colours = _colours(study)
+    colours = grouping.colours(study)
     return [Heading(f"Study report: {study.name}", 1), *sections.headline_blocks(study, overhead),
             *_overview(study), *_results(study), *sections.template_blocks(study),
             *_safety_utility(study, utility), *_prefill(study), *sections.dose_blocks(study, colours),
             *_depth(study), *_over_refusal(study), *sections.judge_blocks(study),
             *_training(study), *_cells(study), *_configuration(study)]
-
-
-def _primary(model: ModelRun) -> View | None:
-    return next((v for v in model.views if v.folder == "eval"), None)
-
-
-def _group_rate(runs: list[ModelRun], name: str | None):
-    """A group's rate on `name` from each run's eval/: the run's own Rate (Wilson interval)
-    for one seed, pooled over seeds (cluster bootstrap, reports/pooling.py) for several."""
-    if name is None:
-        return None
-    if len(runs) == 1:
-        return safety_rate(runs[0], name)
-    per_seed = [v.verdicts.get(name) for m in runs if (v := _primary(m)) and v.verdicts.get(name)]
-    if not per_seed:
-        return None
-    ids = pooling.shared_items([per_seed])
-    return pooling.pooled_rate(pooling.verdict_matrix(per_seed, ids)) if ids else None
-
-
-def _groups(study: Study) -> dict[str, list[ModelRun]]:
-    """Model groups in row order: seed, aligned, each cell pooled over its seeds, each dose run."""
-    out: dict[str, list[ModelRun]] = {}
-    for m in study.models:
-        out.setdefault(m.group, []).append(m)
-    return out
 
 
 def _judge(study: Study) -> str:
@@ -196,28 +169,6 @@ def _utility(point: dict, panel: str) -> float | None:
     return point["loss"].get("loss")
 
 
-def _group_score(runs: list[ModelRun], task: str, metric: str):
-    """The task score of one run, or the mean over seeds (no interval) for several."""
-    scores = [s for m in runs if (s := task_score(m, task, metric))]
-    if len(scores) <= 1:
-        return scores[0] if scores else None
-    from stayaligned.reports.tables import Mean
-
-    value = sum(x.value for x in scores) / len(scores)
-    return Mean(n=sum(x.n for x in scores), value=value, low=min(x.value for x in scores),
-                high=max(x.value for x in scores))
-
-
-def _group_loss(runs: list[ModelRun], task: str) -> dict:
-    losses = [(m.benchmark(task) or {}).get("task_loss") or {} for m in runs]
-    losses = [x for x in losses if x.get("loss") is not None]
-    if len(losses) <= 1:
-        return losses[0] if losses else {}
-    mean = sum(x["loss"] for x in losses) / len(losses)
-    sd = math.sqrt(sum((x["loss"] - mean) ** 2 for x in losses) / (len(losses) - 1))
-    return {"loss": mean, "per_example_sem": sd / math.sqrt(len(losses))}
-
-
 def _front_text(points: list[dict], panel: str) -> str | None:
     """The fine-tunes on the Pareto front of one panel, named (the seeds are references)."""
     placed = [(p["label"], p["safety"].value, _utility(p, panel)) for p in points
@@ -236,11 +187,12 @@ def _safety_utility(study: Study, utility: str) -> list[Block]:
                                    f"{'no harmful' if harmful is None else 'no task'} benchmark.")]
     label = "refusal rate" if safety_metric(study, harmful) == "refusal_rate" else "1 - ASR"
     metric = task_metric(study, task)
-    colours = _colours(study)
-    points = [{"label": group, "safety": _group_rate(runs, harmful),
-               "score": _group_score(runs, task, metric), "loss": _group_loss(runs, task),
+    colours = grouping.colours(study)
+    points = [{"label": group, "safety": grouping.group_rate(runs, harmful),
+               "score": grouping.group_score(runs, task, metric),
+               "loss": grouping.group_loss(runs, task),
                "colour": colours.get(runs[0].label), "reference": runs[0].cell is None}
-              for group, runs in _groups(study).items() if not runs[0].dose]
+              for group, runs in grouping.groups(study).items() if not runs[0].dose]
     panels = _panels(study, task, utility)
     axis = "task accuracy (%)" if metric == "accuracy" else "ROUGE-L F1 (x 100)"
     png = plots.safety_utility(points, panels, (f"{label} on {harmful}", axis),
@@ -258,36 +210,16 @@ def _safety_utility(study: Study, utility: str) -> list[Block]:
 # ---------------------------------------------------------------- 4. prefilling attack
 
 
-def _colours(study: Study) -> dict[str, str]:
-    """One matplotlib colour per model (a cell's seeds and dose runs share its colour), in row
-    order, the same in every plot, keyed by run label and by group name: the default cycle for
-    up to 10 models, then tab20's 20 distinct colours."""
-    names = list(dict.fromkeys(m.dose[0] if m.dose else m.group for m in study.models))
-    if len(names) <= 10:
-        palette = [f"C{i}" for i in range(10)]
-    else:
-        import matplotlib
-
-        palette = [matplotlib.colors.to_hex(c) for c in matplotlib.colormaps["tab20"].colors]
-    by_name = {n: palette[i % len(palette)] for i, n in enumerate(names)}
-    out = dict(by_name)
-    for m in study.models:
-        out[m.label] = by_name[m.dose[0] if m.dose else m.group]
-        out.setdefault(m.group, out[m.label])
-    return out
-
-
-
 def _prefill(study: Study) -> list[Block]:
     blocks: list[Block] = [Heading("Prefilling attack")]
     groups = prefill_groups(study)
     if not groups:
         return [*blocks, Paragraph("No prefilling-attack benchmark in this study (set prefill_k "
                                    "on a harmful benchmark).")]
-    curves = {base: {g: [(k, r) for k, name in ks.items() if (r := _group_rate(runs, name))]
-                     for g, runs in _groups(study).items() if not runs[0].dose}
+    curves = {base: {g: [(k, r) for k, name in ks.items() if (r := grouping.group_rate(runs, name))]
+                     for g, runs in grouping.groups(study).items() if not runs[0].dose}
               for base, ks in groups.items()}
-    png = plots.prefill_curves(curves, _colours(study))
+    png = plots.prefill_curves(curves, grouping.colours(study))
     if png is not None:
         blocks.append(Image("prefill.png", png, "Refusal rate against the number of prefilled "
                             "harmful tokens k (k = 0: the plain benchmark); bars: 95% intervals"))
@@ -306,10 +238,11 @@ def _depth(study: Study) -> list[Block]:
     blocks: list[Block] = [Heading("Depth of alignment (per-token KL)")]
     if not (study.config.get("depth") or {}).get("enabled", True):
         return [*blocks, Paragraph("Depth is disabled in this study's config (depth.enabled).")]
-    results = {g: _pooled_depth([m.depth for m in runs if m.depth])
-               for g, runs in _groups(study).items() if runs[0].cell is not None and not runs[0].dose}
+    results = {g: grouping.pooled_depth([m.depth for m in runs if m.depth])
+               for g, runs in grouping.groups(study).items()
+               if runs[0].cell is not None and not runs[0].dose}
     results = {g: r for g, r in results.items() if r}
-    png = plots.depth_curves(results, _colours(study))
+    png = plots.depth_curves(results, grouping.colours(study))
     if png is not None:
         any_result = next(iter(results.values()))
         blocks.append(Image("depth.png", png, "KL between each fine-tune and the base model at "
@@ -319,23 +252,6 @@ def _depth(study: Study) -> list[Block]:
     if missing:
         blocks.append(Paragraph("No depth result for: " + "; ".join(missing)))
     return blocks
-
-
-def _pooled_depth(results: list[dict]) -> dict | None:
-    """One seed's depth result, or the mean over seeds of the per-position KL (bars: the SEM
-    over seeds)."""
-    if len(results) <= 1:
-        return results[0] if results else None
-    positions = results[0].get("positions") or []
-    means, sems = [], []
-    for i in range(len(positions)):
-        xs = [r["kl_mean"][i] for r in results if i < len(r.get("kl_mean") or [])
-              and r["kl_mean"][i] is not None]
-        mean = sum(xs) / len(xs) if xs else None
-        sd = (math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
-        means.append(mean)
-        sems.append(sd / math.sqrt(len(xs)) if xs else None)
-    return {**results[0], "kl_mean": means, "kl_sem": sems, "seeds": len(results)}
 
 
 # ---------------------------------------------------------------- 6. over-refusal
@@ -348,9 +264,9 @@ def _over_refusal(study: Study) -> list[Block]:
         return [*blocks, Paragraph("No benign benchmark in this study: add one with kind: benign "
                                    "(e.g. XSTest's safe prompts) to measure over-refusal.")]
     harmful, benign = main_benchmark(study, "harmful"), main_benchmark(study, "benign")
-    rows = [(g, _group_rate(runs, harmful), _group_rate(runs, benign))
-            for g, runs in _groups(study).items() if not runs[0].dose]
-    png = plots.over_refusal_bars(rows, harmful or "-", benign, _colours(study))
+    rows = [(g, grouping.group_rate(runs, harmful), grouping.group_rate(runs, benign))
+            for g, runs in grouping.groups(study).items() if not runs[0].dose]
+    png = plots.over_refusal_bars(rows, harmful or "-", benign, grouping.colours(study))
     blocks.append(table)
     if png is not None:
         blocks.append(Image("over_refusal.png", png, f"Refusal on {harmful} (should be high) and "
@@ -374,7 +290,7 @@ def _training_row(model: ModelRun) -> tuple[str, ...]:
 def _training(study: Study) -> list[Block]:
     blocks: list[Block] = [Heading("Training")]
     trained = [m for m in study.models if m.label != "seed"]
-    first = {g: runs[0] for g, runs in _groups(study).items() if runs[0].label != "seed"}
+    first = {g: runs[0] for g, runs in grouping.groups(study).items() if runs[0].label != "seed"}
     logs = {m.label: m.log for m in first.values() if m.log}
     png = plots.training_losses(logs)
     if png is not None:
