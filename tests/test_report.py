@@ -242,6 +242,9 @@ def test_report_renders_in_headless_chromium(report_dir, tmp_path):
                          check=True).stdout
     assert "<th>Refusal rate [95% CI]</th>" in dom and "<td>ptst</td>" in dom
     assert len(re.findall(r'<img src="data:image/png;base64,', dom)) == 5
+    first_table = dom.split("<table", 1)[1].split("</table>", 1)[0]
+    assert "<th>Method</th>" in first_table and "Kept share" in first_table  # headline first
+    assert dom.index("<table") < dom.index("<h2")
     from matplotlib.image import imread
 
     pixels = imread(shot)

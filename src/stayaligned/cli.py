@@ -7,7 +7,7 @@
   stayaligned data preview [CONFIG] [key=value ...] [--n N] [--eval]
   stayaligned data list | stayaligned data templates
   stayaligned study CONFIG [key=value ...] [--cells A,B] [--devices 0,1] [--dry-run]
-  stayaligned report STUDY_DIR [--output DIR] [--notes FINDINGS.md]
+  stayaligned report STUDY_DIR [--output DIR] [--notes FINDINGS.md] [--overhead JSON]
   stayaligned check --model RUN --baseline SEED [CONFIG] [key=value ...] [--max-refusal-drop 5]
   stayaligned depth --seed SEED --model RUN [--source demo-safety] [--tokens 8] --output DIR
   stayaligned judges compare JUDGMENTS_A JUDGMENTS_B [--output FILE]
@@ -121,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("study_dir", help="the study's output directory")
     report.add_argument("--output", help="where to write (default: the study directory)")
     report.add_argument("--notes", help="a Markdown file of findings to put after the overview")
+    report.add_argument("--overhead", help="bench/overhead.py's JSON: the headline's cost per step")
 
     check = sub.add_parser("check", help="safety gate: exit 1 if safety fell beyond limits")
     _config_args(check, required=False)
@@ -261,7 +262,8 @@ def _dispatch(args) -> int:
     if args.command == "report":
         from stayaligned.reports.report import write_report
 
-        paths = write_report(args.study_dir, args.output, notes=args.notes)
+        paths = write_report(args.study_dir, args.output, notes=args.notes,
+                             overhead=args.overhead)
         print("[report] wrote " + ", ".join(str(p) for p in paths))
         return 0
     if args.command == "depth":

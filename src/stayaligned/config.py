@@ -244,6 +244,20 @@ class DepthConfig:
     limit: int = 64
     tokens: int = 8
     template: str = "native"
+    # true: the plan fails unless these prompts share none with STR's mining prompts or SAP's
+    # pairs in any cell (an out-of-sample depth set); false keeps v1 studies valid
+    disjoint: bool = False
+
+
+@dataclass(frozen=True)
+class DoseConfig:
+    """A study axis over fine-tuning strength: each cell in `cells` is also trained (with one
+    seed, `seed`) at each value of the dotted train key `key`, e.g. optim.lr."""
+
+    key: str = "optim.lr"
+    values: tuple[Any, ...] = ()
+    cells: tuple[str, ...] = ()
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -267,6 +281,13 @@ class StudyConfig:
     depth: DepthConfig = field(default_factory=DepthConfig)
     reference: str = "sft"  # the cell the report takes differences against
     output_dir: str = "runs/study"
+    # every model evaluated under each template: the first in eval/, the others in
+    # eval-<template>/; () keeps v1: eval/ only, with each run's own recorded eval template
+    eval_templates: tuple[str, ...] = ()
+    # judges of every evaluation: the first judges in eval/, the others re-judge the same
+    # generations into eval*/judge-<name>/; () keeps v1: eval.judge only
+    judges: tuple[str, ...] = ()
+    dose: DoseConfig | None = None
 
 
 # ---------------------------------------------------------------- building from dicts

@@ -12,6 +12,13 @@ A study is a list of stages, each writing into its own directory under the study
   cells/<cell>/depth/      per-token KL against the base model
   cells/<cell>/repair/     a repair cell's repaired model (`repair: {of: CELL, method: ...}`)
 
+Further axes (stayaligned/grid.py; absent keys keep the layout above): `eval_templates`
+evaluates every model under each template (eval/ for the first, eval-<template>/ for the
+others), `judges` re-judges each evaluation's generations with every further judge into
+eval*/judge-<name>/, and `dose` adds one-seed cells/<cell>-<key><value>/ runs at each value of
+a train key (evaluated under the first template). With `depth.disjoint: true` the plan fails
+when the depth prompts overlap STR's mining prompts or SAP's pairs.
+
 A stage whose output is complete is skipped, so running the same command again after a kill
 finishes the study without redoing finished training, generation or judging (an interrupted
 training resumes from its last checkpoint, an interrupted evaluation from its last batch). A
@@ -73,7 +80,19 @@ def cell_ids(cfg: StudyConfig) -> list[tuple[str, object, int]]:
             raise ConfigError(f"cells: {name!r} cannot be a cell name (a directory name that is "
                               "not 'seed' or 'aligned', without '/')")
     many = len(cfg.seeds) > 1
-    return [(f"{c.name}-seed{s}" if many else c.name, c, s) for c in cfg.cells for s in cfg.seeds]
+    ids = [(f"{c.name}-seed{s}" if many else c.name, c, s) for c in cfg.cells for s in cfg.seeds]
+    dose = [(p.run_id, p.config, cfg.dose.seed) for p in _dose_points(cfg) if p.extra]
+    clash = sorted({i for i, _, _ in dose} & {i for i, _, _ in ids})
+    if clash:
+        raise ConfigError(f"dose: the dose run {clash[0]!r} has the name of a cell run; rename "
+                          "that cell")
+    return ids + dose
+
+
+def _dose_points(cfg: StudyConfig):
+    from stayaligned.grid import dose_points
+
+    return dose_points(cfg, to_dict(TrainConfig()))
 
 
 # ---------------------------------------------------------------- configs of the stages
@@ -106,10 +125,13 @@ def cell_train_config(cfg: StudyConfig, out: Path, run_id: str, cell, seed: int)
                  where=f"cells.{cell.name}")
 
 
-def eval_config(cfg: StudyConfig, model: str, target: Path) -> EvalConfig:
+def eval_config(cfg: StudyConfig, model: str, target: Path, template: str | None = None,
+                judge: str | None = None) -> EvalConfig:
+    """`template` / `judge`: set by eval_templates / judges (None keeps the eval block's)."""
+    chosen = {k: v for k, v in (("template", template), ("judge", judge)) if v is not None}
     return build(EvalConfig, cfg.eval,
                  {"model": {**to_dict(cfg.model), "name": model}, "data_dir": cfg.data_dir,
-                  "output_dir": str(target)}, where="eval")
+                  "output_dir": str(target)}, chosen, where="eval")
 
 
 # ---------------------------------------------------------------- the stages
@@ -207,18 +229,36 @@ def plan(cfg: StudyConfig) -> list[Stage]:
     out = Path(cfg.output_dir)
     stages: list[Stage] = []
 
-    def add_eval(key, title, model, cell=None):
-        ecfg = eval_config(cfg, model, out / key)
-        stages.append(Stage(key, "eval", title, cell, lambda: _run_eval(ecfg),
-                            lambda: _eval_done(ecfg), ecfg))
+    from stayaligned.grid import eval_views, judge_names
+
+    judges = judge_names(cfg.judges, cfg.eval)
+    dose_runs = {p.run_id for p in _dose_points(cfg) if p.extra}
+    if cfg.depth.enabled and cfg.depth.disjoint:
+        from stayaligned.grid import check_depth_disjoint
+
+        trained = {run_id: cell_train_config(cfg, out, run_id, cell, seed)
+                   for run_id, cell, seed in cell_ids(cfg) if cell.repair is None}
+        check_depth_disjoint(cfg, {k: (list(t.methods), t.options) for k, t in trained.items()})
+
+    def add_eval(key, title, model, cell=None):  # key: the model's directory
+        views = eval_views(cfg.eval_templates)
+        for template, folder in views[:1] if cell in dose_runs else views:
+            ecfg = eval_config(cfg, model, out / key / folder, template,
+                               judges[0] if cfg.judges else None)
+            where = f" ({template})" if len(views) > 1 else ""
+            stages.append(Stage(f"{key}/{folder}", "eval", title + where, cell,
+                                lambda ecfg=ecfg: _run_eval(ecfg),
+                                lambda ecfg=ecfg: _eval_done(ecfg), ecfg))
+            for judge in judges[1:]:
+                stages.append(_judge_stage(out, f"{key}/{folder}", judge, title + where, cell))
 
     if cfg.evaluate_seed:
-        add_eval("seed/eval", "evaluate the seed", cfg.model.name)
+        add_eval("seed", "evaluate the seed", cfg.model.name)
     if cfg.align is not None:
         acfg = align_config(cfg, out)
         stages.append(Stage("aligned/train", "align", "align the seed", None,
                             lambda: _run_train(acfg), lambda: _train_done(acfg), acfg))
-        add_eval("aligned/eval", "evaluate the aligned seed", str(out / "aligned" / "train"))
+        add_eval("aligned", "evaluate the aligned seed", str(out / "aligned" / "train"))
     base = base_model(cfg, out)
     for run_id, cell, seed in cell_ids(cfg):
         if cell.repair is not None:
@@ -231,7 +271,7 @@ def plan(cfg: StudyConfig) -> list[Stage]:
                                 lambda tcfg=tcfg: _run_train(tcfg),
                                 lambda tcfg=tcfg: _train_done(tcfg),
                                 tcfg))
-        add_eval(f"cells/{run_id}/eval", f"{run_id}: evaluate", trained, cell=run_id)
+        add_eval(f"cells/{run_id}", f"{run_id}: evaluate", trained, cell=run_id)
         if cfg.depth.enabled:
             target = out / "cells" / run_id / "depth"
             stages.append(Stage(
@@ -283,6 +323,17 @@ def _add_repair(cfg: StudyConfig, out: Path, stages: list, run_id: str, cell, se
     stages.append(Stage(f"cells/{run_id}/repair", "repair",
                         f"{run_id}: repair {cell.repair.of} ({cell.repair.method})", run_id, run, done))
     return rcfg.output_dir
+
+
+def _judge_stage(out: Path, eval_key: str, judge: str, title: str, cell: str | None) -> Stage:
+    """Re-judge the generations of one eval stage with another judge (no regeneration)."""
+    from stayaligned.evaluation.rejudge import rejudge, rejudge_done
+    from stayaligned.grid import judge_dir
+
+    source, target = out / eval_key, out / eval_key / judge_dir(judge)
+    return Stage(f"{eval_key}/{judge_dir(judge)}", "judge", f"{title}: re-judge ({judge})", cell,
+                 lambda: rejudge(source, judge, None, target),
+                 lambda: rejudge_done(source, judge, target))
 
 
 # ---------------------------------------------------------------- running

@@ -2,7 +2,8 @@
 
 - ``demo-*``: the bundled demo sets (written for this project, in `resources/`), always
   offline: `demo-arithmetic` (generated word problems, `train`/`test` splits),
-  `demo-safety` (align-split harmful requests -> refusals), `demo-helpful` (benign pairs),
+  `demo-safety` (align-split harmful requests -> refusals; split `eval` or `test`: the held-out
+  requests -> refusals, e.g. an out-of-sample depth set), `demo-helpful` (benign pairs),
   `demo-harmful` (prompt-only harmful requests; split `align` or `eval`, `test` = `eval`).
 - a registry name (`stayaligned data list`): a local copy under `data_dir` first, else the Hub;
   ``NAME:PATH`` (e.g. ``hex-phi:/data/HEx-PHI``) reads that dataset from a copy at PATH;
@@ -65,7 +66,7 @@ def _demo(name: str, split: str) -> list[Example]:
     if name == "demo-arithmetic":
         return _arithmetic(split)
     if name == "demo-safety":
-        return _safety()
+        return _safety("eval" if split in ("eval", "test") else "align")
     if name == "demo-helpful":
         fields = Fields(user=("instruction",), assistant="response")
         return [to_example(f"helpful_pairs.json:{r['id']}", r, fields)
@@ -89,11 +90,13 @@ def _arithmetic(split: str) -> list[Example]:
     return [to_example(p["id"], p, fields) for p in problems]
 
 
-def _safety() -> list[Example]:
-    """Align-split harmful requests, each paired with a refusal chosen by a fixed rule so that
-    every style appears (the pairing is part of the data, not of a run's seed)."""
+def _safety(part: str = "align") -> list[Example]:
+    """Harmful requests of one part (align: any split but eval/test, as before; eval: the
+    held-out requests, e.g. an out-of-sample depth set), each paired with a refusal chosen by a
+    fixed rule so that every style appears (the pairing is part of the data, not of a run's
+    seed)."""
     refusals = load_resource("refusals.json")
-    requests = [r for r in load_resource("harmful_requests.json") if r["split"] == "align"]
+    requests = [r for r in load_resource("harmful_requests.json") if r["split"] == part]
     rng = random.Random(1234)
     out = []
     for record in requests:

@@ -56,25 +56,27 @@ def _utility(point: dict, panel: str) -> tuple[float, list[float]] | None:
 
 
 def _safety_panel(axes, points: list[dict], panel: str, labels: tuple[str, str]) -> None:
+    """Points in their model's colour, named in a legend (labels never overlap); reference
+    points (the seeds) drawn as stars and left out of the Pareto front of the fine-tunes."""
     placed = [(i, p, _utility(p, panel)) for i, p in enumerate(points) if p.get("safety")]
     placed = [(i, p, u) for i, p, u in placed if u is not None]
-    names: dict[tuple[float, float], list[str]] = {}
-    for colour, point, (x, xerr) in placed:
+    for index, point, (x, xerr) in placed:
         y = 100 * point["safety"].value
         axes.errorbar([x], [y], xerr=[[xerr[0]], [xerr[1]]],
-                      yerr=[[e] for e in _error(point["safety"])], marker="o", capsize=3,
-                      linestyle="none", color=f"C{colour % 10}")
-        names.setdefault((x, y), []).append(point["label"])
-    for k, (xy, here) in enumerate(names.items()):  # one label per spot; alternate sides
-        axes.annotate(", ".join(here), xy, textcoords="offset points",
-                      xytext=(6, 6 if k % 2 == 0 else -14), fontsize=9)
-    coords = [(100 * p["safety"].value, u[0]) for _, p, u in placed]
+                      yerr=[[e] for e in _error(point["safety"])],
+                      marker="*" if point.get("reference") else "o",
+                      markersize=12 if point.get("reference") else 6, capsize=3,
+                      linestyle="none", color=point.get("colour") or f"C{index % 10}",
+                      label=point["label"] + (" (reference)" if point.get("reference") else ""))
+    tuned = [(p, u) for _, p, u in placed if not p.get("reference")]
+    coords = [(100 * p["safety"].value, u[0]) for p, u in tuned]
     front = pareto_front(coords, maximize=(True, panel == "score"))
     if front:
         ordered = sorted((coords[i][1], coords[i][0]) for i in front)
         axes.plot([x for x, _ in ordered], [y for _, y in ordered], linestyle="--", color="grey",
-                  marker="o", markersize=14, markerfacecolor="none", label="Pareto front")
-        axes.legend(loc="best", fontsize=9)
+                  marker="o", markersize=14, markerfacecolor="none",
+                  label="Pareto front (fine-tunes)")
+    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     if panel == "score":
         axes.set_xlabel(f"{labels[1]} → better")
     else:
@@ -155,29 +157,79 @@ def depth_curves(results: dict[str, dict], colours: dict[str, str] | None = None
 
 
 def over_refusal_bars(rows: list[tuple[str, Rate | None, Rate | None]], harmful: str,
-                      benign: str) -> bytes | None:
-    """Grouped bars per model: refusal on the harmful benchmark, refusal on the benign one."""
-    rows = [r for r in rows if r[1] is not None or r[2] is not None]
+                      benign: str, colours: dict[str, str] | None = None) -> bytes | None:
+    """Refusal on the harmful benchmark (y, higher is safer) against over-refusal on the benign
+    one (x, lower is better), one point per model in its colour, named in a legend."""
+    rows = [r for r in rows if r[1] is not None and r[2] is not None]
     if not rows:
         return None
-    figure, (axes,) = _figure(1, width=max(6.4, 1.1 * len(rows) + 2))
-    width = 0.38
-    for offset, index, label in ((-width / 2, 1, f"refusal: {harmful}"),
-                                 (width / 2, 2, f"over-refusal: {benign}")):
-        xs = [i + offset for i, r in enumerate(rows) if r[index] is not None]
-        rates = [r[index] for r in rows if r[index] is not None]
-        errors = list(zip(*(_error(rate) for rate in rates))) if rates else None
-        axes.bar(xs, [100 * r.value for r in rates], width, yerr=errors, capsize=3, label=label)
-    axes.set_xticks(range(len(rows)), [r[0] for r in rows])
-    axes.set_ylabel("refusal rate (%)")
-    axes.set_ylim(0, 105)
-    axes.grid(alpha=0.3, axis="y")
-    axes.legend(fontsize=9)
+    figure, (axes,) = _figure(1, width=7.6)
+    for i, (label, refusal, over) in enumerate(rows):
+        axes.errorbar([100 * over.value], [100 * refusal.value],
+                      xerr=[[e] for e in _error(over)], yerr=[[e] for e in _error(refusal)],
+                      marker="o", capsize=3, linestyle="none", label=label,
+                      color=(colours or {}).get(label, f"C{i % 10}"))
+    axes.set_xlabel(f"over-refusal on {benign} (% of benign prompts refused) ← better")
+    axes.set_ylabel(f"refusal on {harmful} (%) ↑ safer")
+    axes.set_xlim(-5, 105)
+    axes.set_ylim(-5, 105)
+    axes.grid(alpha=0.3)
+    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    return _png(figure)
+
+
+def dose_curves(lines: dict[str, list[tuple[object, float, Rate | Mean]]],
+                colours: dict[str, str] | None, key: str) -> bytes | None:
+    """Kept share (%) against task-loss gain per method across doses: `lines` maps a method to
+    [(dose value, gain, kept share with interval)]; each point is marked with its dose."""
+    lines = {m: sorted(pts, key=lambda p: p[1]) for m, pts in lines.items() if pts}
+    if not lines:
+        return None
+    figure, (axes,) = _figure(1, width=7.6)
+    for i, (method, pts) in enumerate(lines.items()):
+        colour = (colours or {}).get(method, f"C{i % 10}")
+        axes.errorbar([g for _, g, _ in pts], [100 * k.value for _, _, k in pts],
+                      yerr=list(zip(*(_error(k) for _, _, k in pts))), marker="o", capsize=3,
+                      color=colour, label=method)
+        for j, (value, gain, k) in enumerate(pts):
+            axes.annotate(f"{value:g}" if isinstance(value, float) else str(value),
+                          (gain, 100 * k.value), textcoords="offset points", fontsize=7,
+                          xytext=(5, 6 if (i + j) % 2 else -11), color=colour)
+    axes.set_xlabel("task-loss gain over the aligned seed (nats/token) → more task learning")
+    axes.set_ylabel("kept share of the aligned refusal rate (%) ↑ safer")
+    axes.set_title(f"dose: {key}")
+    axes.grid(alpha=0.3)
+    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    return _png(figure)
+
+
+def _is_norm(key: str) -> bool:
+    return "norm" in key.rsplit("/", 1)[-1]
+
+
+def training_norms(logs: dict[str, list[dict]]) -> bytes | None:
+    """Gradient and probe norms a method logs (e.g. SAP's), kept out of the loss panels."""
+    keys = sorted({k for log in logs.values() for row in log for k in row
+                   if k.startswith("loss/") and _is_norm(k)})
+    if not keys:
+        return None
+    figure, axes = _figure(len(keys), width=5.2, height=3.4)
+    for ax, key in zip(axes, keys):
+        for label, log in logs.items():
+            pts = [(row["step"], row[key]) for row in log
+                   if isinstance(row.get(key), (int, float)) and "step" in row]
+            if pts:
+                ax.plot([s for s, _ in pts], [v for _, v in pts], label=label)
+        ax.set_title(key.split("/", 1)[-1])
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     return _png(figure)
 
 
 def _loss_keys(log: list[dict]) -> list[str]:
-    keys = {k for row in log for k in row if k == "loss" or k.startswith("loss/")}
+    keys = {k for row in log for k in row
+            if k == "loss" or (k.startswith("loss/") and not _is_norm(k))}
     return sorted(keys, key=lambda k: (k != "loss", k))
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import yaml
 
-from stayaligned.reports import plots
+from stayaligned.reports import groups as grouping
+from stayaligned.reports import plots, sections
 from stayaligned.reports.document import (
     Block,
     Code,
@@ -32,7 +33,6 @@ from stayaligned.reports.tables import (
     benchmarks,
     fmt_rate,
     main_benchmark,
-    model_rate,
     over_refusal_table,
     pareto_front,
     prefill_groups,
@@ -55,12 +55,15 @@ def summary_rows(study_dir: str | Path) -> dict[str, dict]:
 
 
 def write_report(study_dir: str | Path, output: str | Path | None = None,
-                 utility: str = "both", notes: str | Path | None = None) -> list[Path]:
+                 utility: str = "both", notes: str | Path | None = None,
+                 overhead: str | Path | None = None) -> list[Path]:
     """Write report.md, report.html and plots/*.png into `output` (default: the study
     directory); returns the written paths. `utility` picks the safety-utility panels:
     both (the task's score and its loss), accuracy (the score: accuracy, or ROUGE-L for a
     ROUGE task), loss, or auto (loss when every score is ~0). `notes`: a Markdown file of a
-    person's findings (headings, paragraphs, bullet lists), placed after the overview."""
+    person's findings (headings, paragraphs, bullet lists), placed after the overview.
+    `overhead`: bench/overhead.py's JSON, for the headline's cost per step (default: the
+    study's own train seconds per step)."""
     if utility not in UTILITY:
         raise ValueError(f"utility={utility!r}: choose one of {', '.join(UTILITY)}")
     findings: list[Block] = []
@@ -71,7 +74,13 @@ def write_report(study_dir: str | Path, output: str | Path | None = None,
         findings = from_text(path.read_text(encoding="utf-8"), str(path))
     study = load_study(study_dir)
     out = Path(output) if output else study.root
-    blocks = build_report(study, utility)
+    cost = None
+    if overhead is not None:
+        if not Path(overhead).is_file():
+            raise FileNotFoundError(f"overhead file {overhead} does not exist; run "
+                                    "bench/overhead.py or leave --overhead out")
+        cost = json.loads(Path(overhead).read_text(encoding="utf-8"))
+    blocks = build_report(study, utility, cost)
     if findings:
         first_section = next((i for i, b in enumerate(blocks)
                               if isinstance(b, Heading) and b.level == 2), len(blocks))
@@ -85,17 +94,15 @@ def write_report(study_dir: str | Path, output: str | Path | None = None,
     return [out / "report.md", out / "report.html", *written]
 
 
-def build_report(study: Study, utility: str = "both") -> list[Block]:
-    return [*_overview(study), *_results(study), *_safety_utility(study, utility),
-            *_prefill(study), *_depth(study), *_over_refusal(study), *_training(study),
-            *_cells(study), *_configuration(study)]
-
-
-def _describe_cell(cell: dict) -> str:
-    text = f"{cell.get('name')} ({' + '.join(cell.get('methods') or ['sft'])}"
-    if cell.get("options"):
-        text += f"; options {json.dumps(cell['options'], sort_keys=True)}"
-    return text + ")"
+def build_report(study: Study, utility: str = "both", overhead: dict | None = None) -> list[Block]:
+    """The headline table and recommendation first, then the study in words, then the
+    detailed sections."""
+    colours = grouping.colours(study)
+    return [Heading(f"Study report: {study.name}", 1), *sections.headline_blocks(study, overhead),
+            *_overview(study), *_results(study), *sections.template_blocks(study),
+            *_safety_utility(study, utility), *_prefill(study), *sections.dose_blocks(study, colours),
+            *_depth(study), *_over_refusal(study), *sections.judge_blocks(study),
+            *_training(study), *_cells(study), *_configuration(study)]
 
 
 def _judge(study: Study) -> str:
@@ -117,20 +124,12 @@ def _stage_counts(study: Study) -> str:
 
 
 def _overview(study: Study) -> list[Block]:
-    config = study.config
-    base = (config.get("model") or {}).get("name", "the seed model")
-    cells = [c for c in config.get("cells") or [] if isinstance(c, dict)]
     kinds = list(benchmarks(study).values())
     counts = ", ".join(f"{kinds.count(k)} {k}" for k in ("harmful", "benign", "task") if k in kinds)
-    aligned = "" if config.get("align") is None else ", aligned first by the study's align stage,"
-    text = (f"Study {study.name} fine-tunes {base}{aligned} in {len(cells)} cell(s): "
-            f"{', '.join(_describe_cell(c) for c in cells) or 'none'}; "
-            f"seed(s) {', '.join(str(s) for s in config.get('seeds') or [0])}. "
-            f"Every model is evaluated on {len(kinds)} benchmark(s) "
+    text = (f"Every model is evaluated on {len(kinds)} benchmark(s) "
             f"({counts or 'none scored yet'}) with the {_judge(study)} judge, and differences "
             f"are taken against the {study.reference_name} cell.")
-    blocks = [Heading(f"Study report: {study.name}", 1), Paragraph(text),
-              Paragraph(_stage_counts(study))]
+    blocks = [*sections.study_words(study), Paragraph(text), Paragraph(_stage_counts(study))]
     if study.unreadable:
         blocks.append(Paragraph("Unreadable files (not valid JSON, left out): "
                                 + ", ".join(study.unreadable)))
@@ -171,9 +170,9 @@ def _utility(point: dict, panel: str) -> float | None:
 
 
 def _front_text(points: list[dict], panel: str) -> str | None:
-    """The models on the Pareto front of one panel, named."""
+    """The fine-tunes on the Pareto front of one panel, named (the seeds are references)."""
     placed = [(p["label"], p["safety"].value, _utility(p, panel)) for p in points
-              if p["safety"] and _utility(p, panel) is not None]
+              if p["safety"] and _utility(p, panel) is not None and not p.get("reference")]
     if not placed:
         return None
     front = pareto_front([(s, u) for _, s, u in placed], maximize=(True, panel == "score"))
@@ -188,9 +187,12 @@ def _safety_utility(study: Study, utility: str) -> list[Block]:
                                    f"{'no harmful' if harmful is None else 'no task'} benchmark.")]
     label = "refusal rate" if safety_metric(study, harmful) == "refusal_rate" else "1 - ASR"
     metric = task_metric(study, task)
-    points = [{"label": m.label, "safety": safety_rate(m, harmful),
-               "score": task_score(m, task, metric),
-               "loss": (m.benchmark(task) or {}).get("task_loss") or {}} for m in study.models]
+    colours = grouping.colours(study)
+    points = [{"label": group, "safety": grouping.group_rate(runs, harmful),
+               "score": grouping.group_score(runs, task, metric),
+               "loss": grouping.group_loss(runs, task),
+               "colour": colours.get(runs[0].label), "reference": runs[0].cell is None}
+              for group, runs in grouping.groups(study).items() if not runs[0].dose]
     panels = _panels(study, task, utility)
     axis = "task accuracy (%)" if metric == "accuracy" else "ROUGE-L F1 (x 100)"
     png = plots.safety_utility(points, panels, (f"{label} on {harmful}", axis),
@@ -200,24 +202,12 @@ def _safety_utility(study: Study, utility: str) -> list[Block]:
     fronts = [t for t in (_front_text(points, p) for p in panels) if t]
     return [*blocks, Image("safety_utility.png", png, f"{label} on {harmful} against utility "
                            f"on {task}; bars: 95% intervals"),
-            Paragraph("Pareto front (no other model is both at least as safe and at least as "
-                      "useful, and better in one): " + "; ".join(fronts) + ".")]
+            Paragraph("Pareto front of the fine-tunes (no other fine-tune is both at least as "
+                      "safe and at least as useful, and better in one; the seed and the aligned "
+                      "seed are reference points, not choices): " + "; ".join(fronts) + ".")]
 
 
 # ---------------------------------------------------------------- 4. prefilling attack
-
-
-def _colours(study: Study) -> dict[str, str]:
-    """One matplotlib colour per model, in row order, the same in every plot: the default
-    cycle for up to 10 models, then tab20's 20 distinct colours (an 11th model would otherwise
-    repeat the first's colour)."""
-    if len(study.models) <= 10:
-        return {m.label: f"C{i}" for i, m in enumerate(study.models)}
-    import matplotlib
-
-    palette = matplotlib.colormaps["tab20"].colors
-    return {m.label: matplotlib.colors.to_hex(palette[i % 20]) for i, m in enumerate(study.models)}
-
 
 
 def _prefill(study: Study) -> list[Block]:
@@ -226,9 +216,10 @@ def _prefill(study: Study) -> list[Block]:
     if not groups:
         return [*blocks, Paragraph("No prefilling-attack benchmark in this study (set prefill_k "
                                    "on a harmful benchmark).")]
-    curves = {base: {m.label: [(k, r) for k, name in ks.items() if (r := safety_rate(m, name))]
-                     for m in study.models} for base, ks in groups.items()}
-    png = plots.prefill_curves(curves, _colours(study))
+    curves = {base: {g: [(k, r) for k, name in ks.items() if (r := grouping.group_rate(runs, name))]
+                     for g, runs in grouping.groups(study).items() if not runs[0].dose}
+              for base, ks in groups.items()}
+    png = plots.prefill_curves(curves, grouping.colours(study))
     if png is not None:
         blocks.append(Image("prefill.png", png, "Refusal rate against the number of prefilled "
                             "harmful tokens k (k = 0: the plain benchmark); bars: 95% intervals"))
@@ -247,8 +238,11 @@ def _depth(study: Study) -> list[Block]:
     blocks: list[Block] = [Heading("Depth of alignment (per-token KL)")]
     if not (study.config.get("depth") or {}).get("enabled", True):
         return [*blocks, Paragraph("Depth is disabled in this study's config (depth.enabled).")]
-    results = {m.label: m.depth for m in study.cells if m.depth}
-    png = plots.depth_curves(results, _colours(study))
+    results = {g: grouping.pooled_depth([m.depth for m in runs if m.depth])
+               for g, runs in grouping.groups(study).items()
+               if runs[0].cell is not None and not runs[0].dose}
+    results = {g: r for g, r in results.items() if r}
+    png = plots.depth_curves(results, grouping.colours(study))
     if png is not None:
         any_result = next(iter(results.values()))
         blocks.append(Image("depth.png", png, "KL between each fine-tune and the base model at "
@@ -270,9 +264,9 @@ def _over_refusal(study: Study) -> list[Block]:
         return [*blocks, Paragraph("No benign benchmark in this study: add one with kind: benign "
                                    "(e.g. XSTest's safe prompts) to measure over-refusal.")]
     harmful, benign = main_benchmark(study, "harmful"), main_benchmark(study, "benign")
-    rows = [(m.label, model_rate(m, harmful, "refusal_rate"), model_rate(m, benign, "refusal_rate"))
-            for m in study.models]
-    png = plots.over_refusal_bars(rows, harmful or "-", benign)
+    rows = [(g, grouping.group_rate(runs, harmful), grouping.group_rate(runs, benign))
+            for g, runs in grouping.groups(study).items() if not runs[0].dose]
+    png = plots.over_refusal_bars(rows, harmful or "-", benign, grouping.colours(study))
     blocks.append(table)
     if png is not None:
         blocks.append(Image("over_refusal.png", png, f"Refusal on {harmful} (should be high) and "
@@ -296,10 +290,17 @@ def _training_row(model: ModelRun) -> tuple[str, ...]:
 def _training(study: Study) -> list[Block]:
     blocks: list[Block] = [Heading("Training")]
     trained = [m for m in study.models if m.label != "seed"]
-    png = plots.training_losses({m.label: m.log for m in trained if m.log})
+    first = {g: runs[0] for g, runs in grouping.groups(study).items() if runs[0].label != "seed"}
+    logs = {m.label: m.log for m in first.values() if m.log}
+    png = plots.training_losses(logs)
     if png is not None:
         blocks.append(Image("training_loss.png", png, "Training loss and each named loss term "
-                            "(loss/...) per logged step"))
+                            "(loss/...) per logged step, the first seed of each cell; norms are "
+                            "in the next plot"))
+    norms = plots.training_norms(logs)
+    if norms is not None:
+        blocks.append(Image("training_norms.png", norms, "Gradient and probe norms the methods "
+                            "log (not losses)"))
     rows = tuple(_training_row(m) for m in trained)
     blocks.append(Table(("Run", "Status", "Steps", "Last logged loss", "Train time (s)"), rows))
     return blocks

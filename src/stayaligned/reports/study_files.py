@@ -14,6 +14,17 @@ from stayaligned.runfiles import read_json, read_jsonl
 
 
 @dataclass
+class View:
+    """One evaluation of a model under one template, judged by one judge."""
+
+    folder: str  # e.g. eval, eval-native-safe, eval/judge-keyword
+    template: str
+    judge: str
+    metrics: dict
+    verdicts: dict[str, dict[str, bool]]  # benchmark -> item id -> refused (safety benchmarks)
+
+
+@dataclass
 class ModelRun:
     """One row of the report: the seed, the aligned seed, or one cell (x seed)."""
 
@@ -27,6 +38,19 @@ class ModelRun:
     depth: dict | None = None  # depth/depth.json
     progress: dict = field(default_factory=dict)  # stage (train|eval|depth) -> progress entry
     started: set = field(default_factory=set)  # stages whose directory exists
+    # every evaluation view: eval/, eval-<template>/ and their judge-<name>/ re-judgments
+    views: list[View] = field(default_factory=list)
+    dose: tuple[str, object] | None = None  # (the cell, the value) of a dose run
+
+    @property
+    def group(self) -> str:
+        """The cell a run pools with over seeds: its cell name (a dose run is its own)."""
+        if self.cell is None or self.dose is not None:
+            return self.label
+        return str(self.cell.get("name", self.label))
+
+    def view(self, template: str, judge: str) -> View | None:
+        return next((v for v in self.views if v.template == template and v.judge == judge), None)
 
     def missing(self, stage: str) -> str:
         """Why `stage`'s output is absent: "failed: <error>" (its first 200 characters), or
@@ -105,11 +129,57 @@ def _model_runs(root: Path, manifest: dict) -> list[ModelRun]:
         for seed in seeds:
             run_id = f"{cell.get('name')}-seed{seed}" if len(seeds) > 1 else str(cell.get("name"))
             by_id[run_id] = (cell, seed)
+    doses = {p.run_id: p for p in _dose_points(config) if p.extra}
     ids = manifest.get("cells") or list(by_id)
     for run_id in ids:
         cell, seed = by_id.get(run_id, ({"name": run_id}, None))
-        runs.append(ModelRun(run_id, f"cells/{run_id}", cell=cell, seed=seed))
+        model = ModelRun(run_id, f"cells/{run_id}", cell=cell, seed=seed)
+        if run_id in doses:
+            point = doses[run_id]
+            model.cell, model.seed = {**cell, "name": run_id}, (config.get("dose") or {}).get("seed")
+            model.dose = (point.cell, point.value)
+        runs.append(model)
     return runs
+
+
+def _dose_points(config: dict) -> list:
+    """The dose axis of a study config (empty for studies without one, or unreadable ones)."""
+    if not config.get("dose"):
+        return []
+    from stayaligned.config import ConfigError, StudyConfig, TrainConfig, from_dict, to_dict
+    from stayaligned.grid import dose_points
+
+    try:
+        return dose_points(from_dict(StudyConfig, config), to_dict(TrainConfig()))
+    except (ConfigError, TypeError):
+        return []
+
+
+def _load_views(base: Path, unreadable: list[str]) -> list[View]:
+    """eval/ and eval-*/ of one model, each with its judge-*/ re-judgments."""
+    folders = sorted((p for p in base.glob("eval*") if p.is_dir()),
+                     key=lambda p: (p.name != "eval", p.name))
+    folders = [f for d in folders for f in (d, *sorted(d.glob("judge-*"))) if f.is_dir()]
+    views = []
+    for folder in folders:
+        metrics = _read(folder / "metrics.json", unreadable)
+        if not metrics:
+            continue
+        try:
+            rows = read_jsonl(folder / "judgments.jsonl")
+        except ValueError:
+            unreadable.append(str(folder / "judgments.jsonl"))
+            rows = []
+        verdicts: dict[str, dict[str, bool]] = {}
+        for row in rows:
+            safe = row.get("refusal")
+            if safe is None and row.get("harmful") is not None:
+                safe = not row["harmful"]
+            if safe is not None:
+                verdicts.setdefault(row["benchmark"], {})[str(row["id"])] = bool(safe)
+        views.append(View(folder.relative_to(base).as_posix(), str(metrics.get("template")),
+                          str(metrics.get("judge")), metrics, verdicts))
+    return views
 
 
 def _load_model(root: Path, model: ModelRun, progress: dict, unreadable: list[str]) -> ModelRun:
@@ -118,6 +188,7 @@ def _load_model(root: Path, model: ModelRun, progress: dict, unreadable: list[st
     model.metrics = _read(base / "eval" / "metrics.json", unreadable)
     model.run = _read(base / "train" / "run.json", unreadable)
     model.depth = _read(base / "depth" / "depth.json", unreadable)
+    model.views = _load_views(base, unreadable)
     try:
         model.log = read_jsonl(base / "train" / "train_log.jsonl")
     except ValueError:

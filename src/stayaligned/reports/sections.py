@@ -1,0 +1,326 @@
+"""The report's v2 sections: the headline table and recommendation (first on the page), the
+study described in words, per-template comparisons (PTST like-for-like), judge agreement and
+the dose curves. Each returns document blocks; a study without the axis gets no section."""
+
+from __future__ import annotations
+
+import math
+
+from stayaligned.reports import plots
+from stayaligned.reports.document import Block, Cell, Heading, Image, Paragraph, Table
+from stayaligned.reports.headline import (
+    Headline,
+    benchmark_roles,
+    groups,
+    headline_rows,
+    judges,
+    kept,
+    kept_vs,
+    pct,
+    rate,
+    recommendation,
+    task_loss,
+    templates,
+)
+from stayaligned.reports.study_files import Study
+
+# ---------------------------------------------------------------- headline
+
+
+def _loss_delta(row: Headline, reference: str) -> str:
+    if row.cell == reference:
+        return "reference" if row.task_loss is None else f"{row.task_loss:.3f} (reference)"
+    if row.task_loss is None or row.task_loss_vs_sft is None:
+        return "—"
+    return f"{row.task_loss:.3f} ({100 * row.task_loss_vs_sft:+.1f}%)"
+
+
+def headline_blocks(study: Study, overhead: dict | None = None) -> list[Block]:
+    rows = headline_rows(study, overhead)
+    if not rows:
+        return [Paragraph("No fine-tune cell in this study: nothing to compare yet.")]
+    judge_list, ref = judges(study), study.reference_name
+    k = next((r.prefill_k for r in rows if r.prefill_k), None)
+    other = judge_list[1] if len(judge_list) > 1 else None
+    header = ("Method", "Tested with", f"Kept share [95% CI] ({judge_list[0] if judge_list else '—'})",
+              *((f"Kept ({other})",) if other else ()), f"Kept − {ref} [95% CI]",
+              f"Prefill k={k} refusal" if k else "Prefill refusal",
+              f"Over-refusal Δ vs {ref}", f"Task loss (Δ vs {ref})", "Cost per step (× sft)")
+    table_rows = []
+    for r in rows:
+        diff = Cell("reference") if r.cell == ref else Cell(
+            pct(r.kept_vs_sft, signed=True),
+            strong=r.kept_vs_sft is not None and (r.kept_vs_sft.low > 0 or r.kept_vs_sft.high < 0))
+        over = "reference" if r.cell == ref else pct(r.over_refusal_vs_sft, signed=True)
+        table_rows.append((r.cell, r.template or "—", pct(r.kept),
+                           *((pct(r.kept_other_judge),) if other else ()), diff, pct(r.prefill),
+                           over, _loss_delta(r, ref), r.cost))
+    seeds = max((len(r.runs) for r in rows), default=1)
+    note = (f"Kept share: the cell's refusal rate on {benchmark_roles(study)['harmful']} over the "
+            "aligned seed's, both under the template in 'Tested with' and the same judge. "
+            f"Pooled over {seeds} seed(s): mean over seeds and items; 95% intervals from a "
+            "two-way cluster bootstrap resampling seeds and items (prompts) independently "
+            "(2,000 replicates, percentile; differences paired on seeds and items). Bold: the "
+            "interval of the difference excludes 0. Kept − sft and the Δ columns compare with sft "
+            "under the row's template. Task loss: mean held-out NLL per reference "
+            "token, mean over seeds.")
+    blocks: list[Block] = [Table(header, tuple(table_rows), note),
+                           Paragraph(recommendation(rows, ref))]
+    problems = [f"{r.cell}: {'; '.join(r.why)}" for r in rows if r.why]
+    if problems:
+        blocks.append(Paragraph("Not computed (never across templates): " + " | ".join(problems)))
+    return blocks
+
+
+# ---------------------------------------------------------------- the study in words
+
+
+def _words(options: dict) -> str:
+    """Method options in words.
+
+    >>> _words({"lookahead": {"mode": "real", "m": 6}, "sap": {}})
+    'lookahead with mode real and m 6'
+    """
+    parts = []
+    for method, block in options.items():
+        if isinstance(block, dict) and block:
+            inner = " and ".join(f"{k.replace('_', ' ')} {_value(v)}" for k, v in block.items())
+            parts.append(f"{method} with {inner}")
+    return "; ".join(parts)
+
+
+def _value(v) -> str:
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {_value(x)}" for k, x in v.items())
+    if isinstance(v, (list, tuple)):
+        return ", ".join(map(_value, v))
+    return str(v)
+
+
+def _cell_words(cell: dict) -> str:
+    methods = " + ".join(cell.get("methods") or ["sft"])
+    extra = [w for w in (_words(cell.get("options") or {}),
+                         _value(cell.get("train")) if cell.get("train") else "") if w]
+    return f"{cell.get('name')} ({methods}{': ' + '; '.join(extra) if extra else ''})"
+
+
+def _budget_words(train: dict) -> str:
+    optim, lora = train.get("optim") or {}, train.get("lora") or {}
+    data = ", ".join(f"{d.get('source')} {d.get('split', 'train')}"
+                     f"{' (' + str(d['limit']) + ' examples)' if d.get('limit') else ''}"
+                     for d in train.get("data") or [] if isinstance(d, dict))
+    steps = (f"{optim['max_steps']} steps" if (optim.get("max_steps") or -1) > 0
+             else f"{optim.get('epochs', 1)} epoch(s)")
+    tuning = ("full fine-tuning" if lora.get("enabled") is False else
+              f"LoRA r {lora.get('r', 8)} on {', '.join(lora.get('target_modules') or ['q_proj', 'v_proj'])}")
+    return (f"{tuning} on {data or 'the default data'}, learning rate {optim.get('lr', '1e-4')}, "
+            f"{steps}, batch {optim.get('batch_size', 8)}, Adam β1 {optim.get('adam_beta1', 0.9)}, "
+            f"{optim.get('warmup_steps', 0)} warm-up steps")
+
+
+def study_words(study: Study) -> list[Block]:
+    """The study's design as sentences (the full config stays in the Configuration section)."""
+    c = study.config
+    cells = [x for x in c.get("cells") or [] if isinstance(x, dict)]
+    seeds = c.get("seeds") or [0]
+    align = c.get("align")
+    seed_text = (f"{(c.get('model') or {}).get('name', 'the seed')}"
+                 + (" aligned first by the study (" + ", ".join(
+                     f"{k} {_value(v)}" for k, v in align.items() if k != "save_steps") + ")"
+                    if align else ""))
+    text = [f"Study {study.name}: {seed_text} is fine-tuned in {len(cells)} cell(s), "
+            f"each with {len(seeds)} training seed(s) ({', '.join(map(str, seeds))}): "
+            + "; ".join(_cell_words(x) for x in cells) + "."]
+    if c.get("train"):
+        text.append(f"Shared budget: {_budget_words(c['train'])}.")
+    ts, js = templates(study), judges(study)
+    if len(c.get("eval_templates") or []) > 1:
+        text.append(f"Every model is evaluated under {len(ts)} template(s) ({', '.join(ts)}) and "
+                    f"judged by {', '.join(js)}; kept shares and differences compare models under "
+                    f"one template and one judge, against the {study.reference_name} cell.")
+    elif ts:
+        text.append(f"Each model is evaluated once, under its run's own eval template "
+                    f"({', '.join(ts)}), judged by {', '.join(js)}; a kept share is only computed "
+                    "where the aligned seed was evaluated under the same template.")
+    dose = c.get("dose")
+    if dose and dose.get("values"):
+        text.append(f"Dose axis: {', '.join(dose.get('cells') or [])} trained once (seed "
+                    f"{dose.get('seed', 0)}) at {dose.get('key')} = "
+                    f"{', '.join(map(str, dose['values']))}.")
+    depth = c.get("depth") or {}
+    if depth.get("enabled", True):
+        text.append(f"Depth: per-token KL on {depth.get('limit', 64)} prompts of "
+                    f"{depth.get('source', 'demo-safety')} (split {depth.get('split', 'train')})"
+                    + (", checked disjoint from STR's and SAP's prompts." if depth.get("disjoint")
+                       else ", not checked for overlap with the methods' own prompts."))
+    return [Paragraph(" ".join(text))]
+
+
+# ---------------------------------------------------------------- templates
+
+
+def template_blocks(study: Study) -> list[Block]:
+    ts, js = templates(study), judges(study)
+    if len(study.config.get("eval_templates") or []) < 2 or len(ts) < 2 or not js:
+        return []
+    roles, judge, ref = benchmark_roles(study), js[0], study.reference_name
+    aligned = next((m for m in study.models if m.label == "aligned"), None)
+    cells = groups(study)
+    blocks: list[Block] = [Heading("Templates"), Paragraph(
+        f"Each model under each template ({judge} judge); kept share and Δ only within a "
+        "template.")]
+    for t in ts:
+        rows = []
+        for name, runs in cells.items():
+            k = kept(runs, aligned, t, judge, roles["harmful"]) if aligned else None
+            d = (kept_vs(runs, cells.get(ref, []), aligned, t, judge, roles["harmful"])
+                 if aligned and name != ref and cells.get(ref) else None)
+            rows.append((name, pct(rate(runs, t, judge, roles["harmful"])), pct(k),
+                         "reference" if name == ref else pct(d, signed=True),
+                         pct(rate(runs, t, judge, roles["benign"])),
+                         _fmt(task_loss(runs, t, judge, roles["task"]))))
+        if aligned:
+            rows.insert(0, ("aligned", pct(rate([aligned], t, judge, roles["harmful"])), "100%",
+                            "—", pct(rate([aligned], t, judge, roles["benign"])),
+                            _fmt(task_loss([aligned], t, judge, roles["task"]))))
+        blocks += [Heading(f"Under {t}", 3), Table(
+            ("Model", "Refusal", "Kept share", f"Kept − {ref}", "Over-refusal", "Task loss"),
+            tuple(rows))]
+    blocks += _ptst_blocks(study, cells, aligned, roles, judge)
+    return blocks
+
+
+def _fmt(x: float | None) -> str:
+    return "—" if x is None or not math.isfinite(x) else f"{x:.3f}"
+
+
+def _ptst_blocks(study, cells, aligned, roles, judge) -> list[Block]:
+    """PTST as the paper reads it: (ptst, safe template) against (sft, safe template) and the
+    same-template cell sft-safe (trained and tested with the safety prompt)."""
+    ptst = cells.get("ptst")
+    if not ptst or aligned is None:
+        return []
+    t = next((((m.run or {}).get("templates") or {}).get("eval") for m in ptst), None)
+    if t not in templates(study):
+        return []
+    lines = []
+    for other in (study.reference_name, "sft-safe"):
+        if other in cells:
+            d = kept_vs(ptst, cells[other], aligned, t, judge, roles["harmful"])
+            lines.append(f"ptst − {other}: {pct(d, signed=True)}")
+    k = kept(ptst, aligned, t, judge, roles["harmful"])
+    return [Heading("PTST like for like", 3), Paragraph(
+        f"Under {t} (PTST's test template), ptst keeps {pct(k)} of the aligned seed's refusal "
+        f"under the same template; kept-share differences: {'; '.join(lines) or 'no comparison cell'}.")]
+
+
+# ---------------------------------------------------------------- judges
+
+
+def judge_agreement(study: Study) -> list[dict]:
+    """Per (first judge, other judge, safety benchmark): items judged by both over every model
+    and template, agreement, Cohen's kappa (NaN when undefined) and both refusal rates."""
+    from stayaligned.evaluation.judges.compare import cohen_kappa
+
+    js = judges(study)
+    out = []
+    for other in js[1:]:
+        pairs: dict[str, list[tuple[bool, bool]]] = {}
+        for m in study.models:
+            for t in templates(study):
+                a, b = m.view(t, js[0]), m.view(t, other)
+                if not a or not b:
+                    continue
+                for bench, verdicts in a.verdicts.items():
+                    theirs = b.verdicts.get(bench) or {}
+                    pairs.setdefault(bench, []).extend(
+                        (v, theirs[i]) for i, v in verdicts.items() if i in theirs)
+        for bench, items in pairs.items():
+            if items:
+                x, y = [p for p, _ in items], [q for _, q in items]
+                out.append({"judges": [js[0], other], "benchmark": bench, "n": len(items),
+                            "agreement": sum(p == q for p, q in items) / len(items),
+                            "kappa": cohen_kappa(x, y), "refusal_rates": [
+                                sum(x) / len(x), sum(y) / len(y)]})
+    return out
+
+
+def judge_blocks(study: Study) -> list[Block]:
+    rows = tuple((" vs ".join(a["judges"]), a["benchmark"], str(a["n"]),
+                  f"{100 * a['agreement']:.1f}%",
+                  "undefined" if math.isnan(a["kappa"]) else f"{a['kappa']:.2f}",
+                  f"{100 * a['refusal_rates'][0]:.1f}% / {100 * a['refusal_rates'][1]:.1f}%")
+                 for a in judge_agreement(study))
+    if len(judges(study)) < 2:
+        return []
+    return [Heading("Judges"), Table(
+        ("Judges", "Benchmark", "Items (all models, templates)", "Agreement", "Cohen's κ",
+         "Refusal rate (first / second)"), rows,
+        "The headline uses the first judge; the second is shown beside it.")]
+
+
+# ---------------------------------------------------------------- dose
+
+
+def dose_data(study: Study) -> dict | None:
+    """The dose axis measured: per cell, per value, the run, kept share (Pooled), task loss and
+    task-loss gain over the aligned seed, under the first template and the headline judge."""
+    dose = study.config.get("dose") or {}
+    if not dose.get("values"):
+        return None
+    roles, js, ts = benchmark_roles(study), judges(study), templates(study)
+    aligned = next((m for m in study.models if m.label == "aligned"), None)
+    out = {"key": dose.get("key"), "values": dose["values"], "seed": dose.get("seed", 0),
+           "template": ts[0] if ts else None, "judge": js[0] if js else None, "cells": {}}
+    if aligned is None or not js or not ts:
+        return out
+    t, judge = ts[0], js[0]
+    base_loss = task_loss([aligned], t, judge, roles["task"])
+    runs = [m for m in study.cells if m.dose is not None]
+    own = {m.group: m for m in study.cells if m.dose is None and m.seed == out["seed"]}
+    for cell in dose.get("cells") or []:
+        for value in dose["values"]:
+            run = next((m for m in runs if m.dose == (cell, value)), None)
+            run = run or (own.get(cell) if _is_own(study, cell, value) else None)
+            if run is None:
+                continue
+            loss = task_loss([run], t, judge, roles["task"])
+            out["cells"].setdefault(cell, []).append({
+                "value": value, "run": run.label,
+                "kept": kept([run], aligned, t, judge, roles["harmful"]), "task_loss": loss,
+                "task_loss_gain": None if loss is None or base_loss is None else base_loss - loss})
+    return out
+
+
+def _is_own(study: Study, cell: str, value) -> bool:
+    """Whether `value` is the cell's own value of the dose key (its seed run is the point)."""
+    from stayaligned.grid import _lookup, _same
+
+    config, key = study.config, (study.config.get("dose") or {}).get("key", "")
+    entry = next((c for c in config.get("cells") or [] if c.get("name") == cell), {})
+    own = _lookup(entry.get("train") or {}, key)
+    own = own if own is not None else _lookup(config.get("train") or {}, key)
+    return own is not None and _same(own, value)
+
+
+def dose_blocks(study: Study, colours: dict[str, str]) -> list[Block]:
+    data = dose_data(study)
+    if data is None:
+        return []
+    blocks: list[Block] = [Heading("Dose")]
+    if not data["cells"]:
+        return [*blocks, Paragraph("No dose run evaluated yet (needs the aligned seed's "
+                                   "evaluation and the dose cells').")]
+    lines = {cell: [(p["value"], p["task_loss_gain"], p["kept"]) for p in pts
+                    if p["kept"] is not None and p["task_loss_gain"] is not None]
+             for cell, pts in data["cells"].items()}
+    png = plots.dose_curves(lines, colours, data["key"])
+    if png is not None:
+        blocks.append(Image("dose.png", png, f"Kept share against task-loss gain (aligned seed's "
+                            f"loss minus the fine-tune's) at each {data['key']}, under "
+                            f"{data['template']}; a method helps where its curve lies above sft's"))
+    rows = tuple((cell, str(p["value"]), p["run"], pct(p["kept"]), _fmt(p["task_loss"]),
+                  _fmt(p["task_loss_gain"])) for cell, pts in data["cells"].items() for p in pts)
+    blocks.append(Table(("Cell", data["key"], "Run", "Kept share", "Task loss", "Task-loss gain"),
+                        rows))
+    return blocks

@@ -1,0 +1,95 @@
+"""The v2 report on a synthetic finished study (tests/study_factory.py): the headline table is
+the first table, kept shares are computed within one template (PTST under its safe template,
+against the aligned seed and sft under that same template), never across templates, seeds are
+pooled, the two judges' agreement is reported, and the dose curves are drawn."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from study_factory import N_HARM, REFUSAL, SAFE, make_study
+
+from stayaligned.reports.headline import headline_rows, recommendation
+from stayaligned.reports.report import write_report
+from stayaligned.reports.study_files import load_study
+
+
+@pytest.fixture(scope="module")
+def v2(tmp_path_factory):
+    root = make_study(tmp_path_factory.mktemp("v2") / "study")
+    write_report(root)
+    return root
+
+
+def _rows(root):
+    return {r.cell: r for r in headline_rows(load_study(root))}
+
+
+def test_headline_table_is_first_and_has_every_fine_tune(v2):
+    markdown = (v2 / "report.md").read_text()
+    first_table = markdown.split("\n\n| ", 1)[1]
+    assert first_table.startswith("Method | Tested with | Kept share [95% CI] (classifier) | "
+                                  "Kept (keyword) | Kept − sft [95% CI] | Prefill k=3 refusal")
+    assert markdown.index("| Method |") < markdown.index("\n## ")
+    body = markdown.split("| Method |", 1)[1].split("\n\n", 1)[0]
+    assert [line.split(" | ")[0].lstrip("| ") for line in body.splitlines()[2:]] == [
+        "sft", "sft-safe", "ptst", "str"]
+    assert "Recommendation (computed from the table)" in markdown.split("\n## ", 1)[0]
+    html = (v2 / "report.html").read_text()
+    assert "<th>Method</th>" in html.split("<table", 2)[1]
+
+
+def test_kept_share_is_within_one_template_and_pooled_over_seeds(v2):
+    rows = _rows(v2)
+    # PTST is read under its own test template: ptst, the aligned seed and sft all under it
+    ptst = rows["ptst"]
+    assert ptst.template == SAFE and rows["sft"].template == "native"
+    seeds = [round((REFUSAL["ptst"][SAFE] + o) * N_HARM) for o in (-0.05, 0.0, 0.05)]
+    aligned = round(REFUSAL["aligned"][SAFE] * N_HARM)
+    assert ptst.kept.value == pytest.approx(sum(seeds) / 3 / aligned)  # mean over seeds / aligned
+    sft_safe = [round((REFUSAL["sft"][SAFE] + o) * N_HARM) for o in (-0.05, 0.0, 0.05)]
+    assert ptst.kept_vs_sft.value == pytest.approx((sum(seeds) - sum(sft_safe)) / 3 / aligned)
+    assert ptst.kept_vs_sft.low > 0 and ptst.kept.seeds == 3 and ptst.kept.items == N_HARM
+    sft = rows["sft"]
+    sft_native = [round((REFUSAL["sft"]["native"] + o) * N_HARM) for o in (-0.05, 0.0, 0.05)]
+    assert sft.kept.value == pytest.approx(sum(sft_native) / 3 / round(0.9 * N_HARM))
+    assert rows["str"].task_loss_vs_sft == pytest.approx(0.75 / 0.70 - 1)
+
+
+def test_no_ratio_across_templates_when_the_aligned_seed_lacks_one(tmp_path):
+    root = make_study(tmp_path / "study", drop=("aligned/eval-native-safe",))
+    rows = _rows(root)
+    assert rows["ptst"].kept is None and rows["sft-safe"].kept is None
+    assert "aligned seed was not evaluated under native:safe" in rows["ptst"].why[0]
+    assert rows["str"].kept is not None  # native: both evaluated
+    markdown = write_report(root, tmp_path / "out")[0].read_text()
+    assert "Not computed (never across templates): sft-safe" in markdown
+    ptst_line = next(line for line in markdown.splitlines() if line.startswith("| ptst |"))
+    assert ptst_line.split(" | ")[2] == "—"
+
+
+def test_recommendation_names_the_pareto_fine_tunes(v2):
+    text = recommendation(list(_rows(v2).values()))
+    front = text.split("task loss are ", 1)[1].split(". ", 1)[0]
+    assert front.startswith("ptst (keeps 84%") and "sft (keeps" in front
+    assert "str (" not in front  # str: less kept and more task loss than ptst
+    assert "the safest is ptst" in text
+
+
+def test_judges_plots_and_sections(v2):
+    markdown = (v2 / "report.md").read_text()
+    headings = re.findall(r"^## (.+)$", markdown, flags=re.M)
+    assert headings == ["Results", "Templates", "Safety and utility", "Prefilling attack",
+                        "Dose", "Depth of alignment (per-token KL)", "Over-refusal", "Judges",
+                        "Training", "Cells", "Configuration"]
+    judges = markdown.split("## Judges", 1)[1].split("\n## ", 1)[0]
+    # keyword flips 2 of 40 harm items in each view: (2 + 12) models x 2 templates + 2 dose runs
+    harm = next(line for line in judges.splitlines() if "| harm |" in line)
+    assert "| 1200 | 95.0% |" in harm
+    assert "ptst − sft: +" in markdown and "ptst − sft-safe: +" in markdown
+    plots = {p.name for p in (v2 / "plots").glob("*.png")}
+    assert {"dose.png", "training_norms.png", "prefill.png", "over_refusal.png"} <= plots
+    description = next(p for p in markdown.split("\n\n") if p.startswith("Study fake-v2:"))
+    assert "{" not in description and "sft-safe (sft: template native:safe" in description
+    assert "str with lam 0.1" in markdown
