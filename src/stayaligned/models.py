@@ -82,13 +82,14 @@ def convert_gguf(gguf_path: Path, target: Path) -> Path:
 
     folder, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # the weights below are plain float32
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict(), strict=True)
-    model.tie_weights()
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # The weights are already de-quantised float32; only the GGUF quantiser's "not
+    # serialisable" flag stands in the way of saving them. Dropping it (instead of copying the
+    # weights into a fresh model) keeps one copy in memory: 7 GB, not 14, for a 1.78B model.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.tie_weights()  # a no-op for an untied head (config.tie_word_embeddings false)
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)

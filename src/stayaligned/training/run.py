@@ -140,7 +140,22 @@ def _training_args(cfg: TrainConfig, out: Path):
         use_cpu=device.type == "cpu",
         bf16=device.dtype.__repr__() == "torch.bfloat16",
         dataloader_num_workers=0,
+        **_checkpointing_args(cfg),
     )
+
+
+def _checkpointing_args(cfg: TrainConfig) -> dict:
+    """Gradient checkpointing for the Trainer to switch on. Non-reentrant checkpointing: the
+    reentrant kind needs an input that requires grad (absent when only LoRA adapters train)
+    and breaks methods that run extra forward passes inside one step."""
+    from transformers import TrainingArguments
+
+    if not cfg.gradient_checkpointing:
+        return {}
+    # transformers 5 renamed the arguments (the old names are deprecated aliases)
+    name = ("activation_checkpointing" if "activation_checkpointing"
+            in TrainingArguments.__dataclass_fields__ else "gradient_checkpointing")
+    return {name: True, f"{name}_kwargs": {"use_reentrant": False}}
 
 
 def _check_output_dir(out: Path, resume: bool, overwrite: bool) -> str | None:
