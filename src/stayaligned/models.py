@@ -158,9 +158,11 @@ def load_tokenizer(cfg: ModelConfig):
     return tokenizer
 
 
-def load_model(cfg: ModelConfig, device: Device | None = None, *, trainable_adapter=False):
+def load_model(cfg: ModelConfig, device: Device | None = None, *, trainable_adapter=False,
+               merge_adapter=True):
     """Load (model, tokenizer). A run directory with an adapter loads base + adapter, merged for
-    inference; with `trainable_adapter` the adapter stays separate and trainable."""
+    inference unless `merge_adapter` is false; with `trainable_adapter` the adapter stays
+    separate and trainable."""
     from transformers import AutoModelForCausalLM
 
     device = device or pick_device(cfg.dtype)
@@ -183,7 +185,7 @@ def load_model(cfg: ModelConfig, device: Device | None = None, *, trainable_adap
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable_adapter)
-        if not trainable_adapter:
+        if not trainable_adapter and merge_adapter:
             model = model.merge_and_unload()  # inference: one plain model, no adapter overhead
     model.to(device.type)
     return model, load_tokenizer(cfg)
@@ -202,3 +204,26 @@ def add_lora(model, lora: LoraConfig):
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, peft_cfg)
+
+
+def shares_base(cfg: ModelConfig, other: ModelConfig) -> bool:
+    """True when `cfg` is an adapter run on exactly the model `other` names, so that `other`'s
+    function is `cfg`'s model with the adapter disabled (no second copy needed)."""
+    base, gguf, adapter = resolve(cfg)
+    return adapter is not None and resolve(other) == (base, gguf, None)
+
+
+class AdaptersOff(torch.nn.Module):
+    """A PEFT model seen with its adapters disabled: the base model's function, computed with
+    the same weights in memory (a 1.5B model in float32 is 7 GB; two copies would be 14)."""
+
+    def __init__(self, peft_model):
+        super().__init__()
+        self.peft_model = peft_model
+
+    def forward(self, *args, **kwargs):
+        with self.peft_model.disable_adapter():
+            return self.peft_model(*args, **kwargs)
+
+    def get_base_model(self):
+        return self.peft_model.get_base_model()
