@@ -107,7 +107,7 @@ def _prompts(cfg: StudyConfig, bench_name: str, n: int, tokenizer) -> list[str]:
     return [prompt_text(tokenizer, ex, get_template("native")) for ex in examples]
 
 
-def time_inference(cfg: StudyConfig, gsm8k_tokens: int) -> dict:
+def time_inference(cfg: StudyConfig, gsm8k_tokens: int, save) -> dict:
     """Seconds per generated batch (AdvBench, GSM8K) and per teacher-forced batch."""
     import torch
 
@@ -118,9 +118,10 @@ def time_inference(cfg: StudyConfig, gsm8k_tokens: int) -> dict:
 
     ecfg = build(EvalConfig, cfg.eval)
     gen = ecfg.generation
+    start = cpu_clock()
     model, tokenizer = load_model(ModelConfig(name=cfg.model.name))
     native = get_template("native")
-    out = {"batch_size": gen.batch_size}
+    out = {"batch_size": gen.batch_size, "load_s": round(cpu_clock() - start, 1)}
     for name, tokens, label in (("advbench", gen.max_new_tokens, "advbench"),
                                 ("gsm8k", gsm8k_tokens, "gsm8k")):
         prompts = _prompts(cfg, name, gen.batch_size, tokenizer)
@@ -130,6 +131,7 @@ def time_inference(cfg: StudyConfig, gsm8k_tokens: int) -> dict:
         out[f"{label}_batch_s"] = round(cpu_clock() - start, 1)
         out[f"{label}_new_tokens"] = tokens
         out[f"{label}_example"] = texts[0][:160]
+        save(out)
     prompts = _prompts(cfg, "gsm8k", 8, tokenizer)
     ids = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     width = 300  # a GSM8K prompt with its reference solution
@@ -210,19 +212,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=str(ROOT / "bench/results/qwen_coder_estimate.json"))
     args = parser.parse_args(argv)
     cfg = load(StudyConfig, args.config)
-    from stayaligned.models import load_model
-
-    start = cpu_clock()
-    model, _ = load_model(ModelConfig(name=cfg.model.name))
-    load_s = round(cpu_clock() - start, 1)
-    del model
-    gc.collect()
-    train_t = time_training(cfg, args.steps)
-    inf = time_inference(cfg, args.gsm8k_tokens)
-    result = {
-        "model": cfg.model.name, "load_s": load_s, "training": train_t, "inference": inf,
-        "estimate": estimate(cfg, train_t, inf, args.templates, load_s),
-        "meta": {
+    out = Path(args.out)
+    result = {"model": cfg.model.name, "meta": {
             "command": f"python bench/qwen_estimate.py --steps {args.steps} "
                        f"--gsm8k-tokens {args.gsm8k_tokens} --templates {args.templates}",
             "study": f"stayaligned study {Path(args.config).relative_to(ROOT)}",
@@ -235,9 +226,15 @@ def main(argv=None) -> None:
                      "generation batches x measured batch time (GSM8K scaled linearly from the "
                      "timed tokens to max_new_tokens: a worst case) + task loss passes, times "
                      "the number of eval templates; depth = 2 passes per batch of 8",
-        },
-    }
-    write_json(Path(args.out), result)
+    }}
+    # each measurement is written as soon as it is done (a shared machine may not finish)
+    result["training"] = time_training(cfg, args.steps)
+    write_json(out, result)
+    result["inference"] = time_inference(cfg, args.gsm8k_tokens, lambda inf: write_json(
+        out, {**result, "inference": inf}))
+    result["estimate"] = estimate(cfg, result["training"], result["inference"], args.templates,
+                                  result["inference"]["load_s"])
+    write_json(out, result)
     print(json.dumps(result["estimate"], indent=2))
 
 
