@@ -157,11 +157,12 @@ def prepare(spec: PartedModel, args) -> dict:
         start = time.monotonic()
         convert_gguf(gguf, target)
         seconds = round(time.monotonic() - start, 1)
+    home = str(Path.home())
     return {
         "model": spec.name, "upstream": spec.upstream,
         "packages": f"{spec.package}1..{spec.parts}=={spec.version}",
-        "gguf": str(gguf), "gguf_bytes": record["size"], "gguf_sha256": record["sha256"],
-        "model_dir": str(target), "convert_s": seconds,
+        "gguf": str(gguf).replace(home, "~", 1), "gguf_bytes": record["size"], "gguf_sha256": record["sha256"],
+        "model_dir": str(target).replace(home, "~", 1), "convert_s": seconds,
         "command": f"python bench/models.py --model {args.model}",
     }
 

@@ -165,3 +165,25 @@ def test_study_trains_evaluates_and_measures_depth_with_one_model_copy(tmp_path,
     assert all(v > 0 for v in depth["kl_mean"])
     # (the evaluation merges the adapter into the weights, depth does not: float rounding)
     assert depth["kl_mean"] == pytest.approx(direct["kl_mean"], rel=1e-3, abs=1e-7)
+
+
+def test_task_loss_splits_a_batch_whose_logits_would_not_fit(qwen_dir, monkeypatch):
+    """A 150k vocabulary at batch 32 would hold GiBs of logits: the batch is split into passes
+    under MAX_LOGITS, with the same result."""
+    from stayaligned.evaluation import task_loss
+    from stayaligned.models import load_model
+
+    model, tok = load_model(ModelConfig(name=str(qwen_dir)))
+    examples = [task_loss.with_reference(Example(f"t:{i}", ({"role": "user", "content": q},)), a)
+                for i, (q, a) in enumerate([("What is 2+2?", "It is 4. #### 4"),
+                                            ("Add 10 and 5.", "10 + 5 = 15 #### 15"),
+                                            ("3 times 3?", "9 #### 9")])]
+    whole = task_loss.reference_nll(model, tok, examples, get_template("native"), batch_size=3)
+    passes = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: passes.append(
+        kwargs["input_ids"].shape[0]), with_kwargs=True)
+    monkeypatch.setattr(task_loss, "MAX_LOGITS", 1)  # one row per pass
+    split = task_loss.reference_nll(model, tok, examples, get_template("native"), batch_size=3)
+    assert passes == [1, 1, 1]
+    assert split["tokens"] == whole["tokens"] and split["n"] == 3
+    assert split["loss"] == pytest.approx(whole["loss"], rel=1e-5)
