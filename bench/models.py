@@ -126,11 +126,11 @@ def free_gb() -> float:
     return float("inf")
 
 
-def wait_for_memory(min_gb: float, wait_s: float) -> None:
+def wait_for_memory(min_gb: float, wait_s: float, purpose: str = "the conversion") -> None:
     deadline = time.monotonic() + wait_s
     while free_gb() < min_gb:
         if time.monotonic() > deadline:
-            raise SystemExit(f"only {free_gb():.1f} GiB free, conversion needs {min_gb} GiB: "
+            raise SystemExit(f"only {free_gb():.1f} GiB free, {purpose} needs {min_gb} GiB: "
                              "run again when memory is free (or lower --min-free-gb)")
         print(f"{free_gb():.1f} GiB free < {min_gb}: waiting", flush=True)
         time.sleep(30)

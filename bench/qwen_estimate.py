@@ -5,7 +5,8 @@
 
 Measured (in this process, on the study's own settings):
 - seconds per LoRA training step of the sft cell (its train block: batch 8, gradient
-  checkpointing), the first step dropped as warm-up, and the peak resident memory;
+  checkpointing), the first step dropped as warm-up when several run, and the peak resident
+  memory;
 - seconds per generated batch: AdvBench prompts with the study's batch size and answer length,
   and GSM8K test prompts (timed for `--gsm8k-tokens` new tokens, scaled to the benchmark's
   length, a worst case: greedy answers often stop earlier);
@@ -36,6 +37,9 @@ sys.path.insert(0, str(ROOT / "src"))
 from stayaligned.config import GenerationConfig, ModelConfig, StudyConfig, load  # noqa: E402
 from stayaligned.runfiles import read_json, write_json  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from models import wait_for_memory  # noqa: E402
+
 OVERHEAD = ROOT / "bench" / "results" / "overhead.json"
 
 
@@ -63,7 +67,8 @@ def peak_rss_gb() -> float:
 
 
 def time_training(cfg: StudyConfig, steps: int) -> dict:
-    """Seconds per optimiser step of the sft cell (first step dropped), tokens per step."""
+    """Seconds per optimiser step of the sft cell (the first dropped as warm-up when there are
+    several), tokens per step, peak memory."""
     from stayaligned.study import cell_ids, cell_train_config
     from stayaligned.training import trainer as trainer_module
     from stayaligned.training.run import train
@@ -88,7 +93,8 @@ def time_training(cfg: StudyConfig, steps: int) -> dict:
     finally:
         trainer_module.StayTrainer.training_step = original
     timed_steps = times[1:] or times
-    return {"step_s": round(sum(timed_steps) / len(timed_steps), 2), "step_s_all": [round(t, 2) for t in times],
+    return {"step_s": round(sum(timed_steps) / len(timed_steps), 2),
+            "step_s_all": [round(t, 2) for t in times],
             "tokens_per_step": tokens, "batch_size": base.optim.batch_size,
             "gradient_checkpointing": base.gradient_checkpointing,
             "peak_rss_gb": round(peak_rss_gb(), 2)}
@@ -210,9 +216,14 @@ def main(argv=None) -> None:
     parser.add_argument("--templates", type=int, default=2,
                         help="eval templates per model (eval_templates: [native, native:safe])")
     parser.add_argument("--out", default=str(ROOT / "bench/results/qwen_coder_estimate.json"))
+    parser.add_argument("--min-free-gb", type=float, default=16.0)
+    parser.add_argument("--wait-s", type=float, default=1800.0)
     args = parser.parse_args(argv)
     cfg = load(StudyConfig, args.config)
     out = Path(args.out)
+    # the training step holds the 7 GB of weights, activations and logits: ~14 GB; on a shared
+    # machine with less free, the kernel kills this process (or a neighbour)
+    wait_for_memory(args.min_free_gb, args.wait_s, "a LoRA step of the 1.5B model")
     result = {"model": cfg.model.name, "meta": {
             "command": f"python bench/qwen_estimate.py --steps {args.steps} "
                        f"--gsm8k-tokens {args.gsm8k_tokens} --templates {args.templates}",
