@@ -80,13 +80,14 @@ def convert_gguf(gguf_path: Path, target: Path) -> Path:
 
     folder, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # the weights below are plain float32
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict(), strict=True)
-    model.tie_weights()
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # The weights are already de-quantised float32; only the GGUF quantiser's "not
+    # serialisable" flag stands in the way of saving them. Dropping it (instead of copying the
+    # weights into a fresh model) keeps one copy in memory: 7 GB, not 14, for a 1.78B model.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.tie_weights()  # a no-op for an untied head (config.tie_word_embeddings false)
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -156,12 +157,12 @@ def load_tokenizer(cfg: ModelConfig):
 
 
 def load_model(cfg: ModelConfig, device: Device | None = None, *, trainable_adapter=False,
-               quantization=None):
+               quantization=None, merge_adapter=True):
     """Load (model, tokenizer). A run directory with an adapter loads base + adapter, merged for
-    inference; with `trainable_adapter` the adapter stays separate and trainable. The model is
-    tagged with its precision's autocast dtype (`precision.autocast_for` reads it); an explicit
-    `device` means no autocast. `quantization` (a BitsAndBytesConfig, QLoRA) loads the base in
-    4 bits on this process's GPU."""
+    inference unless `merge_adapter` is false; with `trainable_adapter` the adapter stays
+    separate and trainable. The model is tagged with its precision's autocast dtype
+    (`precision.autocast_for` reads it); an explicit `device` means no autocast. `quantization`
+    (a BitsAndBytesConfig, QLoRA) loads the base in 4 bits on this process's GPU."""
     from transformers import AutoModelForCausalLM
 
     prec = (resolve_precision(cfg.precision, cfg.dtype) if device is None
@@ -194,7 +195,7 @@ def load_model(cfg: ModelConfig, device: Device | None = None, *, trainable_adap
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable_adapter)
-        if not trainable_adapter:
+        if not trainable_adapter and merge_adapter:
             model = model.merge_and_unload()  # inference: one plain model, no adapter overhead
     if quantization is None:
         model.to(device.type)
@@ -219,3 +220,26 @@ def add_lora(model, lora: LoraConfig):
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, peft_cfg)
+
+
+def shares_base(cfg: ModelConfig, other: ModelConfig) -> bool:
+    """True when `cfg` is an adapter run on exactly the model `other` names, so that `other`'s
+    function is `cfg`'s model with the adapter disabled (no second copy needed)."""
+    base, gguf, adapter = resolve(cfg)
+    return adapter is not None and resolve(other) == (base, gguf, None)
+
+
+class AdaptersOff(torch.nn.Module):
+    """A PEFT model seen with its adapters disabled: the base model's function, computed with
+    the same weights in memory (a 1.5B model in float32 is 7 GB; two copies would be 14)."""
+
+    def __init__(self, peft_model):
+        super().__init__()
+        self.peft_model = peft_model
+
+    def forward(self, *args, **kwargs):
+        with self.peft_model.disable_adapter():
+            return self.peft_model(*args, **kwargs)
+
+    def get_base_model(self):
+        return self.peft_model.get_base_model()

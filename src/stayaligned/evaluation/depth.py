@@ -107,7 +107,9 @@ def _response_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, width: int)
     # Explicit positions count real tokens only: RoPE is shift-invariant and would not mind
     # the left padding, but absolute position embeddings (GPT-2, OPT) would.
     kwargs = {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0), "use_cache": False}
-    keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+    # a PEFT model (or its adapters-off view) passes keyword arguments on to its base model
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    keep = "logits_to_keep" in inspect.signature(inner.forward).parameters
     if keep:  # only the last width + 1 columns: the last context token and the response
         kwargs["logits_to_keep"] = width + 1
     logits = model(input_ids=ids, attention_mask=mask, **kwargs).logits

@@ -19,6 +19,10 @@ from stayaligned.precision import autocast_for
 from stayaligned.templates.library import Template
 from stayaligned.templates.render import IGNORE_INDEX, render_for_training
 
+# Logits held by one forward pass, in floats (1 GiB in float32): a 150k-token vocabulary at
+# batch 32 x 300 tokens would need 5.8 GiB, and the log-softmax as much again.
+MAX_LOGITS = 2**28
+
 
 def with_reference(example: Example, reference: str | None) -> Example:
     """The example with its reference answer as the final assistant turn."""
@@ -43,33 +47,47 @@ def reference_nll(model, tokenizer, examples: list[Example], template: Template,
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     total, tokens, per_example = 0.0, 0, []
     order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
+    vocab = model.get_output_embeddings().weight.shape[0]
     for start in range(0, len(order), batch_size):
         batch = [items[i] for i in order[start : start + batch_size]]
         width = max(len(it.input_ids) for it in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        labels = torch.full_like(ids, IGNORE_INDEX)
-        mask = torch.zeros_like(ids)
-        for k, it in enumerate(batch):
-            n = len(it.input_ids)
-            ids[k, :n] = torch.tensor(it.input_ids)
-            labels[k, :n] = torch.tensor(it.labels)
-            mask[k, :n] = 1
-        with autocast_for(model):  # the loaded model's precision (bf16: autocast)
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        logits = logits.float()
-        target = labels[:, 1:].to(device)
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].transpose(1, 2), target, ignore_index=IGNORE_INDEX, reduction="none")
-        keep = target != IGNORE_INDEX
-        for k in range(len(batch)):
-            count = int(keep[k].sum())
-            if count:
-                row = float(nll[k][keep[k]].sum())
-                total, tokens = total + row, tokens + count
-                per_example.append(row / count)
+        step = max(1, MAX_LOGITS // (width * vocab))  # rows per forward pass
+        for sub in range(0, len(batch), step):
+            total, tokens = _add_nll(model, batch[sub : sub + step], pad, device,
+                                     (total, tokens), per_example)
     mean = sum(per_example) / len(per_example) if per_example else float("nan")
     var = (sum((x - mean) ** 2 for x in per_example) / (len(per_example) - 1)
            if len(per_example) > 1 else float("nan"))
     return {"loss": total / tokens if tokens else float("nan"), "tokens": tokens,
             "n": len(per_example), "per_example_mean": mean,
             "per_example_sem": math.sqrt(var / len(per_example)) if len(per_example) > 1 else None}
+
+
+def _add_nll(model, batch, pad: int, device, running: tuple[float, int],
+             per_example: list[float]) -> tuple[float, int]:
+    """One forward pass over `batch` (right-padded); appends each example's mean NLL and
+    returns the running (NLL sum, token count)."""
+    total, tokens = running
+    width = max(len(it.input_ids) for it in batch)
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    mask = torch.zeros_like(ids)
+    for k, it in enumerate(batch):
+        n = len(it.input_ids)
+        ids[k, :n] = torch.tensor(it.input_ids)
+        labels[k, :n] = torch.tensor(it.labels)
+        mask[k, :n] = 1
+    with autocast_for(model):  # the loaded model's precision (bf16: autocast)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+    logits = logits.float()
+    target = labels[:, 1:].to(device)
+    nll = torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2), target, ignore_index=IGNORE_INDEX, reduction="none")
+    keep = target != IGNORE_INDEX
+    for k in range(len(batch)):
+        count = int(keep[k].sum())
+        if count:
+            row = float(nll[k][keep[k]].sum())
+            total, tokens = total + row, tokens + count
+            per_example.append(row / count)
+    return total, tokens

@@ -173,8 +173,23 @@ def _training_args(cfg: TrainConfig, out: Path):
         use_cpu=device.type == "cpu",
         bf16=False,  # autocast is the trainer's own (precision.autocast), weights as loaded
         dataloader_num_workers=0,
+        **_checkpointing_args(cfg),
         **trainer_arg_overrides(cfg),
     )
+
+
+def _checkpointing_args(cfg: TrainConfig) -> dict:
+    """Gradient checkpointing for the Trainer to switch on. Non-reentrant checkpointing: the
+    reentrant kind needs an input that requires grad (absent when only LoRA adapters train)
+    and breaks methods that run extra forward passes inside one step."""
+    from transformers import TrainingArguments
+
+    if not cfg.gradient_checkpointing:
+        return {}
+    # transformers 5 renamed the arguments (the old names are deprecated aliases)
+    name = ("activation_checkpointing" if "activation_checkpointing"
+            in TrainingArguments.__dataclass_fields__ else "gradient_checkpointing")
+    return {name: True, f"{name}_kwargs": {"use_reentrant": False}}
 
 
 def last_complete_checkpoint(ckpt_dir: Path) -> str | None:
