@@ -94,6 +94,10 @@ def test_quickstart_orchestration_on_a_tiny_model(tmp_path, tiny_model_dir, monk
     monkeypatch.setattr(train_run, "train", refuse)
     again = run_quickstart(out, overrides=tiny_overrides(tiny_model_dir))
     assert again["rows"] == summary["rows"]
+    assert again["stage_seconds"] == summary["stage_seconds"]
+    assert set(summary["stage_seconds"]) == {"seed/eval", "aligned/train", "aligned/eval",
+                                             *(f"cells/{c}/{s}" for c in ("sft", "recipe")
+                                               for s in ("train", "eval"))}
 
 
 def _rate(k: int, n: int) -> dict:

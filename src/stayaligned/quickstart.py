@@ -103,10 +103,18 @@ def build_summary(output: Path, cfg: StudyConfig, seconds: float, report: Path) 
         "prefill_k": PREFILL_K,
         "report": str(report),
         "study_dir": str(output),
-        "seconds": round(seconds, 1),
+        "seconds": round(seconds, 1),  # this run; finished stages took no time
+        "stage_seconds": _stage_seconds(output),
     }
     summary["reading"] = reading(summary)
     return summary
+
+
+def _stage_seconds(output: Path) -> dict:
+    """Each stage's own time when it ran (progress.json), so a reused run still shows them."""
+    progress = read_json(output / "progress.json") or {}
+    return {key: entry.get("seconds") for key, entry in progress.items()
+            if entry.get("status") == "done"}
 
 
 def _apart(low_row: dict, high_row: dict) -> bool:
@@ -157,8 +165,9 @@ def reading(summary: dict) -> str:
         + (f"; held-out task loss {_loss(rec)} vs {_loss(sft)}" if _loss(rec) else "") + ").",
         f"Its over-refusal of benign prompts is {_pct(rec['over_refusal_rate'])} against "
         f"{_pct(sft['over_refusal_rate'])} for sft and {_pct(aligned['over_refusal_rate'])} for "
-        f"the aligned seed, and under a prefilling attack (k={summary['prefill_k']}) every model "
-        f"refuses between {_span(rows, 'prefill_refusal_rate')}.",
+        f"the aligned seed; under a prefilling attack (k={summary['prefill_k']}) refusal is "
+        f"{_pct(aligned['prefill_refusal_rate'])} (aligned), {_pct(sft['prefill_refusal_rate'])} "
+        f"(sft) and {_pct(rec['prefill_refusal_rate'])} (recipe).",
     ]
     if f["target_met"]:
         parts.append(f"So the recipe keeps at least {100 * f['keep_target']:.0f}% of the "
@@ -178,11 +187,6 @@ def _loss(row: dict) -> str | None:
     """The held-out task loss (token-weighted mean NLL of the reference answers), or None."""
     loss = (row.get("task_loss") or {}).get("loss")
     return None if loss is None else f"{loss:.3f}"
-
-
-def _span(rows: dict, key: str) -> str:
-    values = [100 * rows[n][key]["value"] for n in ROWS]
-    return f"{min(values):.0f}% and {max(values):.0f}%"
 
 
 LABELS = {"seed": "seed", "aligned": "aligned", "sft": "fine-tuned, plain sft"}
