@@ -1,6 +1,7 @@
 """Choose the quickstart's task budget on the demo *validation* split, never its evaluation items.
 
-    python bench/quickstart_pilot.py [--output runs/quickstart] [--result bench/results/quickstart_pilot.json]
+    python bench/quickstart_pilot.py [--output runs/quickstart]
+        [--result bench/results/quickstart_pilot.json]
 
 Runs two stages of the quickstart's own study plan (resources/quickstart.yaml), the alignment
 and the plain-sft cell's training, in the quickstart's output directory, so that the quickstart
