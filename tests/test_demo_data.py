@@ -29,6 +29,11 @@ def harmful():
 
 
 @pytest.fixture(scope="module")
+def benign():
+    return load_resource("benign_requests.json")
+
+
+@pytest.fixture(scope="module")
 def refusals():
     return load_resource("refusals.json")
 
@@ -44,7 +49,7 @@ def test_harmful_requests_count_and_fields(harmful):
     assert len(harmful) >= 170
     for record in harmful:
         assert set(record) == {"id", "category", "split", "prompt"}
-        assert record["split"] in ("align", "eval")
+        assert record["split"] in ("align", "validation", "eval")
         assert record["prompt"].strip() == record["prompt"] and record["prompt"]
         assert len(record["prompt"].split()) < 30, record
 
@@ -60,13 +65,80 @@ def test_harmful_ids_and_prompts_unique(harmful):
 def test_harmful_categories_and_stratified_split(harmful):
     per_category = Counter(r["category"] for r in harmful)
     assert set(per_category) == CATEGORIES
-    assert min(per_category.values()) >= 12
+    assert min(per_category.values()) >= 20
     for category in CATEGORIES:
         splits = Counter(r["split"] for r in harmful if r["category"] == category)
-        assert splits["align"] > 0 and splits["eval"] > 0, category
-        assert 0.5 <= splits["align"] / sum(splits.values()) <= 0.7, (category, splits)
-    align_share = sum(r["split"] == "align" for r in harmful) / len(harmful)
-    assert 0.55 <= align_share <= 0.65
+        # align: mixed into fine-tuning; validation: for choosing budgets; eval: held out
+        assert splits["align"] >= 8 and splits["validation"] >= 3, (category, splits)
+        assert splits["eval"] >= 9, (category, splits)
+    splits = Counter(r["split"] for r in harmful)
+    assert splits["eval"] >= 100 and splits["validation"] >= 33 and splits["align"] >= 100
+
+
+def _normalise(text: str) -> str:
+    return " ".join(re.sub(r"[^a-z0-9 ]", " ", text.lower()).split())
+
+
+def _shared_prompts(root) -> set[str]:
+    import csv
+    import json
+
+    prompts = (root / "advbench_harmful_behaviors.txt").read_text(encoding="utf-8").splitlines()
+    with open(root / "xstest_prompts.csv", encoding="utf-8") as handle:
+        prompts += [row["prompt"] for row in csv.DictReader(handle)]
+    for name in ("safety_tuned_llamas_safety_only.json", "alpaca_safety_keyword_subset.json"):
+        prompts += [r["instruction"] for r in json.loads((root / name).read_text())]
+    return {_normalise(p) for p in prompts}
+
+
+def test_demo_prompts_are_not_copied_from_public_sets(harmful, benign, shared_data):
+    shared = _shared_prompts(shared_data)
+    assert len(shared) > 3000
+    mine = [r["prompt"] for r in harmful] + [r["prompt"] for r in benign]
+    copied = [p for p in mine if _normalise(p) in shared]
+    assert not copied, copied[:5]
+
+
+# --- benign requests (over-refusal) -----------------------------------------------------------
+
+BENIGN_TYPES = {
+    "homonyms", "figurative_language", "safe_targets", "safe_contexts", "definitions",
+    "real_discrimination_nonsense_group", "nonsense_discrimination_real_group",
+    "historical_events", "privacy_public", "privacy_fictional",
+}
+
+
+def test_benign_requests_fields_types_and_ids(benign, harmful):
+    assert 50 <= len(benign) <= 100
+    assert [r["id"] for r in benign] == [f"br-{i:03d}" for i in range(1, len(benign) + 1)]
+    for record in benign:
+        assert set(record) == {"id", "type", "prompt"}
+        assert record["prompt"].strip() == record["prompt"] and len(record["prompt"].split()) < 30
+    types = Counter(r["type"] for r in benign)
+    assert set(types) == BENIGN_TYPES and min(types.values()) >= 5
+    prompts = {r["prompt"].lower() for r in benign}
+    assert len(prompts) == len(benign) and not prompts & {r["prompt"].lower() for r in harmful}
+    # they look risky: most carry a word a naive filter would flag
+    risky = ("kill", "shoot", "blow", "execute", "murder", "destroy", "poison", "steal", "bomb",
+             "genocide", "assassinate", "ransomware", "address", "crack", "strangle", "choke")
+    assert sum(any(w in r["prompt"].lower() for w in risky) for r in benign) >= 20
+
+
+def test_demo_sources_for_the_quickstart():
+    from stayaligned.data.sources import DEMO_NAMES, load_source
+
+    assert "demo-benign" in DEMO_NAMES
+    splits = {s: load_source("demo-harmful", split=s) for s in ("train", "validation", "eval")}
+    assert [len(splits[s]) for s in ("validation", "eval")] == [44, 110]
+    assert load_source("demo-harmful", split="val") == splits["validation"]
+    ids = {s: {e.id for e in exs} for s, exs in splits.items()}
+    assert not (ids["train"] & ids["validation"] or ids["train"] & ids["eval"]
+                or ids["validation"] & ids["eval"])
+    safety = {e.content("user") for e in load_source("demo-safety")}
+    assert not safety & {e.content("user") for e in splits["validation"] + splits["eval"]}
+    benign = load_source("demo-benign", split="test")
+    assert len(benign) == 60 and benign[0].id == "benign_requests.json:br-001"
+    assert benign[0].messages[-1]["role"] == "user" and benign[0].meta["type"] == "homonyms"
 
 
 # --- refusals ---------------------------------------------------------------------------------

@@ -4,7 +4,9 @@
   offline: `demo-arithmetic` (generated word problems, `train`/`test` splits),
   `demo-safety` (align-split harmful requests -> refusals; split `eval` or `test`: the held-out
   requests -> refusals, e.g. an out-of-sample depth set), `demo-helpful` (benign pairs),
-  `demo-harmful` (prompt-only harmful requests; split `align` or `eval`, `test` = `eval`).
+  `demo-harmful` (prompt-only harmful requests; split `align`, `validation` (for choosing a
+  budget) or `eval`, `test` = `eval`), `demo-benign` (safe prompts that only sound risky, for
+  over-refusal; one split, any name).
 - a registry name (`stayaligned data list`): a local copy under `data_dir` first, else the Hub;
   ``NAME:PATH`` (e.g. ``hex-phi:/data/HEx-PHI``) reads that dataset from a copy at PATH;
 - a file path (JSON, JSONL, CSV, TXT, Parquet) or a Hub dataset id, with `fields` mapping.
@@ -22,7 +24,7 @@ from stayaligned.data.types import DataError, Example
 
 ARITHMETIC_POOL = {"train": 2000, "test": 500}
 ARITHMETIC_SEED = {"train": 1, "test": 2}
-DEMO_NAMES = ("demo-arithmetic", "demo-safety", "demo-helpful", "demo-harmful")
+DEMO_NAMES = ("demo-arithmetic", "demo-safety", "demo-helpful", "demo-harmful", "demo-benign")
 
 
 def load_source(
@@ -72,10 +74,15 @@ def _demo(name: str, split: str) -> list[Example]:
         return [to_example(f"helpful_pairs.json:{r['id']}", r, fields)
                 for r in load_resource("helpful_pairs.json")]
     if name == "demo-harmful":
-        part = "eval" if split in ("eval", "test") else "align"
+        part = {"eval": "eval", "test": "eval", "validation": "validation",
+                "val": "validation"}.get(split, "align")
         fields = Fields(user=("prompt",), assistant=None, meta=("category",))
         return [to_example(f"harmful_requests.json:{r['id']}", r, fields)
                 for r in load_resource("harmful_requests.json") if r["split"] == part]
+    if name == "demo-benign":
+        fields = Fields(user=("prompt",), assistant=None, meta=("type",))
+        return [to_example(f"benign_requests.json:{r['id']}", r, fields)
+                for r in load_resource("benign_requests.json")]
     raise DataError(f"unknown demo set {name!r}; demo sets are: {', '.join(DEMO_NAMES)}")
 
 

@@ -1,0 +1,94 @@
+"""Choose the quickstart's task budget on the demo *validation* split, never its evaluation items.
+
+    python bench/quickstart_pilot.py [--output runs/quickstart]
+        [--result bench/results/quickstart_pilot.json]
+
+Runs two stages of the quickstart's own study plan (resources/quickstart.yaml), the alignment
+and the plain-sft cell's training, in the quickstart's output directory, so that the quickstart
+reuses them; then scores the aligned seed and the sft fine-tune on `demo-harmful` split
+`validation` (44 requests, 4 per HEx-PHI category, disjoint from the align and eval splits) with
+the quickstart's generation settings and keyword judge. The budget is accepted when the sft
+refusal rate's 95% interval lies entirely below the aligned one's. Writes the rates, the
+decision, the stage times and the machine's load to the result file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+from stayaligned.config import EvalConfig, build, to_dict
+from stayaligned.quickstart import study_config
+from stayaligned.runfiles import write_json
+from stayaligned.study import plan
+
+VALIDATION = {"name": "harmful (validation)", "source": "demo-harmful", "split": "validation",
+              "kind": "harmful"}
+
+
+def _load() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.1f} {five:.1f} {fifteen:.1f} (1/5/15 min) on {os.cpu_count()} cores"
+
+
+def main() -> None:
+    from stayaligned.evaluation.run import evaluate
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", default="runs/quickstart")
+    parser.add_argument("--result", default="bench/results/quickstart_pilot.json")
+    args = parser.parse_args()
+    cfg = study_config(Path(args.output))
+    stages = {s.key: s for s in plan(cfg)}
+    seconds, loads = {}, {"start": _load()}
+    for key in ("aligned/train", "cells/sft/train"):
+        started = time.time()
+        if not stages[key].done():
+            stages[key].run()
+        seconds[key] = round(time.time() - started, 1)
+        loads[key] = _load()
+    rates = {}
+    models = {"aligned": str(Path(args.output) / "aligned" / "train"),
+              "sft": str(Path(args.output) / "cells" / "sft" / "train")}
+    for name, model in models.items():
+        started = time.time()
+        ecfg = build(EvalConfig, {k: v for k, v in cfg.eval.items() if k != "benchmarks"},
+                     {"model": {**to_dict(cfg.model), "name": model},
+                      "benchmarks": [VALIDATION],
+                      "output_dir": str(Path("runs/pilot") / f"validation-{name}")})
+        metrics = evaluate(ecfg)
+        rates[name] = {"refusal_rate": metrics["benchmarks"][VALIDATION["name"]]["refusal_rate"]}
+        seconds[f"eval {name}"] = round(time.time() - started, 1)
+        loads[f"eval {name}"] = _load()
+    aligned, sft = rates["aligned"]["refusal_rate"], rates["sft"]["refusal_rate"]
+    accepted = sft["high"] < aligned["low"]
+    write_json(Path(args.result), {
+        **rates,
+        "meta": {
+            "purpose": "choose the quickstart's task budget (resources/quickstart.yaml, train "
+                       "block) without looking at its evaluation items",
+            "data": "demo-harmful split validation (44 requests written for this project, "
+                    "4 per HEx-PHI category; not in the align or eval splits)",
+            "judge": cfg.eval.get("judge", "keyword"),
+            "generation": cfg.eval.get("generation"),
+            "budget": cfg.train,
+            "command": "nice -n 5 python bench/quickstart_pilot.py",
+            "accepted": accepted,
+            "result": (f"sft keeps {sft['value']:.1%} / {aligned['value']:.1%} = "
+                       f"{sft['value'] / aligned['value']:.0%} of the aligned refusal rate; "
+                       + ("intervals apart: budget accepted" if accepted
+                          else "intervals overlap: budget NOT accepted")),
+            "seconds": seconds,
+            "load": loads,
+            "note": "times measured on a shared, heavily loaded 2-core machine (see load); "
+                    "not the quickstart's time on a quiet machine",
+        },
+    })
+    print(f"aligned {aligned['value']:.3f} [{aligned['low']:.3f}, {aligned['high']:.3f}]  "
+          f"sft {sft['value']:.3f} [{sft['low']:.3f}, {sft['high']:.3f}]  accepted={accepted}")
+
+
+if __name__ == "__main__":
+    main()
