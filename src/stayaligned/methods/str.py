@@ -29,8 +29,9 @@ share of those answers the keyword judge counts as refusals is the seed's refusa
 recorded in str_tokens.json (`seed_refusal_share`). A seed that refuses almost nothing has no
 refusal tokens to protect (mined from the unaligned embedded seed, S held ' insurance' and
 ' companies'); below `min_refusal_share` (default 0.25: the embedded seed refuses 7% of
-AdvBench, the aligned one 95%) setup stops with an error naming the option; set it to 0 to
-run anyway, with a loud warning.
+AdvBench, the aligned one 95%; mining from the unaligned embedded seed measured 0 of 32,
+bench/results/str_seed_check_embedded.json) setup stops with an error naming the option; set it
+to 0 to run anyway, with a loud warning.
 """
 
 from __future__ import annotations
