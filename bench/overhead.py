@@ -147,6 +147,8 @@ def main() -> None:
                         help="--precision: run (and cache) only this stage")
     parser.add_argument("--gen-tokens", type=int, default=80,
                         help="--precision: new tokens per generation in the throughput part")
+    parser.add_argument("--collect", action="store_true",
+                        help="--precision: write the entry from finished stages only")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -167,7 +169,7 @@ def main() -> None:
             overhead_precision.results(work, args.finetune_steps, (args.precision_stage,))
             return
         value = overhead_precision.entry(args.repeats, work, command, args.finetune_steps,
-                                         args.gen_tokens)
+                                         args.gen_tokens, compute=not args.collect)
         overhead_precision.merge_into(Path(args.out), value)
         shown = {k: v for k, v in value.items() if k != "loss_curves"}
         print(f"[overhead] precision: {json.dumps(shown)}")

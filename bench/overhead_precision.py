@@ -141,7 +141,8 @@ def throughput(repeats: int, new_tokens: int = 80) -> dict:
     }
 
 
-def _finetune_and_eval(work: Path, name: str, steps: int) -> tuple[dict, list[dict]]:
+def _finetune_and_eval(work: Path, name: str, steps: int,
+                       compute: bool = True) -> tuple[dict | None, list[dict]]:
     from stayaligned.config import EvalConfig, TrainConfig, load
     from stayaligned.evaluation.run import evaluate
     from stayaligned.quickstart import EVAL, FINETUNE
@@ -149,6 +150,9 @@ def _finetune_and_eval(work: Path, name: str, steps: int) -> tuple[dict, list[di
     from stayaligned.training.run import is_complete, train
 
     run, out = work / name / "finetune", work / name / "eval"
+    if not compute:  # collect only what the stages have finished
+        log = read_jsonl(run / "train_log.jsonl") if is_complete(run) else []
+        return read_json(out / "metrics.json"), log
     if not is_complete(run):
         short = [f"optim.max_steps={steps}", "logging_steps=2", "save_steps=4"] if steps else []
         train(load(TrainConfig, None, [*FINETUNE, "model.name=embedded", *short,
@@ -163,21 +167,29 @@ def _finetune_and_eval(work: Path, name: str, steps: int) -> tuple[dict, list[di
     return metrics, read_jsonl(run / "train_log.jsonl")
 
 
-def results(work: Path, steps: int = 0, names=PRECISIONS) -> dict:
+def results(work: Path, steps: int = 0, names=PRECISIONS, compute: bool = True) -> dict:
     """Both fine-tunes and evaluations: losses and refusal rates (`steps` > 0, a short run for
     a busy machine: only the first `steps` optimiser steps of the quickstart fine-tune, and 20
     of its 50 arithmetic problems; all 66 held-out harmful requests either way)."""
+    from stayaligned.runfiles import read_json
+
     out = {}
     for name in names:
-        metrics, log = _finetune_and_eval(work, name, steps)
+        metrics, log = _finetune_and_eval(work, name, steps, compute)
         curve = [(row["step"], row["loss"]) for row in log if "loss" in row]
-        harmful, task = metrics["benchmarks"][HARMFUL], metrics["benchmarks"][TASK]
-        out[name] = {"curve": curve, "final_train_loss": curve[-1][1],
-                     "task_loss": task["task_loss"]["loss"],
-                     "refusal_rate": harmful["refusal_rate"], "task_accuracy": task["accuracy"],
-                     "train_seconds": read_json(work / name / "finetune" / "run.json")
+        bench = (metrics or {}).get("benchmarks", {})
+        harmful, task = bench.get(HARMFUL, {}), bench.get(TASK, {})
+        out[name] = {"curve": curve, "final_train_loss": curve[-1][1] if curve else None,
+                     "task_loss": (task.get("task_loss") or {}).get("loss"),
+                     "refusal_rate": harmful.get("refusal_rate"),
+                     "task_accuracy": task.get("accuracy"),
+                     "train_seconds": (read_json(work / name / "finetune" / "run.json") or {})
                      .get("train_seconds")}
     return out
+
+
+def _rel(new, old):
+    return None if new is None or old is None else round((new - old) / old, 4)
 
 
 def cached_throughput(repeats: int, work: Path, new_tokens: int = 80) -> dict:
@@ -194,28 +206,36 @@ def cached_throughput(repeats: int, work: Path, new_tokens: int = 80) -> dict:
 
 
 def entry(repeats: int, work: Path, command: str, steps: int = 0,
-          new_tokens: int = 80) -> dict:
-    """The whole `precision` entry."""
+          new_tokens: int = 80, compute: bool = True) -> dict:
+    """The whole `precision` entry (`compute=False`: only what the stages finished; the rest
+    is None)."""
     import torch
 
-    speed = cached_throughput(repeats, work, new_tokens)
-    res = results(work, steps)
+    path = work / "throughput.json"
+    speed = (cached_throughput(repeats, work, new_tokens) if compute
+             else json.loads(path.read_text()) if path.is_file()
+             else {"train_speedup": None, "generation_speedup": None})
+    res = results(work, steps, compute=compute)
     f32, b16 = res["fp32"], res["bf16"]
-    steps = dict(f32["curve"])
-    curve_diff = [abs(loss - steps[s]) / steps[s] for s, loss in b16["curve"] if s in steps]
-    rel_task = (b16["task_loss"] - f32["task_loss"]) / f32["task_loss"]
-    rel_train = (b16["final_train_loss"] - f32["final_train_loss"]) / f32["final_train_loss"]
-    lo, hi = f32["refusal_rate"]["interval"]
-    inside = lo <= b16["refusal_rate"]["rate"] <= hi
-    meets = (speed["train_speedup"] >= 1.5 and speed["generation_speedup"] >= 1.5
-             and abs(rel_task) <= 0.02 and abs(rel_train) <= 0.02 and inside)
+    by_step = dict(f32["curve"])
+    curve_diff = [abs(loss - by_step[s]) / by_step[s] for s, loss in b16["curve"] if s in by_step]
+    rel_task = _rel(b16["task_loss"], f32["task_loss"])
+    rel_train = _rel(b16["final_train_loss"], f32["final_train_loss"])
+    inside = None
+    if f32["refusal_rate"] and b16["refusal_rate"]:
+        inside = f32["refusal_rate"]["low"] <= b16["refusal_rate"]["value"] \
+            <= f32["refusal_rate"]["high"]
+    checks = [(speed["train_speedup"] or 0) >= 1.5, (speed["generation_speedup"] or 0) >= 1.5,
+              rel_task is not None and abs(rel_task) <= 0.02,
+              rel_train is not None and abs(rel_train) <= 0.02, bool(inside)]
+    seconds = (f32["train_seconds"], b16["train_seconds"])
     return {
         **speed,
         "task_loss_fp32": f32["task_loss"], "task_loss_bf16": b16["task_loss"],
-        "task_loss_rel_diff": round(rel_task, 4),
+        "task_loss_rel_diff": rel_task,
         "final_train_loss_fp32": f32["final_train_loss"],
         "final_train_loss_bf16": b16["final_train_loss"],
-        "final_train_loss_rel_diff": round(rel_train, 4),
+        "final_train_loss_rel_diff": rel_train,
         "loss_curve_max_rel_diff": round(max(curve_diff), 4) if curve_diff else None,
         "loss_curves": {"fp32": f32["curve"], "bf16": b16["curve"]},
         "refusal_fp32": f32["refusal_rate"], "refusal_bf16": b16["refusal_rate"],
@@ -223,8 +243,8 @@ def entry(repeats: int, work: Path, command: str, steps: int = 0,
         "task_accuracy_fp32": f32["task_accuracy"], "task_accuracy_bf16": b16["task_accuracy"],
         "finetune_seconds": {"fp32": f32["train_seconds"], "bf16": b16["train_seconds"]},
         # the two fine-tunes may run at the same time (--precision-stage), under the same load
-        "finetune_speedup": round(f32["train_seconds"] / b16["train_seconds"], 3),
-        "meets_targets": meets,
+        "finetune_speedup": round(seconds[0] / seconds[1], 3) if all(seconds) else None,
+        "meets_targets": all(checks),
         "meta": {
             "command": command,
             "model": "embedded SmolLM2-135M-Instruct; LoRA r16 on all linear layers "
