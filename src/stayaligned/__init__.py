@@ -47,7 +47,8 @@ def evaluate(cfg, *, model=None, tokenizer=None) -> dict:
 
 
 def quickstart(output: str = "runs/quickstart", *, fresh: bool = False) -> dict:
-    """The offline demo: align the embedded model, fine-tune it, evaluate all three."""
+    """The offline demo: align the embedded model, fine-tune it plainly and with the recommended
+    recipe, evaluate all four; returns the summary (also in OUTPUT/summary.json)."""
     from pathlib import Path
 
     from stayaligned.quickstart import run_quickstart
