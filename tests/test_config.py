@@ -89,16 +89,18 @@ def test_accelerate_configs_name_their_launch_command(path):
 
 
 def test_a_config_recorded_before_new_keys_existed_compares_equal():
-    from stayaligned.config import EvalConfig, TrainConfig, load, to_dict, with_defaults
+    from stayaligned.config import EvalConfig, TrainConfig, load, to_dict
+    from stayaligned.fingerprint import differences
 
     cfg = load(TrainConfig, None, ["optim.lr=3e-4", "methods=[sft,ptst]"])
+    defaults = to_dict(TrainConfig())
     recorded = to_dict(cfg)
     for key in ("loss_on", "report_to", "trainer_args", "push_to_hub"):
         del recorded[key]  # as in a run.json written before these keys were added
     del recorded["optim"]["warmup_ratio"], recorded["model"]["attn_implementation"]
-    assert recorded != to_dict(cfg) and with_defaults(TrainConfig, recorded) == to_dict(cfg)
+    assert recorded != to_dict(cfg) and differences(recorded, to_dict(cfg), defaults) == []
     changed = {**recorded, "loss_on": "last_turn"}
-    assert with_defaults(TrainConfig, changed) != to_dict(cfg)
+    assert differences(changed, to_dict(cfg), defaults) == ["loss_on"]
     evaluation = to_dict(EvalConfig())
     del evaluation["model"]["attn_implementation"]
-    assert with_defaults(EvalConfig, evaluation) == to_dict(EvalConfig())
+    assert differences(evaluation, to_dict(EvalConfig()), to_dict(EvalConfig())) == []

@@ -40,7 +40,7 @@ def test_checkpointing_recomputes_layers_and_keeps_the_losses(tmp_path, tiny_mod
     extra = [f"methods={methods}", "logging_steps=1",
              "lora.target_modules=[q_proj,v_proj,down_proj]"]
     if methods == "[str]":
-        extra.append("options={str: {n_prompts: 4, max_new_tokens: 4}}")
+        extra.append("options={str: {n_prompts: 4, max_new_tokens: 4, min_refusal_share: 0}}")
     plain, plain_calls = _train_counting_layer_calls(
         tmp_path / "plain", tiny_model_dir, monkeypatch, *extra)
     ckpt, ckpt_calls = _train_counting_layer_calls(

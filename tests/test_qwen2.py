@@ -140,7 +140,7 @@ def test_study_trains_evaluates_and_measures_depth_with_one_model_copy(tmp_path,
     monkeypatch.setattr(reference_module.Reference, "__init__", recording_init)
     cfg = study_config(tmp_path, qwen_dir, "study", "align=null", "evaluate_seed=false",
                        "cells=[{name: sft, methods: [sft]}, {name: str, methods: [str], "
-                       "options: {str: {n_prompts: 4, max_new_tokens: 4}}}]",
+                       "options: {str: {n_prompts: 4, max_new_tokens: 4, min_refusal_share: 0}}}]",
                        "train.gradient_checkpointing=true")
     assert run_study(cfg)["failed"] == []
     out = tmp_path / "study"

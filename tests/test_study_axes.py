@@ -19,7 +19,7 @@ def _cfg(tmp_path, *extra):
         "name=axes", "model.name=embedded", f"output_dir={tmp_path / 'study'}",
         "train={optim: {lr: 1.0e-4, max_steps: 4}}",
         "cells=[{name: sft}, {name: str, methods: [str]}, {name: safety_mix, methods: [safety_mix]}]",
-        "eval={benchmarks: [{name: demo-harmful-eval}], judge: keyword}",
+        "eval={benchmarks: [{name: demo-harmful}], judge: keyword}",
         "depth={source: demo-safety, split: eval, limit: 8}",
         *extra])
 

@@ -154,7 +154,7 @@ class BenchmarkConfig:
     success / harmfulness (by the judge), benign -> over-refusal, task -> `metric` against the
     reference answers."""
 
-    name: str = "demo-harmful-eval"
+    name: str = "demo-harmful"  # split test = the held-out eval requests
     source: str | None = None  # defaults to `name` (a registry name, NAME:PATH, file or Hub id)
     kind: str = "harmful"  # harmful | benign | task
     # task benchmarks: gsm8k_exact_match | exact_match | rouge; None: the registry dataset's own

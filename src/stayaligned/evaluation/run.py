@@ -229,7 +229,7 @@ def evaluate(cfg: EvalConfig, *, model=None, tokenizer=None, overwrite: bool = F
 
 
 def _evaluate(cfg: EvalConfig, model, tokenizer, overwrite: bool) -> dict:
-    from stayaligned.evaluation import provenance
+    from stayaligned.evaluation import stage_prints
 
     out = Path(cfg.output_dir)
     started = time.time()
@@ -238,13 +238,13 @@ def _evaluate(cfg: EvalConfig, model, tokenizer, overwrite: bool) -> dict:
     task_metrics = {name: task_metric(b) for name, (b, _, _) in benches.items()
                     if b.kind == "task"}
     if overwrite:
-        provenance.clear_stage_files(out)
+        stage_prints.clear_stage_files(out)
     wanted = {(name, ex.id) for name, (_, exs, _) in benches.items() for ex in exs}
     rows = [r for r in read_jsonl(out / "generations.jsonl") if (r["benchmark"], r["id"]) in wanted]
-    stamp = provenance.fingerprint(cfg, benches, {
+    stamp = stage_prints.fingerprint(cfg, benches, {
         name: b.template or eval_template_name(cfg) for name, (b, _, _) in benches.items()})
-    provenance.check_reuse(out, stamp, has_rows=bool(rows) or (out / "task_loss.json").exists())
-    provenance.record(out, stamp)
+    stage_prints.check_reuse(out, stamp, has_rows=bool(rows) or (out / "task_loss.json").exists())
+    stage_prints.record(out, stamp)
     done = {(r["benchmark"], r["id"]) for r in rows}
     todo = {name: (b, [ex for ex in exs if (name, ex.id) not in done], k)
             for name, (b, exs, k) in benches.items()}

@@ -261,9 +261,11 @@ def _check_output_dir(out: Path, resume: bool, overwrite: bool, cfg: TrainConfig
 def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
     """Fine-tune as configured (the config checked first, the output directory locked);
     returns the output directory."""
+    from stayaligned.training.hf_args import check_training_options
     from stayaligned.validate import check_train
 
     check_train(cfg)
+    check_training_options(cfg)  # trackers, trainer_args, push_to_hub: before anything is written
     if int(os.environ.get("RANK", "0")) != 0:  # one lock per run: the main process holds it
         return _train(cfg, resume, overwrite)
     with run_lock(Path(cfg.output_dir)):
@@ -273,10 +275,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
 def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
     from transformers import set_seed
 
-    from stayaligned.training.hf_args import check_training_options, quantization_config
+    from stayaligned.training.hf_args import quantization_config
     from stayaligned.training.trainer import StayTrainer, check_finite
 
-    check_training_options(cfg)
     out = Path(cfg.output_dir)
     checkpoint = _check_output_dir(out, resume, overwrite, cfg)
     set_seed(cfg.seed)
