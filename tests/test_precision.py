@@ -138,29 +138,10 @@ def test_training_runs_its_loss_under_the_configured_autocast(tmp_path, real_sca
 
 def sap_built(tmp_path, model_dir, precision):
     """(trainer, method, model, batch) for full fine-tuning with SAP under `precision`."""
-    from test_sap import sap_config
+    from test_sap import built
 
-    from stayaligned.models import load_model
-    from stayaligned.training.collate import PadCollator, RenderedDataset
-    from stayaligned.training.run import _training_args, prepare
-    from stayaligned.training.trainer import StayTrainer
-
-    cfg = sap_config(tmp_path, model_dir, "paper", "lora.enabled=false",
-                     f"model.precision={precision}")
-    model, tokenizer = load_model(cfg.model)
-    prep = prepare(cfg, tokenizer)
-    collate = PadCollator(tokenizer.pad_token_id)
-    trainer = StayTrainer(model=model, args=_training_args(cfg, tmp_path / "run"),
-                          train_dataset=RenderedDataset(prep["items"]), data_collator=collate,
-                          methods=prep["methods"],
-                          precision=resolve(precision, cfg.model.dtype))
-    trainer.current_gradient_accumulation_steps = 1
-    method = prep["methods"][0]
-    method.setup({"model": model, "tokenizer": tokenizer, "config": cfg,
-                  "output_dir": tmp_path / "run", "train_examples": prep["examples"],
-                  "trainer": trainer})
-    batch = collate([{"input_ids": it.input_ids, "labels": it.labels} for it in prep["items"][:4]])
-    return trainer, method, model, batch
+    return built(tmp_path, model_dir, "paper", 2e-5, "lora.enabled=false",
+                 f"model.precision={precision}")
 
 
 def probe_signal(tmp_path, model_dir, precision, monkeypatch=None) -> torch.Tensor:

@@ -50,6 +50,7 @@ def sap_config(tmp_path, model_dir, mode, *extra, source=None, rho=2e-5, limit=4
 def built(tmp_path, model_dir, mode, rho=2e-5, *extra):
     """(trainer, method, model, a task batch) set up as `train` does, without training."""
     from stayaligned.models import add_lora, load_model
+    from stayaligned.precision import resolve
     from stayaligned.training.collate import PadCollator, RenderedDataset
     from stayaligned.training.run import _training_args, prepare
     from stayaligned.training.trainer import StayTrainer
@@ -57,11 +58,13 @@ def built(tmp_path, model_dir, mode, rho=2e-5, *extra):
     cfg = sap_config(tmp_path, model_dir, mode, *extra, rho=rho)
     model, tokenizer = load_model(cfg.model)
     prep = prepare(cfg, tokenizer)
-    model = add_lora(model, cfg.lora)
+    if cfg.lora.enabled:
+        model = add_lora(model, cfg.lora)
     collate = PadCollator(tokenizer.pad_token_id)
     trainer = StayTrainer(model=model, args=_training_args(cfg, tmp_path / "run"),
                           train_dataset=RenderedDataset(prep["items"]), data_collator=collate,
-                          methods=prep["methods"])
+                          methods=prep["methods"],
+                          precision=resolve(cfg.model.precision, cfg.model.dtype))
     trainer.current_gradient_accumulation_steps = 1  # set by the training loop otherwise
     method = prep["methods"][0]
     method.setup({"model": model, "tokenizer": tokenizer, "config": cfg,
