@@ -141,12 +141,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=6, help="--precision: interleaved repeats")
     parser.add_argument("--precision-work", default=str(ROOT / "runs" / "bench-precision"),
                         help="--precision: where the two quickstart fine-tunes are kept")
-    parser.add_argument("--finetune-steps", type=int, default=0,
-                        help="--precision: stop the quickstart fine-tunes after N steps (0: all)")
-    parser.add_argument("--precision-stage", choices=["throughput", "fp32", "bf16"],
+    parser.add_argument("--fp32-run", default=str(ROOT / "runs" / "quickstart"),
+                        help="--precision: a finished `stayaligned quickstart` (fp32 on CPU)")
+    parser.add_argument("--bf16-run", default=None,
+                        help="--precision: a finished quickstart with model.precision=bf16 "
+                             "(default: run one in --precision-work/bf16)")
+    parser.add_argument("--precision-stage", choices=["throughput", "bf16"],
                         help="--precision: run (and cache) only this stage")
     parser.add_argument("--gen-tokens", type=int, default=80,
                         help="--precision: new tokens per generation in the throughput part")
+    parser.add_argument("--gen-batch", type=int, default=16,
+                        help="--precision: prompts per generation batch in the throughput part")
     parser.add_argument("--collect", action="store_true",
                         help="--precision: write the entry from finished stages only")
     parser.add_argument("--one", help=argparse.SUPPRESS)
@@ -162,16 +167,19 @@ def main() -> None:
         work = Path(args.precision_work)
         command = "python bench/overhead.py " + " ".join(sys.argv[1:])
         if args.precision_stage == "throughput":
-            print(json.dumps(overhead_precision.cached_throughput(args.repeats, work,
-                                                                  args.gen_tokens)))
+            print(json.dumps(overhead_precision.cached_throughput(
+                args.repeats, work, args.gen_tokens, args.gen_batch)))
             return
         if args.precision_stage:
-            overhead_precision.results(work, args.finetune_steps, (args.precision_stage,))
+            overhead_precision.results(Path(args.fp32_run), work,
+                                       bf16_run=args.bf16_run and Path(args.bf16_run))
             return
-        value = overhead_precision.entry(args.repeats, work, command, args.finetune_steps,
-                                         args.gen_tokens, compute=not args.collect)
+        value = overhead_precision.entry(args.repeats, work, Path(args.fp32_run), command,
+                                         args.gen_tokens, compute=not args.collect,
+                                         gen_batch=args.gen_batch,
+                                         bf16_run=args.bf16_run and Path(args.bf16_run))
         overhead_precision.merge_into(Path(args.out), value)
-        shown = {k: v for k, v in value.items() if k != "loss_curves"}
+        shown = {k: v for k, v in value.items() if k != "sft_loss_curves"}
         print(f"[overhead] precision: {json.dumps(shown)}")
         return
     results = {}

@@ -1,30 +1,33 @@
 """The `precision` entry of bench/results/overhead.json: CPU bf16 autocast against fp32.
 
-    .venv/bin/python bench/overhead.py --precision [--repeats 6] [--work runs/bench-precision]
+    .venv/bin/stayaligned quickstart                       # the fp32 arm (auto = fp32 on CPU)
+    .venv/bin/python bench/overhead.py --precision [--fp32-run runs/quickstart] [--repeats 6]
 
-Two parts, both on the embedded SmolLM2-135M-Instruct with the quickstart's own recipe
-(stayaligned.quickstart FINETUNE and EVAL, started from the embedded model rather than from
-the aligned seed, so that no align stage is needed):
+Two parts, both on the embedded SmolLM2-135M-Instruct:
 
 1. Throughput, in one process, fp32 and bf16 interleaved (the order alternating every repeat)
    so that both see the same machine load: tokens/s of a LoRA training step (forward and
-   backward; the AdamW step on the adapters is negligible) on the quickstart's batches, and
-   of greedy generation (--gen-tokens new tokens, default 80; batch 16) on the held-out
+   backward; the AdamW step on the adapters is negligible) on the quickstart's sft batches,
+   and of greedy generation (--gen-tokens new tokens, default 80; batch 16) on the held-out
    harmful prompts. Speedups are medians of the per-repeat ratios. The machine's load average
-   and this process's CPU share (CPU time / wall time) are recorded: other jobs on a shared
-   machine slow both modes alike, but widen the spread.
-2. Results: the quickstart fine-tune run twice (model.precision fp32, then bf16), each
-   evaluated under its own precision: the training-loss curves, the held-out task loss
-   (mean NLL of the reference answers) and the refusal rate on the held-out harmful requests
-   with Wilson 95% intervals. Finished stages in --work are reused on a rerun.
+   and this process's CPU share (CPU time / wall time) are recorded.
+2. Results: the whole quickstart study under each precision. The fp32 arm is a finished
+   `stayaligned quickstart` (--fp32-run; its stages must have resolved to fp32, which
+   `precision: auto` does on CPU while CPU_AUTO_BF16 is False); the bf16 arm is the same study
+   with model.precision=bf16 (alignment, both fine-tunes and every evaluation under bf16
+   autocast) in --precision-work/bf16. Compared per trained row (aligned, sft, recipe): held-out
+   task loss, refusal (plain and prefilled), over-refusal, each bf16 rate against fp32's Wilson
+   95% interval; and per stage, its seconds (end-to-end speedups of training and evaluation).
+   Finished stages are reused on a rerun.
 
-Targets (issue 12): >= 1.5x training and generation throughput, final task loss within 2%,
-refusal rate of bf16 inside fp32's interval; `meets_targets` says whether all hold, which is
-what `precision.CPU_AUTO_BF16` follows.
+Targets (issue 12): >= 1.5x training and generation throughput, task loss within 2%, bf16
+rates inside fp32's intervals; `meets_targets` says whether all hold, which is what
+`precision.CPU_AUTO_BF16` follows.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
@@ -48,13 +51,18 @@ def _timed(fn):
 
 
 def _setup():
-    from stayaligned.config import ModelConfig, TrainConfig, load
+    """The quickstart's sft cell config (started from the embedded model: throughput only)."""
+    from stayaligned.config import ModelConfig
     from stayaligned.models import add_lora, load_model
-    from stayaligned.quickstart import FINETUNE
+    from stayaligned.quickstart import study_config
+    from stayaligned.study import cell_train_config
     from stayaligned.training.collate import PadCollator
     from stayaligned.training.run import prepare
 
-    cfg = load(TrainConfig, None, [*FINETUNE, "model.name=embedded", "model.precision=fp32"])
+    study = study_config(Path("runs/bench-precision-unused"), ["model.precision=fp32"])
+    sft = next(c for c in study.cells if c.name == "sft")
+    cfg = cell_train_config(study, Path("runs/bench-precision-unused"), "sft", sft, 0)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name="embedded"))
     model, tokenizer = load_model(ModelConfig(name="embedded", precision="fp32"))
     items = prepare(cfg, tokenizer)["items"]
     model = add_lora(model, cfg.lora)
@@ -101,12 +109,16 @@ def _gen_step(model, tokenizer, prompts, prec, new_tokens: int) -> int:
     return (out.shape[1] - ids.shape[1]) * len(rows)  # decoding steps x batch
 
 
-def throughput(repeats: int, new_tokens: int = 80) -> dict:
-    """Interleaved fp32 / bf16 tokens/s of training steps and of generation."""
+def throughput(repeats: int, new_tokens: int = 80, gen_batch: int = 16) -> dict:
+    """Interleaved fp32 / bf16 tokens/s of training steps (the LoRA-wrapped model) and of
+    generation (a plain model, as evaluation uses: it merges adapters before generating)."""
+    from stayaligned.config import ModelConfig
+    from stayaligned.models import load_model
     from stayaligned.precision import resolve
 
     model, tokenizer, batches, optimizer = _setup()
-    prompts = _prompts(tokenizer, 16)
+    plain = load_model(ModelConfig(name="embedded", precision="fp32"))[0]
+    prompts = _prompts(tokenizer, gen_batch)
     precs = {name: resolve(name, device="cpu") for name in PRECISIONS}
     for name in PRECISIONS:  # warm-up: first-call allocations, oneDNN kernels
         _train_step(model, optimizer, batches[0], precs[name])
@@ -121,7 +133,7 @@ def throughput(repeats: int, new_tokens: int = 80) -> dict:
             rates[f"train_{name}"].append(tokens / wall)
             cpu_share.append(cpu / wall)
             tokens, wall, cpu = _timed(
-                lambda: _gen_step(model, tokenizer, prompts, precs[name], new_tokens))
+                lambda: _gen_step(plain, tokenizer, prompts, precs[name], new_tokens))
             rates[f"gen_{name}"].append(tokens / wall)
             cpu_share.append(cpu / wall)
         print(f"[precision] repeat {rep + 1}/{repeats}: "
@@ -137,132 +149,172 @@ def throughput(repeats: int, new_tokens: int = 80) -> dict:
                        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
                        "cpu_share_median": round(statistics.median(cpu_share), 3),
                        "cores": os.cpu_count()},
-        "repeats": repeats, "new_tokens": new_tokens,
+        "repeats": repeats, "new_tokens": new_tokens, "generation_batch": gen_batch,
     }
 
 
-def _finetune_and_eval(work: Path, name: str, steps: int,
-                       compute: bool = True) -> tuple[dict | None, list[dict]]:
-    from stayaligned.config import EvalConfig, TrainConfig, load
-    from stayaligned.evaluation.run import evaluate
-    from stayaligned.quickstart import EVAL, FINETUNE
-    from stayaligned.runfiles import read_json, read_jsonl
-    from stayaligned.training.run import is_complete, train
-
-    run, out = work / name / "finetune", work / name / "eval"
-    if not compute:  # collect only what the stages have finished
-        log = read_jsonl(run / "train_log.jsonl") if is_complete(run) else []
-        return read_json(out / "metrics.json"), log
-    if not is_complete(run):
-        short = [f"optim.max_steps={steps}", "logging_steps=2", "save_steps=4"] if steps else []
-        train(load(TrainConfig, None, [*FINETUNE, "model.name=embedded", *short,
-                                       f"model.precision={name}", f"output_dir={run}"]),
-              resume=(run / "run.json").exists())
-    metrics = read_json(out / "metrics.json")
-    if not metrics:
-        fewer = ["benchmarks.1.limit=20"] if steps else []  # short mode: 20 task problems
-        metrics = evaluate(load(EvalConfig, None, [*EVAL, *fewer, f"model.name={run}",
-                                                  f"model.precision={name}",
-                                                  f"output_dir={out}"]))
-    return metrics, read_jsonl(run / "train_log.jsonl")
+ROWS = ("aligned", "sft", "recipe")  # the rows a precision can change (seed: no training)
+TRAIN_STAGES = ("aligned/train", "cells/sft/train", "cells/recipe/train")
+EVAL_STAGES = ("seed/eval", "aligned/eval", "cells/sft/eval", "cells/recipe/eval")
 
 
-def results(work: Path, steps: int = 0, names=PRECISIONS, compute: bool = True) -> dict:
-    """Both fine-tunes and evaluations: losses and refusal rates (`steps` > 0, a short run for
-    a busy machine: only the first `steps` optimiser steps of the quickstart fine-tune, and 20
-    of its 50 arithmetic problems; all 66 held-out harmful requests either way)."""
+def _resolved(run: Path) -> str | None:
+    """The precision a finished quickstart's training stages resolved to (their run.json)."""
     from stayaligned.runfiles import read_json
 
+    info = read_json(run / "aligned" / "train" / "run.json") or {}
+    return (info.get("precision") or {}).get("name")
+
+
+def results(fp32_run: Path, work: Path, compute: bool = True,
+            bf16_run: Path | None = None) -> dict:
+    """The quickstart under each precision: `fp32_run` is a finished `stayaligned quickstart`
+    whose stages resolved to fp32 (the default on CPU), the bf16 arm is the same study with
+    model.precision=bf16 in work/bf16 (every stage, the alignment included, under bf16).
+    Per row: refusal (plain, prefilled), over-refusal, task accuracy and loss; per stage: its
+    seconds from progress.json."""
+    from stayaligned.quickstart import run_quickstart
+    from stayaligned.runfiles import read_json
+
+    bf16_run = bf16_run or work / "bf16"
+    if compute and not (bf16_run / "summary.json").is_file():
+        run_quickstart(bf16_run, overrides=["model.precision=bf16"])
     out = {}
-    for name in names:
-        metrics, log = _finetune_and_eval(work, name, steps, compute)
-        curve = [(row["step"], row["loss"]) for row in log if "loss" in row]
-        bench = (metrics or {}).get("benchmarks", {})
-        harmful, task = bench.get(HARMFUL, {}), bench.get(TASK, {})
-        out[name] = {"curve": curve, "final_train_loss": curve[-1][1] if curve else None,
-                     "task_loss": (task.get("task_loss") or {}).get("loss"),
-                     "refusal_rate": harmful.get("refusal_rate"),
-                     "task_accuracy": task.get("accuracy"),
-                     "train_seconds": (read_json(work / name / "finetune" / "run.json") or {})
-                     .get("train_seconds")}
+    for name, run in (("fp32", fp32_run), ("bf16", bf16_run)):
+        summary = read_json(run / "summary.json")
+        if not summary:
+            out[name] = None
+            continue
+        found = _resolved(run)
+        if found != name:
+            raise SystemExit(f"{run}: its stages ran in {found}, not {name}")
+        out[name] = {"run": str(run), "rows": summary["rows"],
+                     "stage_seconds": summary["stage_seconds"],
+                     "curve": [(r["step"], r["loss"]) for r in
+                               _log(run / "cells" / "sft" / "train") if "loss" in r]}
     return out
+
+
+def _log(run: Path) -> list[dict]:
+    from stayaligned.runfiles import read_jsonl
+
+    return read_jsonl(run / "train_log.jsonl") if (run / "train_log.jsonl").is_file() else []
 
 
 def _rel(new, old):
     return None if new is None or old is None else round((new - old) / old, 4)
 
 
-def cached_throughput(repeats: int, work: Path, new_tokens: int = 80) -> dict:
+def _inside(b16: dict | None, f32: dict | None) -> bool | None:
+    if not b16 or not f32 or b16.get("value") is None or f32.get("low") is None:
+        return None
+    return f32["low"] <= b16["value"] <= f32["high"]
+
+
+def compare(res: dict) -> dict:
+    """Row by row and stage by stage, bf16 against fp32."""
+    f32, b16 = res["fp32"], res["bf16"]
+    if not f32 or not b16:
+        return {}
+    rows = {}
+    for row in ROWS:
+        a, b = f32["rows"][row], b16["rows"][row]
+        rows[row] = {
+            "task_loss_fp32": a.get("task_loss"), "task_loss_bf16": b.get("task_loss"),
+            "task_loss_rel_diff": _rel(b.get("task_loss"), a.get("task_loss")),
+            **{f"{key}_{p}": r[key] for key in ("refusal_rate", "prefill_refusal_rate",
+                                                 "over_refusal_rate", "task_accuracy")
+               for p, r in (("fp32", a), ("bf16", b))},
+            **{f"{key}_bf16_inside_fp32_interval": _inside(b[key], a[key])
+               for key in ("refusal_rate", "prefill_refusal_rate", "over_refusal_rate")},
+        }
+    secs = {k: (f32["stage_seconds"].get(k), b16["stage_seconds"].get(k))
+            for k in TRAIN_STAGES + EVAL_STAGES}
+    by_step = dict(f32["curve"])
+    diff = [abs(loss - by_step[s]) / by_step[s] for s, loss in b16["curve"] if s in by_step]
+    total = {p: sum(v[i] or 0 for v in secs.values()) for i, p in enumerate(("fp32", "bf16"))}
+    return {
+        "rows": rows,
+        "stage_seconds": {k: {"fp32": a, "bf16": b} for k, (a, b) in secs.items()},
+        "finetune_speedup": _ratio(sum(secs[k][0] or 0 for k in TRAIN_STAGES),
+                                   sum(secs[k][1] or 0 for k in TRAIN_STAGES)),
+        "evaluation_speedup": _ratio(sum(secs[k][0] or 0 for k in EVAL_STAGES),
+                                     sum(secs[k][1] or 0 for k in EVAL_STAGES)),
+        "quickstart_seconds": total,
+        "sft_loss_curve_max_rel_diff": round(max(diff), 4) if diff else None,
+        "sft_loss_curves": {"fp32": f32["curve"], "bf16": b16["curve"]},
+    }
+
+
+def _ratio(a, b):
+    return round(a / b, 3) if a and b else None
+
+
+def cached_throughput(repeats: int, work: Path, new_tokens: int = 80,
+                      gen_batch: int = 16) -> dict:
     """throughput(repeats, new_tokens), kept in work/throughput.json, reused on a rerun."""
     path = work / "throughput.json"
     if path.is_file():
         cached = json.loads(path.read_text())
-        if (cached.get("repeats"), cached.get("new_tokens")) == (repeats, new_tokens):
+        if (cached.get("repeats"), cached.get("new_tokens"),
+                cached.get("generation_batch")) == (repeats, new_tokens, gen_batch):
             return cached
-    value = throughput(repeats, new_tokens)
+    value = throughput(repeats, new_tokens, gen_batch)
     work.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(value, indent=2) + "\n")
     return value
 
 
-def entry(repeats: int, work: Path, command: str, steps: int = 0,
-          new_tokens: int = 80, compute: bool = True) -> dict:
-    """The whole `precision` entry (`compute=False`: only what the stages finished; the rest
-    is None)."""
+def entry(repeats: int, work: Path, fp32_run: Path, command: str, new_tokens: int = 80,
+          compute: bool = True, gen_batch: int = 16, bf16_run: Path | None = None) -> dict:
+    """The whole `precision` entry (`compute=False`: only what has finished; the rest None)."""
     import torch
 
     path = work / "throughput.json"
-    speed = (cached_throughput(repeats, work, new_tokens) if compute
+    speed = (cached_throughput(repeats, work, new_tokens, gen_batch) if compute
              else json.loads(path.read_text()) if path.is_file()
              else {"train_speedup": None, "generation_speedup": None})
-    res = results(work, steps, compute=compute)
-    f32, b16 = res["fp32"], res["bf16"]
-    by_step = dict(f32["curve"])
-    curve_diff = [abs(loss - by_step[s]) / by_step[s] for s, loss in b16["curve"] if s in by_step]
-    rel_task = _rel(b16["task_loss"], f32["task_loss"])
-    rel_train = _rel(b16["final_train_loss"], f32["final_train_loss"])
-    inside = None
-    if f32["refusal_rate"] and b16["refusal_rate"]:
-        inside = f32["refusal_rate"]["low"] <= b16["refusal_rate"]["value"] \
-            <= f32["refusal_rate"]["high"]
-    checks = [(speed["train_speedup"] or 0) >= 1.5, (speed["generation_speedup"] or 0) >= 1.5,
-              rel_task is not None and abs(rel_task) <= 0.02,
-              rel_train is not None and abs(rel_train) <= 0.02, bool(inside)]
-    seconds = (f32["train_seconds"], b16["train_seconds"])
+    bf16_run = bf16_run or work / "bf16"
+    cmp = compare(results(fp32_run, work, compute, bf16_run))
+    rows = cmp.get("rows", {})
+    sft, recipe = rows.get("sft", {}), rows.get("recipe", {})
+    rel = [r.get("task_loss_rel_diff") for r in rows.values()]
+    inside = [r.get(f"{k}_bf16_inside_fp32_interval") for r in rows.values()
+              for k in ("refusal_rate", "prefill_refusal_rate", "over_refusal_rate")]
+    checks = {
+        "train_speedup >= 1.5": (speed.get("train_speedup") or 0) >= 1.5,
+        "generation_speedup >= 1.5": (speed.get("generation_speedup") or 0) >= 1.5,
+        "task loss within 2% (every trained row)": bool(rel) and all(
+            x is not None and abs(x) <= 0.02 for x in rel),
+        "refusal rates inside fp32's intervals (every trained row)": bool(inside) and all(
+            x is True for x in inside),
+    }
     return {
         **speed,
-        "task_loss_fp32": f32["task_loss"], "task_loss_bf16": b16["task_loss"],
-        "task_loss_rel_diff": rel_task,
-        "final_train_loss_fp32": f32["final_train_loss"],
-        "final_train_loss_bf16": b16["final_train_loss"],
-        "final_train_loss_rel_diff": rel_train,
-        "loss_curve_max_rel_diff": round(max(curve_diff), 4) if curve_diff else None,
-        "loss_curves": {"fp32": f32["curve"], "bf16": b16["curve"]},
-        "refusal_fp32": f32["refusal_rate"], "refusal_bf16": b16["refusal_rate"],
-        "refusal_bf16_inside_fp32_interval": inside,
-        "task_accuracy_fp32": f32["task_accuracy"], "task_accuracy_bf16": b16["task_accuracy"],
-        "finetune_seconds": {"fp32": f32["train_seconds"], "bf16": b16["train_seconds"]},
-        # the two fine-tunes may run at the same time (--precision-stage), under the same load
-        "finetune_speedup": round(seconds[0] / seconds[1], 3) if all(seconds) else None,
-        "meets_targets": all(checks),
+        # the issue's named fields, for the sft fine-tune (the quickstart's plain cell)
+        "task_loss_fp32": sft.get("task_loss_fp32"), "task_loss_bf16": sft.get("task_loss_bf16"),
+        "refusal_fp32": sft.get("refusal_rate_fp32"), "refusal_bf16": sft.get("refusal_rate_bf16"),
+        "recipe_refusal_fp32": recipe.get("refusal_rate_fp32"),
+        "recipe_refusal_bf16": recipe.get("refusal_rate_bf16"),
+        **cmp,
+        "checks": checks,
+        "meets_targets": all(checks.values()),
         "meta": {
             "command": command,
-            "model": "embedded SmolLM2-135M-Instruct; LoRA r16 on all linear layers "
-                     "(quickstart FINETUNE), started from the embedded model",
+            "model": "embedded SmolLM2-135M-Instruct",
             "throughput": "one process, fp32 and bf16 interleaved; train: forward + backward "
-                          "of quickstart batches (8 x demo-arithmetic); generation: greedy, "
-                          f"{new_tokens} new tokens, 16 held-out harmful prompts",
-            "results": "quickstart FINETUNE then EVAL (keyword judge), each under its own "
-                       "model.precision; task loss = held-out NLL of reference answers",
+                          "of the quickstart's sft batches (LoRA r16, all linear layers, 8 x "
+                          f"demo-arithmetic); generation: a plain (merged) model, greedy, {new_tokens} "
+                          f"new tokens, batch {gen_batch} of held-out harmful prompts",
+            "results": "the whole quickstart study under each precision: fp32 = "
+                       f"{fp32_run} (model.precision auto, resolved to fp32 on this CPU), "
+                       f"bf16 = {bf16_run} (model.precision=bf16: every stage, the "
+                       "alignment included); keyword judge; task loss = held-out NLL of the "
+                       "reference answers; intervals: Wilson 95%",
             "targets": "train and generation speedup >= 1.5, task loss within 2%, bf16 "
-                       "refusal rate inside fp32's 95% Wilson interval",
-            "work_dir": str(work),
-            "finetune_steps": steps or "all (quickstart recipe: 40)",
-            "task_problems": 20 if steps else 50,
+                       "rates inside fp32's 95% intervals (issue 12)",
             "torch_threads": torch.get_num_threads(),
-            "stages": "each stage is cached in work_dir (throughput.json, <precision>/finetune, "
-                      "<precision>/eval) and reused by a rerun; they may run as separate "
-                      "processes (--precision-stage)",
+            "loadavg_end": [round(x, 2) for x in os.getloadavg()],
         },
     }
 

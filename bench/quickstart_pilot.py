@@ -1,7 +1,12 @@
 """Choose the quickstart's task budget on the demo *validation* split, never its evaluation items.
 
     python bench/quickstart_pilot.py [--output runs/quickstart]
-        [--result bench/results/quickstart_pilot.json]
+        [--result bench/results/quickstart_pilot.json] [--set KEY=VALUE ...]
+
+--set overrides the quickstart study config as `stayaligned quickstart --set` does (to try a
+budget before writing it into resources/quickstart.yaml). Every trial is appended to the
+result file's `trials`, accepted or not, so the choice is recorded with what it was chosen
+against.
 
 Runs two stages of the quickstart's own study plan (resources/quickstart.yaml), the alignment
 and the plain-sft cell's training, in the quickstart's output directory, so that the quickstart
@@ -16,12 +21,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
 from stayaligned.config import EvalConfig, build, to_dict
 from stayaligned.quickstart import study_config
-from stayaligned.runfiles import write_json
+from stayaligned.runfiles import read_json, write_json
 from stayaligned.study import plan
 
 VALIDATION = {"name": "harmful (validation)", "source": "demo-harmful", "split": "validation",
@@ -39,8 +45,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="runs/quickstart")
     parser.add_argument("--result", default="bench/results/quickstart_pilot.json")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
-    cfg = study_config(Path(args.output))
+    cfg = study_config(Path(args.output), args.set)
     stages = {s.key: s for s in plan(cfg)}
     seconds, loads = {}, {"start": _load()}
     for key in ("aligned/train", "cells/sft/train"):
@@ -57,14 +64,16 @@ def main() -> None:
         ecfg = build(EvalConfig, {k: v for k, v in cfg.eval.items() if k != "benchmarks"},
                      {"model": {**to_dict(cfg.model), "name": model},
                       "benchmarks": [VALIDATION],
-                      "output_dir": str(Path("runs/pilot") / f"validation-{name}")})
+                      "output_dir": str(Path(args.output) / "pilot" / f"validation-{name}")})
         metrics = evaluate(ecfg)
         rates[name] = {"refusal_rate": metrics["benchmarks"][VALIDATION["name"]]["refusal_rate"]}
         seconds[f"eval {name}"] = round(time.time() - started, 1)
         loads[f"eval {name}"] = _load()
     aligned, sft = rates["aligned"]["refusal_rate"], rates["sft"]["refusal_rate"]
     accepted = sft["high"] < aligned["low"]
-    write_json(Path(args.result), {
+    previous = read_json(Path(args.result)) or {}
+    trials = previous.get("trials", [])
+    trials.append({
         **rates,
         "meta": {
             "purpose": "choose the quickstart's task budget (resources/quickstart.yaml, train "
@@ -74,7 +83,9 @@ def main() -> None:
             "judge": cfg.eval.get("judge", "keyword"),
             "generation": cfg.eval.get("generation"),
             "budget": cfg.train,
-            "command": "nice -n 5 python bench/quickstart_pilot.py",
+            "command": " ".join(["python bench/quickstart_pilot.py", *sys.argv[1:]]),
+            "overrides": args.set,
+            "precision": cfg.model.precision,
             "accepted": accepted,
             "result": (f"sft keeps {sft['value']:.1%} / {aligned['value']:.1%} = "
                        f"{sft['value'] / aligned['value']:.0%} of the aligned refusal rate; "
@@ -82,10 +93,11 @@ def main() -> None:
                           else "intervals overlap: budget NOT accepted")),
             "seconds": seconds,
             "load": loads,
-            "note": "times measured on a shared, heavily loaded 2-core machine (see load); "
-                    "not the quickstart's time on a quiet machine",
         },
     })
+    write_json(Path(args.result), {"trials": trials,
+                                    "accepted": [i for i, t in enumerate(trials)
+                                                 if t["meta"]["accepted"]]})
     print(f"aligned {aligned['value']:.3f} [{aligned['low']:.3f}, {aligned['high']:.3f}]  "
           f"sft {sft['value']:.3f} [{sft['low']:.3f}, {sft['high']:.3f}]  accepted={accepted}")
 

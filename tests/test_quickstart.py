@@ -5,6 +5,7 @@ numbers."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -134,3 +135,19 @@ def test_findings_and_reading_follow_the_numbers():
     mild = findings(_rows(aligned=100, sft=95, recipe=99, sft_acc=20, recipe_acc=20))
     assert not mild["sft_eroded"]
     assert "overlap" in reading({**summary, "rows": _rows(100, 95, 99, 20, 20), "findings": mild})
+
+
+def test_quickstart_cli_passes_overrides_to_the_study(monkeypatch):
+    """`stayaligned quickstart --output D KEY=VALUE ...` reaches run_quickstart's overrides (how
+    bench/overhead.py's fp32 arm is run: `stayaligned quickstart model.precision=fp32`)."""
+    import stayaligned.quickstart as qs
+    from stayaligned.cli import main
+
+    seen = {}
+    monkeypatch.setattr(qs, "run_quickstart",
+                        lambda output, **kw: seen.update(output=output, **kw) or {})
+    assert main(["quickstart", "--output", "runs/x", "model.precision=fp32"]) == 0
+    assert str(seen["output"]) == "runs/x" and list(seen["overrides"]) == ["model.precision=fp32"]
+    cfg = qs.study_config(Path("runs/x"), seen["overrides"])
+    assert cfg.model.precision == "fp32"
+    assert qs.study_config(Path("runs/x")).model.precision == "bf16"  # the bundled choice

@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     quick = sub.add_parser("quickstart", help="offline demo: align, fine-tune, evaluate, table")
     quick.add_argument("--output", default="runs/quickstart", help="where all stages go")
     quick.add_argument("--fresh", action="store_true", help="ignore cached stages")
+    quick.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                       help="override the quickstart's study config (resources/quickstart.yaml), "
+                            "e.g. model.precision=fp32")
 
     for name, helptext in [("align", "safety-align an unaligned seed"),
                            ("train", "fine-tune with the configured methods")]:
@@ -229,7 +232,7 @@ def _dispatch(args) -> int:
     from stayaligned import commands
 
     if args.command == "quickstart":
-        commands.quickstart(args.output, fresh=args.fresh)
+        commands.quickstart(args.output, fresh=args.fresh, overrides=args.overrides)
         return 0
     if args.command == "data":
         if args.data_command == "list":

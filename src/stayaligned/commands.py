@@ -147,10 +147,10 @@ def data_templates() -> None:
     console.print(table)
 
 
-def quickstart(output: str, fresh: bool = False) -> dict:
+def quickstart(output: str, fresh: bool = False, overrides: list[str] | tuple = ()) -> dict:
     from stayaligned.quickstart import run_quickstart
 
-    return run_quickstart(Path(output), fresh=fresh, console=console)
+    return run_quickstart(Path(output), fresh=fresh, console=console, overrides=overrides)
 
 
 def check(args, eval_cfg: EvalConfig) -> int:
