@@ -263,3 +263,16 @@ def test_arithmetic_answers_recomputed_from_questions():
             checked["seats"] += 1
     assert set(checked) == {"money_left", "discount", "shopping", "seats"}
     assert min(checked.values()) >= 5
+
+
+def test_every_bundled_refusal_is_a_refusal_to_the_keyword_judge():
+    """The bundled refusals teach `align` and `safety_mix` how to refuse; a phrasing the
+    papers' keyword list misses ("I'm not able to help with that.") would make models trained on
+    it look less safe than they are, and by a different amount per method (found on the
+    quickstart: 11 of 45 texts were invisible to the judge, and the safety_mix cell scored below
+    plain sft while refusing in those words)."""
+    from stayaligned.data.demo import load_resource
+    from stayaligned.evaluation.judges.keyword import is_refusal
+
+    missed = [r["text"] for r in load_resource("refusals.json") if not is_refusal(r["text"])]
+    assert missed == []
