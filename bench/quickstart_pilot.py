@@ -39,6 +39,15 @@ def _load() -> str:
     return f"{one:.1f} {five:.1f} {fifteen:.1f} (1/5/15 min) on {os.cpu_count()} cores"
 
 
+def _commit() -> str | None:
+    """The checkout's commit (its bundled data and code), or None outside a git checkout."""
+    import subprocess
+
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, cwd=Path(__file__).parent)
+    return done.stdout.strip() or None
+
+
 def main() -> None:
     from stayaligned.evaluation.run import evaluate
 
@@ -85,6 +94,7 @@ def main() -> None:
             "budget": cfg.train,
             "command": " ".join(["python bench/quickstart_pilot.py", *sys.argv[1:]]),
             "overrides": args.set,
+            "commit": _commit(),
             "precision": cfg.model.precision,
             "accepted": accepted,
             "result": (f"sft keeps {sft['value']:.1%} / {aligned['value']:.1%} = "
