@@ -163,7 +163,7 @@ def _resolved(run: Path) -> str | None:
     from stayaligned.runfiles import read_json
 
     info = read_json(run / "aligned" / "train" / "run.json") or {}
-    return (info.get("precision") or {}).get("name")
+    return (info.get("precision") or {}).get("precision")
 
 
 def results(fp32_run: Path, work: Path, compute: bool = True,
@@ -219,9 +219,9 @@ def compare(res: dict) -> dict:
     rows = {}
     for row in ROWS:
         a, b = f32["rows"][row], b16["rows"][row]
+        la, lb = ((r.get("task_loss") or {}).get("loss") for r in (a, b))
         rows[row] = {
-            "task_loss_fp32": a.get("task_loss"), "task_loss_bf16": b.get("task_loss"),
-            "task_loss_rel_diff": _rel(b.get("task_loss"), a.get("task_loss")),
+            "task_loss_fp32": la, "task_loss_bf16": lb, "task_loss_rel_diff": _rel(lb, la),
             **{f"{key}_{p}": r[key] for key in ("refusal_rate", "prefill_refusal_rate",
                                                  "over_refusal_rate", "task_accuracy")
                for p, r in (("fp32", a), ("bf16", b))},
