@@ -62,6 +62,12 @@ def _study_argv(tmp_path, model_dir, name) -> list[str]:
             "split: test, kind: task, limit: 4}], generation: {max_new_tokens: 3, batch_size: 2}}"]
 
 
+def _max_diff(a: dict, b: dict) -> float | str:
+    if a.keys() != b.keys():
+        return f"different tensors: {sorted(set(a) ^ set(b))[:4]}"
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
 def _same_weights(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
 
@@ -76,10 +82,13 @@ def test_kill_9_in_training_and_checkpoint_write_then_resume(tmp_path, tiny_mode
         assert not (tmp_path / point / "run" / "adapter").exists()
         code, err = run_cli([*argv, "--resume"], capsys)
         manifest = json.loads((tmp_path / point / "run" / "run.json").read_text())
+        resumed = _adapter(tmp_path / point / "run")
         ok = (code == 0 and manifest["resumed_from"].endswith("checkpoint-2")
-              and _same_weights(reference, _adapter(tmp_path / point / "run")))
+              and _same_weights(reference, resumed))
         log_outcome(f"kill/train-{point}", "kill_identical" if ok else "kill_different", err)
-        assert ok, err
+        # what differed, for a failure seen once in a fresh-clone `make test` (not reproduced)
+        assert ok, (f"{point}: exit {code}, resumed_from {manifest.get('resumed_from')}, "
+                    f"largest weight difference {_max_diff(reference, resumed)}\n{err[-2000:]}")
 
 
 def test_kill_9_in_evaluation_then_rerun(tmp_path, tiny_model_dir, capsys):
