@@ -193,6 +193,127 @@ def test_safe_delta_selection_respects_the_budget():
     assert select(delta, u, 0.2).sum() <= select(delta, u, 0.6).sum()
 
 
+def reference_compensate(w_a, delta, u, mask, blocksize=128):
+    """The first implementation (GPTQ lazy batch on θ itself, one column at a time), kept as
+    the reference of the fast one."""
+    w = w_a.float().clone()
+    target = w_a.float() + delta.float()
+    n = w.shape[1]
+    for i1 in range(0, n, blocksize):
+        i2 = min(i1 + blocksize, n)
+        block, err = w[:, i1:i2].clone(), torch.zeros(w.shape[0], i2 - i1)
+        u1 = u[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = block[:, i]
+            q = torch.where(mask[:, i1 + i], target[:, i1 + i], col)
+            e = (col - q) / u1[i, i]
+            block[:, i:] -= e.unsqueeze(1) @ u1[i, i:].unsqueeze(0)
+            block[:, i] = q
+            err[:, i] = e
+        w[:, i1:i2] = block
+        w[:, i2:] -= err @ u[i1:i2, i2:]
+    return w
+
+
+def reference_select(delta, u, s):
+    """The first implementation (two sorts of every entry), kept as the reference."""
+    if s >= 1:
+        return torch.ones_like(delta, dtype=torch.bool)
+    if s <= 0:
+        return torch.zeros_like(delta, dtype=torch.bool)
+    d2 = torch.diag(u).float() ** 2
+    cost = (delta.float() ** 2 / d2).flatten()
+    ratio = d2.expand_as(delta).flatten()
+    by_cost = torch.argsort(cost, stable=True)
+    order = by_cost[torch.argsort(-ratio[by_cost], stable=True)]
+    keep_sorted = torch.cumsum(cost[order], 0) <= s * cost.sum()
+    mask = torch.zeros_like(cost, dtype=torch.bool)
+    mask[order[keep_sorted]] = True
+    return mask.view_as(delta)
+
+
+def random_factor(n, seed, dead=0):
+    from stayaligned.repair.safe_delta import inverse_cholesky
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3 * n, generator=g)
+    x[:dead] = 0  # dead inputs: equal diagonals of U, so tied utility per cost
+    return inverse_cholesky(2 * x @ x.t() / x.shape[1])
+
+
+@pytest.mark.parametrize("rows,n,blocksize", [(7, 5, 128), (24, 70, 128), (40, 300, 64)])
+def test_safe_delta_compensation_matches_the_reference(rows, n, blocksize):
+    from stayaligned.repair.safe_delta import compensate
+
+    u = random_factor(n, seed=n)
+    g = torch.Generator().manual_seed(rows)
+    w_a = 0.05 * torch.randn(rows, n, generator=g)
+    delta = 1e-3 * torch.randn(rows, n, generator=g)
+    masks = [torch.ones(rows, n, dtype=torch.bool), torch.zeros(rows, n, dtype=torch.bool)]
+    masks += [torch.rand(rows, n, generator=g) < p for p in (0.05, 0.5, 0.9)]
+    for mask in masks:
+        ref = reference_compensate(w_a, delta, u, mask, blocksize)
+        for size in (1, 7, 32, blocksize):
+            out = compensate(w_a, delta, u, mask, blocksize=size)
+            assert out.dtype == torch.float32
+            tol = 1e-4 * float(delta.abs().max())
+            assert torch.allclose(out - w_a, ref - w_a, rtol=0, atol=tol)
+            assert torch.equal(out[mask], (w_a + delta)[mask])
+    assert torch.equal(compensate(w_a, delta, u, masks[0]), w_a + delta)
+    assert torch.equal(compensate(w_a, delta, u, masks[1]), w_a)
+
+
+def test_safe_delta_selection_matches_the_reference():
+    from stayaligned.repair.safe_delta import select
+
+    for seed, (rows, n, dead) in enumerate([(3, 5, 0), (20, 64, 0), (20, 64, 9), (50, 200, 30)]):
+        u = random_factor(n, seed, dead)
+        g = torch.Generator().manual_seed(seed)
+        delta = torch.randn(rows, n, generator=g)
+        delta[:, : n // 4] *= torch.rand(rows, n // 4, generator=g) < 0.5  # zero-cost entries
+        delta[0, :] = delta[1, :]  # equal costs within a column
+        for s in (0.0, 1e-4, 0.05, 0.1, 0.3, 0.5, 0.9, 0.999, 1.0):
+            assert torch.equal(select(delta, u, s), reference_select(delta, u, s)), (seed, s)
+
+
+def test_safe_delta_calibration_batches_match_one_sequence_at_a_time(models, tmp_path, monkeypatch):
+    from stayaligned.config import ModelConfig
+    from stayaligned.data.sources import load_source
+    from stayaligned.models import load_model
+    from stayaligned.repair import safe_delta
+    from stayaligned.templates.library import get_template
+    from stayaligned.templates.render import render_for_training
+
+    cfg = RepairConfig(method="safe_delta", model=str(models["full"]),
+                       aligned=str(models["aligned"]), output_dir=str(tmp_path),
+                       calibration_limit=6)
+    inputs = open_inputs(cfg, tmp_path / ".work")
+    model, tokenizer = load_model(ModelConfig(name=str(inputs.aligned.config_dir), dtype="float32"))
+    rows = [render_for_training(tokenizer, ex, get_template("native")).input_ids
+            for ex in load_source(cfg.calibration, split=cfg.calibration_split,
+                                  limit=cfg.calibration_limit, seed=cfg.seed)]
+    assert len({len(r) for r in rows}) > 1  # padding is used
+    inputs_of: dict[str, list] = {}
+    handles = [m.register_forward_pre_hook(
+        lambda _m, args, name=name: inputs_of.setdefault(name, []).append(args[0][0]))
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and "lm_head" not in name]
+    with torch.no_grad():
+        for ids in rows:
+            model(input_ids=torch.tensor([ids]))
+    for h in handles:
+        h.remove()
+    for tokens in (safe_delta.CALIBRATION_BATCH_TOKENS, 2 * max(map(len, rows))):
+        monkeypatch.setattr(safe_delta, "CALIBRATION_BATCH_TOKENS", tokens)
+        hessians, group = safe_delta.calibration_hessians(inputs, cfg)
+        assert set(group) == set(inputs_of) and len(hessians) < len(group)  # q, k, v share
+        for name, xs in inputs_of.items():
+            x = torch.cat(xs)
+            ref = 2 * x.t() @ x / len(x)
+            tol = 1e-5 * float(ref.abs().max())
+            assert torch.allclose(hessians[group[name]], ref, rtol=0, atol=tol)
+
+
 def test_safe_delta_ends_are_the_aligned_model_and_the_finetune(models, tmp_path):
     repair, state = prepared("safe_delta", models, tmp_path, model="adapter", calibration_limit=4)
     lora = state["inputs"].finetune.source

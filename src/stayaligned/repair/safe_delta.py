@@ -22,8 +22,15 @@ exactly). Choices and departures:
 - Tensors outside the decoder's linear layers (embeddings, norms) take the fine-tune's values,
   except at s = 0 where the whole model is θ_a.
 - Calibration statistics are gathered in one pass over the aligned model (all linear layers'
-  Hessians at once, shared between layers that read the same input); each layer's factor is
-  then kept on disk, and the edit streams layer by layer.
+  Hessians at once, shared between layers that read the same input; sequences in right-padded
+  batches with the padding left out of X, and without the vocabulary projection); each layer's
+  factor is then kept on disk, and the edit streams layer by layer.
+
+Computation (same results as the textbook forms, up to float rounding): U = R⁻¹ with R the
+reversed Cholesky factor of H (no explicit H⁻¹); the selection sorts columns, not entries
+(the ratio is per column), and sorts entries only in the column group where the budget runs
+out; the compensation carries C alone, in float32, on the transposed matrix, with a fixed mask
+(a kept entry's error is (C_j − δ_j)/U_jj, a reverted one's is zero).
 """
 
 from __future__ import annotations
@@ -37,66 +44,102 @@ from stayaligned.repair.weights import RepairError
 
 
 def inverse_cholesky(h: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
-    """U, the upper Cholesky factor of (H + damp·mean(diag H)·I)⁻¹ (float64 inside)."""
+    """U, the upper Cholesky factor of (H + damp·mean(diag H)·I)⁻¹ (float64 inside).
+
+    Without forming H⁻¹: with J the reversal, R = J·chol(J H J)·J is upper triangular with
+    H = R Rᵀ, so H⁻¹ = R⁻ᵀ R⁻¹ and U = R⁻¹ (positive diagonal, hence the Cholesky factor)."""
     h = h.double().clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype)
     try:
-        hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
-        return torch.linalg.cholesky(hinv, upper=True).float()
+        r = torch.linalg.cholesky(h.flip(0, 1)).flip(0, 1)
     except RuntimeError as err:
         raise RepairError(f"the calibration Hessian is not positive definite ({err}); use more "
                           "calibration examples (calibration_limit)") from None
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    return torch.linalg.solve_triangular(r, eye, upper=True).float()
 
 
 def select(delta: torch.Tensor, u: torch.Tensor, s: float) -> torch.Tensor:
-    """The kept entries (True): by utility per unit of safety cost, while Σ cost ≤ s·total."""
+    """The kept entries (True): by utility per unit of safety cost, while Σ cost ≤ s·total.
+
+    The order is utility per cost ([U]_jj², one value per column) from high to low, then cost
+    from low to high, then position (row-major). Since the ratio is per column, whole columns
+    come first and only the column group (equal ratio) where the running cost passes the
+    budget is sorted entry by entry: O(entries) plus a sort of one group, not of the matrix.
+    The running cost is summed in float64 and compared in float32, as torch's float32 cumsum
+    over the whole order does."""
     if s >= 1:
         return torch.ones_like(delta, dtype=torch.bool)
     if s <= 0:
         return torch.zeros_like(delta, dtype=torch.bool)
     d2 = torch.diag(u).float() ** 2
-    cost = (delta.float() ** 2 / d2).flatten()
-    ratio = d2.expand_as(delta).flatten()
-    by_cost = torch.argsort(cost, stable=True)
-    order = by_cost[torch.argsort(-ratio[by_cost], stable=True)]
-    keep_sorted = torch.cumsum(cost[order], 0) <= s * cost.sum()
-    mask = torch.zeros_like(cost, dtype=torch.bool)
-    mask[order[keep_sorted]] = True
-    return mask.view_as(delta)
+    cost = delta.float() ** 2 / d2
+    budget = s * cost.flatten().sum()
+    cols = torch.argsort(-d2, stable=True)
+    sizes = torch.unique_consecutive(d2[cols], return_counts=True)[1]
+    ends = torch.cumsum(sizes, 0) - 1
+    total = torch.cumsum(cost.sum(0, dtype=torch.float64)[cols], 0)[ends]  # after each group
+    over = torch.nonzero(total.float() > budget)
+    k = int(over[0]) if over.numel() else len(sizes)  # the group where the budget runs out
+    first = int(ends[k - 1]) + 1 if k > 0 else 0
+    mask = torch.zeros_like(delta, dtype=torch.bool)
+    mask[:, cols[:first]] = True
+    if k < len(sizes):
+        group = torch.sort(cols[first: int(ends[k]) + 1]).values  # row-major inside the group
+        part = cost[:, group].flatten()
+        order = torch.argsort(part, stable=True)
+        start = total[k - 1] if k > 0 else 0.0
+        running = (start + torch.cumsum(part[order], 0, dtype=torch.float64)).float()
+        kept = torch.zeros_like(part, dtype=torch.bool)
+        kept[order[running <= budget]] = True
+        mask[:, group] = kept.view(delta.shape[0], -1)
+    return mask
 
 
 def compensate(w_a: torch.Tensor, delta: torch.Tensor, u: torch.Tensor, mask: torch.Tensor,
-               blocksize: int = 128) -> torch.Tensor:
+               blocksize: int = 32) -> torch.Tensor:
     """Columns left to right: a kept entry is set to θ_a + δ, a reverted one keeps its current
     (compensated) value, and each change's OBS compensation -(err / U_jj)·U_j,later is pushed
-    to the later columns (GPTQ's lazy-batch form). Returns the repaired weight in float32."""
-    w = w_a.float().clone()
-    target = w_a.float() + delta.float()
-    n = w.shape[1]
+    to the later columns (GPTQ's lazy-batch form). Returns the repaired weight in float32.
+
+    Only the compensation C is carried (not θ_a + C), so a reverted entry's error is zero and a
+    kept entry's is e_j = (C_j − δ_j) / U_jj: per row, the kept errors solve the triangular
+    system Σ_{j∈K, j≤i} e_j U_ji = −δ_i (i ∈ K). It is worked on the transposed matrix (a
+    column is contiguous), three vector operations per column inside a block and one matrix
+    product per block for the later columns; float32 throughout."""
+    n, rows = delta.shape[1], delta.shape[0]
+    u = u.float()
+    d_t = delta.float().t().contiguous()
+    scale = mask.t().float() / torch.diag(u).unsqueeze(1)  # 1/U_jj where kept, 0 where reverted
+    comp = torch.zeros(n, rows)  # C, transposed
+    err = torch.empty(blocksize, rows)
     for i1 in range(0, n, blocksize):
         i2 = min(i1 + blocksize, n)
-        block, err = w[:, i1:i2].clone(), torch.zeros(w.shape[0], i2 - i1)
-        u1 = u[i1:i2, i1:i2]
+        block = comp[i1:i2]
         for i in range(i2 - i1):
-            col = block[:, i]
-            q = torch.where(mask[:, i1 + i], target[:, i1 + i], col)
-            e = (col - q) / u1[i, i]
-            block[:, i:] -= e.unsqueeze(1) @ u1[i, i:].unsqueeze(0)
-            block[:, i] = q
-            err[:, i] = e
-        w[:, i1:i2] = block
-        w[:, i2:] -= err @ u[i1:i2, i2:]
-    return w
+            e = err[i]
+            torch.sub(block[i], d_t[i1 + i], out=e)
+            e.mul_(scale[i1 + i])
+            if i + 1 < i2 - i1:
+                block[i + 1:].addr_(u[i1 + i, i1 + i + 1:i2], e, alpha=-1)
+        if i2 < n:
+            comp[i2:].addmm_(u[i1:i2, i2:].t(), err[: i2 - i1], alpha=-1)
+    return w_a.float() + torch.where(mask, delta.float(), comp.t())
 
 
 # ---------------------------------------------------------------- calibration
 
 
+CALIBRATION_BATCH_TOKENS = 1024  # padded positions per calibration forward
+
+
 def calibration_hessians(inputs: RepairInputs, cfg) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """H = 2 X Xᵀ / n per distinct linear-layer input of the aligned model on the calibration
-    set; returns ({group: H}, {module: group})."""
+    set; returns ({group: H}, {module: group}). Sequences run in batches of similar length,
+    padded on the right: with causal attention the real positions see only real positions, and
+    the padded ones are left out of X; the vocabulary projection is not run."""
     from stayaligned.config import ModelConfig
     from stayaligned.data.sources import load_source
     from stayaligned.models import load_model
@@ -116,6 +159,7 @@ def calibration_hessians(inputs: RepairInputs, cfg) -> tuple[dict[str, torch.Ten
     counts: dict[str, int] = {}
     seen: dict[str, torch.Tensor] = {}
     group: dict[str, str] = {}
+    real: list[torch.Tensor] = []  # the current batch's non-padding positions (flat)
 
     def hook(name):
         def accumulate(_module, args):
@@ -126,23 +170,43 @@ def calibration_hessians(inputs: RepairInputs, cfg) -> tuple[dict[str, torch.Ten
             seen[name] = x  # held for this forward, so no later input can reuse its memory
             if group[name] != name:
                 return
-            x = x.reshape(-1, x.shape[-1]).float()
-            sums[name] = sums.get(name, 0) + x.t() @ x
+            x = x.reshape(-1, x.shape[-1])[real[0]].float()
+            if name not in sums:
+                sums[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+            sums[name].addmm_(x.t(), x)
             counts[name] = counts.get(name, 0) + x.shape[0]
         return accumulate
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
     device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    decoder = model.base_model  # the decoder stack without the vocabulary projection
     try:
         with torch.no_grad():
-            for ids in rows:  # one sequence at a time: no padding enters X
+            for batch in _batches(rows, CALIBRATION_BATCH_TOKENS):
+                width = max(map(len, batch))
+                ids = torch.tensor([r + [pad] * (width - len(r)) for r in batch], device=device)
+                att = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in batch],
+                                   device=device)
+                real[:] = [att.flatten().bool()]
                 seen.clear()
-                model(input_ids=torch.tensor([ids], device=device))
+                decoder(input_ids=ids, attention_mask=att)
     finally:
         for h in handles:
             h.remove()
     hessians = {g: (2 * sums[g] / counts[g]).cpu() for g in sums}
     return hessians, group
+
+
+def _batches(rows: list[list[int]], tokens: int) -> list[list[list[int]]]:
+    """Sequences by length, packed into batches of at most `tokens` padded positions."""
+    batches: list[list[list[int]]] = []
+    for r in sorted(map(list, rows), key=len):
+        if batches and len(r) * (len(batches[-1]) + 1) <= tokens:
+            batches[-1].append(r)
+        else:
+            batches.append([r])
+    return batches
 
 
 class SafeDelta(Repair):
