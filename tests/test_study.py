@@ -138,3 +138,19 @@ def test_an_edited_config_does_not_reuse_a_stale_cell(tmp_path, tiny_model_dir):
     assert run_study(edited)["failed"] == ["cells/sft/train"]
     progress = json.loads((tmp_path / "edit/progress.json").read_text())
     assert "different setup (changed: config.optim.lr)" in progress["cells/sft/train"]["error"]
+
+
+def test_running_one_cell_on_a_fresh_directory_runs_the_shared_stages_first(tmp_path,
+                                                                            tiny_model_dir):
+    """`stayaligned study --cells sft` (or bench/repair_effect.py) on a directory where the
+    aligned seed does not exist yet aligns it first instead of failing on a missing model."""
+    cfg = study_config(tmp_path, tiny_model_dir, "one", "evaluate_seed=false",
+                       "depth.enabled=false")
+    assert run_study(cfg, only=["sft"])["failed"] == []
+    progress = json.loads((tmp_path / "one/progress.json").read_text())
+    assert progress["aligned/train"]["status"] == "done"
+    assert progress["cells/sft/eval"]["status"] == "done" and "cells/ptst/train" not in progress
+    # a second call finds the shared stages done and does not redo them
+    before = (tmp_path / "one/aligned/train/run.json").stat().st_mtime_ns
+    assert run_study(cfg, only=["ptst"])["failed"] == []
+    assert (tmp_path / "one/aligned/train/run.json").stat().st_mtime_ns == before

@@ -463,10 +463,11 @@ def _run_study(cfg: StudyConfig, stages: list[Stage], only, devices, argv, conso
     shared = [s for s in stages if s.cell is None]
     mine = [s for s in stages if s.cell is not None and (only is None or s.cell in only)]
     failed: list[str] = []
-    if only is None:
-        failed += _run_sequence(shared, stages, progress)
-        if failed:  # every cell needs the base model
-            return _finish(failed, out, console)
+    # every cell needs the shared stages (seed, aligned seed); a worker (--cells) finds them done
+    # by its parent, a direct `--cells` or bench run on a fresh directory runs them first
+    failed += _run_sequence(shared, stages, progress)
+    if failed:
+        return _finish(failed, out, console)
     if devices and only is None:
         failed += _run_on_devices(ids, devices, argv or [], console)
         progress.state = read_json(progress.path) or {}
