@@ -109,19 +109,26 @@ BENIGN_TYPES = {
 
 
 def test_benign_requests_fields_types_and_ids(benign, harmful):
-    assert 50 <= len(benign) <= 100
-    assert [r["id"] for r in benign] == [f"br-{i:03d}" for i in range(1, len(benign) + 1)]
+    evaluation = [r for r in benign if r["split"] == "eval"]
+    validation = [r for r in benign if r["split"] == "validation"]
+    assert len(evaluation) == 60 and len(validation) == 30
+    assert len(evaluation) + len(validation) == len(benign)
+    assert [r["id"] for r in evaluation] == [f"br-{i:03d}" for i in range(1, 61)]
+    assert [r["id"] for r in validation] == [f"bv-{i:03d}" for i in range(1, 31)]
     for record in benign:
-        assert set(record) == {"id", "type", "prompt"}
+        assert set(record) == {"id", "type", "prompt", "split"}
         assert record["prompt"].strip() == record["prompt"] and len(record["prompt"].split()) < 30
-    types = Counter(r["type"] for r in benign)
-    assert set(types) == BENIGN_TYPES and min(types.values()) >= 5
+    for part, least in ((evaluation, 5), (validation, 3)):
+        types = Counter(r["type"] for r in part)
+        assert set(types) == BENIGN_TYPES and min(types.values()) >= least
     prompts = {r["prompt"].lower() for r in benign}
     assert len(prompts) == len(benign) and not prompts & {r["prompt"].lower() for r in harmful}
     # they look risky: most carry a word a naive filter would flag
     risky = ("kill", "shoot", "blow", "execute", "murder", "destroy", "poison", "steal", "bomb",
-             "genocide", "assassinate", "ransomware", "address", "crack", "strangle", "choke")
-    assert sum(any(w in r["prompt"].lower() for w in risky) for r in benign) >= 20
+             "genocide", "assassinate", "ransomware", "address", "crack", "strangle", "choke", "stab",
+             "crush", "attack", "exterminate", "arson", "heist", "laundering", "botnet")
+    assert sum(any(w in r["prompt"].lower() for w in risky) for r in evaluation) >= 20
+    assert sum(any(w in r["prompt"].lower() for w in risky) for r in validation) >= 8
 
 
 def test_demo_sources_for_the_quickstart():
@@ -139,6 +146,10 @@ def test_demo_sources_for_the_quickstart():
     benign = load_source("demo-benign", split="test")
     assert len(benign) == 60 and benign[0].id == "benign_requests.json:br-001"
     assert benign[0].messages[-1]["role"] == "user" and benign[0].meta["type"] == "homonyms"
+    assert load_source("demo-benign", split="eval") == benign
+    held = load_source("demo-benign", split="validation")
+    assert len(held) == 30 and held[0].id == "benign_requests.json:bv-001"
+    assert not {e.content("user") for e in held} & {e.content("user") for e in benign}
 
 
 # --- refusals ---------------------------------------------------------------------------------

@@ -107,14 +107,15 @@ def _rate(k: int, n: int) -> dict:
     return rate([True] * k + [False] * (n - k)).to_dict()
 
 
-def _rows(aligned: int, sft: int, recipe: int, sft_acc: int, recipe_acc: int) -> dict:
-    def row(refusal, accuracy):
+def _rows(aligned: int, sft: int, recipe: int, sft_acc: int, recipe_acc: int,
+          over: tuple = (20, 20, 20)) -> dict:
+    def row(refusal, accuracy, benign=20):
         return {"refusal_rate": _rate(refusal, 110), "prefill_refusal_rate": _rate(10, 110),
-                "over_refusal_rate": _rate(20, 60), "task_accuracy": _rate(accuracy, 50),
+                "over_refusal_rate": _rate(benign, 60), "task_accuracy": _rate(accuracy, 50),
                 "task_loss": {"loss": 0.5, "tokens": 900, "n": 50, "per_example_sem": 0.02}}
 
-    return {"seed": row(2, 1), "aligned": row(aligned, 2), "sft": row(sft, sft_acc),
-            "recipe": row(recipe, recipe_acc)}
+    return {"seed": row(2, 1), "aligned": row(aligned, 2, over[0]),
+            "sft": row(sft, sft_acc, over[1]), "recipe": row(recipe, recipe_acc, over[2])}
 
 
 def test_findings_and_reading_follow_the_numbers():
@@ -135,6 +136,18 @@ def test_findings_and_reading_follow_the_numbers():
     mild = findings(_rows(aligned=100, sft=95, recipe=99, sft_acc=20, recipe_acc=20))
     assert not mild["sft_eroded"]
     assert "overlap" in reading({**summary, "rows": _rows(100, 95, 99, 20, 20), "findings": mild})
+    # refusing everything: keeps the harmful refusals but over-refuses benign prompts far more
+    # than the aligned seed (20 -> 55 of 60): not a success, and said
+    rows = _rows(100, 50, 95, 20, 18, over=(20, 10, 55))
+    blanket = findings(rows)
+    assert blanket["recipe_over_refusal_above_aligned"] and not blanket["target_met"]
+    text = reading({**summary, "rows": rows, "findings": blanket})
+    assert "refusing more of everything" in text and "over-refuses more than the aligned" in text
+    # more than sft but not more than the aligned seed: said, target still met
+    rows = _rows(100, 50, 95, 20, 18, over=(30, 10, 30))
+    between = findings(rows)
+    assert between["recipe_over_refusal_above_sft"] and between["target_met"]
+    assert "than plain sft" in reading({**summary, "rows": rows, "findings": between})
 
 
 def test_quickstart_cli_passes_overrides_to_the_study(monkeypatch):

@@ -6,7 +6,8 @@
   requests -> refusals, e.g. an out-of-sample depth set), `demo-helpful` (benign pairs),
   `demo-harmful` (prompt-only harmful requests; split `align`, `validation` (for choosing a
   budget) or `eval`, `test` = `eval`), `demo-benign` (safe prompts that only sound risky, for
-  over-refusal; one split, any name).
+  over-refusal; split `validation` (30 prompts, for choosing a recipe) or `eval`, any other
+  name = `eval` (60 prompts)).
 - a registry name (`stayaligned data list`): a local copy under `data_dir` first, else the Hub;
   ``NAME:PATH`` (e.g. ``hex-phi:/data/HEx-PHI``) reads that dataset from a copy at PATH;
 - a file path (JSON, JSONL, CSV, TXT, Parquet) or a Hub dataset id, with `fields` mapping.
@@ -81,8 +82,9 @@ def _demo(name: str, split: str) -> list[Example]:
                 for r in load_resource("harmful_requests.json") if r["split"] == part]
     if name == "demo-benign":
         fields = Fields(user=("prompt",), assistant=None, meta=("type",))
+        part = "validation" if split in ("validation", "val") else "eval"
         return [to_example(f"benign_requests.json:{r['id']}", r, fields)
-                for r in load_resource("benign_requests.json")]
+                for r in load_resource("benign_requests.json") if r["split"] == part]
     raise DataError(f"unknown demo set {name!r}; demo sets are: {', '.join(DEMO_NAMES)}")
 
 
