@@ -139,16 +139,16 @@ def main(argv: list[str] | None = None) -> int:
         "meta": {"command": f"python bench/repair.py --work {args.work}",
                  "model": "embedded (SmolLM2-135M-Instruct, float32)",
                  "model_file_mb": round(model_mb, 1), "imports_only_rss_mb": round(baseline, 1),
-                 "device": f"cpu ({os.cpu_count()} cores visible, shared with other jobs)",
+                 "device": f"cpu ({os.cpu_count()} cores visible)",
                  "inputs": {k: str(v) for k, v in paths.items()},
                  "load_average_at_start": os.getloadavg(),
                  "notes": "seconds: the whole `stayaligned repair` command at one strength (no "
                           "validation sweep), wall clock, with Python start-up; import_seconds: "
                           "importing torch/transformers/peft/stayaligned; repair_seconds: the "
                           "command after imports (resolve + sha256 of the inputs, prepare, apply, "
-                          "save); cpu_seconds: user + system CPU time of the process. The machine "
-                          "was shared with other jobs (see load_average_at_start: 2 cores), so "
-                          "wall-clock numbers are inflated; cpu_seconds is the less contended "
+                          "save); cpu_seconds: user + system CPU time of the process. Wall clock "
+                          "is inflated when other jobs share the cores (load_average_at_start "
+                          "against the core count); cpu_seconds is the less contended "
                           "measure. safe_delta includes its calibration pass over the 110 "
                           "demo-safety examples on the aligned model."},
     }
