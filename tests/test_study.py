@@ -154,3 +154,28 @@ def test_running_one_cell_on_a_fresh_directory_runs_the_shared_stages_first(tmp_
     before = (tmp_path / "one/aligned/train/run.json").stat().st_mtime_ns
     assert run_study(cfg, only=["ptst"])["failed"] == []
     assert (tmp_path / "one/aligned/train/run.json").stat().st_mtime_ns == before
+
+
+def test_cpu_workers_run_the_cells_in_parallel_processes(tmp_path, tiny_model_dir):
+    """`workers: 2`: the shared stages run first, then each cell in a worker process with its
+    own log; every stage of every cell is recorded in the one progress.json (no update lost to
+    two processes writing it), and a second run reuses everything."""
+    cfg = study_config(tmp_path, tiny_model_dir, "pool", "evaluate_seed=false",
+                       "depth.enabled=false", "workers=2")
+    assert run_study(cfg)["failed"] == []
+    out = tmp_path / "pool"
+    progress = json.loads((out / "progress.json").read_text())
+    cells = {f"cells/{c}/{s}" for c in ("sft", "ptst") for s in ("train", "eval")}
+    assert cells <= set(progress) and all(progress[k]["status"] == "done" for k in cells)
+    for cell in ("sft", "ptst"):
+        assert "study complete" in (out / "logs" / f"{cell}.log").read_text()
+        assert (out / "cells" / cell / "eval" / "metrics.json").is_file()
+    assert json.loads((out / "workers.json").read_text())["workers"] == 2
+    stamp = (out / "cells/sft/eval/metrics.json").stat().st_mtime_ns
+    assert run_study(cfg)["failed"] == []
+    assert (out / "cells/sft/eval/metrics.json").stat().st_mtime_ns == stamp
+
+
+def test_workers_must_be_a_positive_number(tmp_path, tiny_model_dir):
+    with pytest.raises(ConfigError, match="workers: 0 is not a number of worker processes"):
+        run_study(study_config(tmp_path, tiny_model_dir, "zero", "workers=0"))

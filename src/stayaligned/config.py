@@ -291,6 +291,10 @@ class StudyConfig:
     # generations into eval*/judge-<name>/; () keeps v1: eval.judge only
     judges: tuple[str, ...] = ()
     dose: DoseConfig | None = None
+    # cells run in this many worker processes at once after the shared stages, each with
+    # cores // workers torch threads (CPU: a small model's step hardly gains from a second
+    # thread, so two cells at once finish in about the time of one); GPUs: `--devices`
+    workers: int = 1
 
 
 # ---------------------------------------------------------------- building from dicts

@@ -88,3 +88,17 @@ def clear_dir(directory: Path) -> None:
             shutil.rmtree(child)
         else:
             child.unlink()
+
+
+@contextmanager
+def file_mutex(path: Path):
+    """Wait for an exclusive lock on the file `path` for the `with` block: serialises a
+    read-modify-write of a small shared file (a study's progress.json) between processes."""
+    if fcntl is None:
+        yield
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)  # released when the file is closed
+        yield
+

@@ -24,10 +24,13 @@ finishes the study without redoing finished training, generation or judging (an 
 training resumes from its last checkpoint, an interrupted evaluation from its last batch). A
 failing cell is recorded with its error and the others go on; the command exits non-zero.
 
-Parallelism: sequential by default (the only choice on CPU). With `--devices 0,1,...` the
-shared stages run first, then each cell runs in its own worker process pinned to one GPU
-through CUDA_VISIBLE_DEVICES (a simple per-device worker pool, not accelerate: cells are
-independent jobs, and each fits on one device).
+Parallelism: sequential by default. With `--devices 0,1,...` the shared stages run first, then
+each cell runs in its own worker process pinned to one GPU through CUDA_VISIBLE_DEVICES (a
+simple per-device worker pool, not accelerate: cells are independent jobs, and each fits on one
+device). With `workers: N` (CPU) the shared stages run first, then N worker processes take the
+cells in turn, each with cores // N torch threads and its output in logs/<cell>.log. Workers
+run `stayaligned study workers.json --cells ID` on the resolved config the parent wrote, and
+record their stages in the same progress.json under a file lock.
 """
 
 from __future__ import annotations
@@ -354,7 +357,10 @@ class Progress:
         self.lock = threading.Lock()
 
     def record(self, stage: Stage, **fields) -> None:
-        with self.lock:
+        from stayaligned.runlock import file_mutex
+
+        # worker processes (--devices, workers) share progress.json: read-modify-write locked
+        with self.lock, file_mutex(self.path.with_name(".progress.lock")):
             self.state = {**(read_json(self.path) or {}), stage.key: {"kind": stage.kind, **fields}}
             write_json(self.path, self.state)
 
@@ -438,6 +444,9 @@ def check_stages(cfg: StudyConfig, stages: list[Stage]) -> None:
     stages do not exist yet: only the study's own model is checked)."""
     from stayaligned.validate import check_eval, check_model, check_train
 
+    if not isinstance(cfg.workers, int) or cfg.workers < 1:
+        raise ConfigError(f"workers: {cfg.workers!r} is not a number of worker processes; use 1 "
+                          "(cells one after another) or more")
     check_model(cfg.model)
     for stage in stages:
         where = f"{stage.key}: "
@@ -471,6 +480,13 @@ def _run_study(cfg: StudyConfig, stages: list[Stage], only, devices, argv, conso
     if devices and only is None:
         failed += _run_on_devices(ids, devices, argv or [], console)
         progress.state = read_json(progress.path) or {}
+    elif cfg.workers > 1 and only is None and len(pending := [
+            run_id for run_id in ids
+            if any(s.cell == run_id and not _quietly_done(s) for s in stages)]) > 1:
+        failed += _run_on_workers(cfg, pending, console)
+        progress.state = read_json(progress.path) or {}
+        # each finished cell's stages, seen from here (a no-op: they are done)
+        failed += _run_sequence([s for s in mine if s.cell not in pending], stages, progress)
     else:
         failed += _run_sequence(mine, stages, progress)
     return _finish(failed, out, console)
@@ -523,6 +539,52 @@ def _run_on_devices(ids: list[str], devices: list[str], argv: list[str], console
     for t in threads:
         t.start()
     for t in threads:
+        t.join()
+    return failed
+
+
+def _run_on_workers(cfg: StudyConfig, ids: list[str], console: Console) -> list[str]:
+    """`cfg.workers` worker processes on the CPU, each running `stayaligned study
+    OUT/workers.json --cells ID` for the next cell with cores // workers torch threads, its
+    output in OUT/logs/ID.log; returns the cells that failed."""
+    import json
+
+    out = Path(cfg.output_dir)
+    config = out / "workers.json"  # JSON is YAML: the resolved config, paths as given (cwd)
+    config.write_text(json.dumps(to_dict(cfg), indent=1) + "\n")
+    threads = str(max(1, (os.cpu_count() or 1) // cfg.workers))
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    (out / "logs").mkdir(exist_ok=True)
+    jobs: queue.Queue = queue.Queue()
+    for run_id in ids:
+        jobs.put(run_id)
+    failed: list[str] = []
+
+    def worker() -> None:
+        while True:
+            try:
+                run_id = jobs.get_nowait()
+            except queue.Empty:
+                return
+            log = out / "logs" / f"{run_id}.log"
+            console.print(f"[bold]cell {run_id}[/bold]: started ({threads} thread(s); "
+                          f"output in {log})")
+            started = time.time()
+            with open(log, "w") as handle:
+                code = subprocess.call([sys.executable, "-m", "stayaligned", "study", str(config),
+                                        "--cells", run_id], env=env, stdout=handle,
+                                       stderr=subprocess.STDOUT)
+            seconds = time.time() - started
+            if code != 0:
+                failed.append(f"cells/{run_id}")
+                console.print(f"[red]cell {run_id}: failed after {seconds:.0f} s; see {log}[/red]")
+            else:
+                console.print(f"cell {run_id}: done in {seconds:.0f} s")
+
+    pool = [threading.Thread(target=worker) for _ in range(min(cfg.workers, len(ids)))]
+    for t in pool:
+        t.start()
+    for t in pool:
         t.join()
     return failed
 
