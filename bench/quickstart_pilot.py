@@ -130,9 +130,11 @@ def main() -> None:
             "load": loads,
         },
     })
-    write_json(Path(args.result), {"trials": trials,
-                                    "accepted": [i for i, t in enumerate(trials)
-                                                 if t["meta"]["accepted"]]})
+    write_json(Path(args.result), {
+        **previous, "trials": trials,
+        "accepted": [i for i, t in enumerate(trials) if t["meta"]["accepted"]],
+        "accepted_recipes": [i for i, t in enumerate(trials)
+                             if (t["meta"].get("recipe") or {}).get("accepted")]})
     for name, r in rates.items():
         print(f"{name:8s} refusal {r['refusal_rate']['value']:.3f} [{r['refusal_rate']['low']:.3f},"
               f" {r['refusal_rate']['high']:.3f}]  over-refusal {r['over_refusal_rate']['value']:.3f}")
