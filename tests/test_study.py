@@ -179,3 +179,63 @@ def test_cpu_workers_run_the_cells_in_parallel_processes(tmp_path, tiny_model_di
 def test_workers_must_be_a_positive_number(tmp_path, tiny_model_dir):
     with pytest.raises(ConfigError, match="workers: 0 is not a number of worker processes"):
         run_study(study_config(tmp_path, tiny_model_dir, "zero", "workers=0"))
+
+
+def test_a_study_committed_without_its_weights_resumes_in_a_fresh_clone(tmp_path, tiny_model_dir,
+                                                                        monkeypatch):
+    """The study directory is committed to git (its .gitignore keeps weights and checkpoints
+    out) and cloned elsewhere: finished cells are reused without their weights; a new cell
+    makes the study retrain the aligned seed it needs (reproducing the archived run's logged
+    losses) and only that cell."""
+    import subprocess
+
+    def git(*args, cwd):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd,
+                       check=True, capture_output=True)
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    monkeypatch.chdir(repo)
+    args = ("evaluate_seed=false", "cells=[{name: sft, methods: [sft]}]")
+    cfg = study_config(tmp_path, tiny_model_dir, "x", *args, "output_dir=study")
+    assert run_study(cfg)["failed"] == []
+    assert "*.safetensors" in (repo / "study" / ".gitignore").read_text()
+    git("init", "-q", cwd=repo)
+    git("add", "study", cwd=repo)
+    git("commit", "-qm", "study results", cwd=repo)
+    committed = subprocess.run(["git", "ls-files"], cwd=repo, capture_output=True,
+                               text=True).stdout.split()
+    assert not [f for f in committed if f.endswith((".safetensors", ".bin"))
+                or "/checkpoints/" in f]
+    assert "study/cells/sft/eval/metrics.json" in committed
+
+    clone = tmp_path / "clone"
+    git("clone", "-q", str(repo), str(clone), cwd=tmp_path)
+    monkeypatch.chdir(clone)
+    from stayaligned.evaluation import run as eval_run
+    from stayaligned.training import run as train_run
+
+    real_train, trained = train_run.train, []
+
+    def refuse(*a, **k):
+        raise AssertionError("a finished stage ran again")
+
+    monkeypatch.setattr(eval_run, "evaluate", refuse)
+    monkeypatch.setattr(train_run, "train", refuse)
+    assert run_study(cfg)["failed"] == []  # everything reused, nothing retrained
+    monkeypatch.undo()
+    monkeypatch.chdir(clone)
+
+    def counting(tcfg, **kwargs):
+        trained.append(tcfg.output_dir)
+        return real_train(tcfg, **kwargs)
+
+    monkeypatch.setattr(train_run, "train", counting)
+    grown = study_config(tmp_path, tiny_model_dir, "x", "evaluate_seed=false", "output_dir=study",
+                         "cells=[{name: sft, methods: [sft]}, {name: ptst, methods: [ptst]}]")
+    assert run_study(grown)["failed"] == []
+    assert trained == ["study/aligned/train", "study/cells/ptst/train"]
+    rerun = json.loads((clone / "study/aligned/train/run.json").read_text())["archived_rerun"]
+    assert rerun["same_losses"] and rerun["logged_steps_compared"] >= 2
+    assert (clone / "study/cells/ptst/eval/metrics.json").is_file()
+    assert not (clone / "study/cells/sft/train/adapter/adapter_model.safetensors").exists()

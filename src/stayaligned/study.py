@@ -70,6 +70,8 @@ class Stage:
     run: Callable[[], object]
     done: Callable[[], bool]
     config: object = None  # its TrainConfig / EvalConfig, checked before the study starts
+    makes: str | None = None  # the model directory it writes (align, train, repair stages)
+    uses: tuple[str, ...] = ()  # the model directories it reads
 
 
 def cell_ids(cfg: StudyConfig) -> list[tuple[str, object, int]]:
@@ -179,11 +181,15 @@ def _same_config(cfg: TrainConfig) -> None:
 
 
 def _train_done(cfg: TrainConfig) -> bool:
-    from stayaligned.training.run import is_complete
+    from stayaligned.training.run import check_same_run, is_complete
 
     if not is_complete(Path(cfg.output_dir)):
         return False
-    _same_config(cfg)
+    # an archived run (its weights not in this checkout) is checked by its config alone: the
+    # identity of the base it was trained from cannot be taken once that base is archived or
+    # retrained in another checkout
+    check_same_run(cfg, "delete that directory to retrain it, or restore the study config",
+                   model=has_weights(Path(cfg.output_dir)) and _present(cfg.model.name))
     return True
 
 
@@ -225,12 +231,129 @@ def _depth_done(cfg: StudyConfig, base: str, model: str, target: Path) -> bool:
     stored = read_json(target / "depth.json")
     if stored is None:
         return False
+    if not all(_present(m) for m in (base, model)):
+        return True  # archived: computed when the weights were here (they are not hashable now)
     if "fingerprint" in stored:
         check_same(str(target / "depth.json"), stored["fingerprint"],
                    _depth_fingerprint(cfg, base, model),
                    {"depth": to_dict(type(cfg.depth)())},
                    "delete it to recompute, or restore the study config")
     return True
+
+
+# ---------------------------------------------------------------- studies kept in git
+
+# What a study directory keeps out of git (written as OUT/.gitignore): weights, checkpoints and
+# the tokenizer copies that only serve them. The rest (configs, run records, training logs,
+# generations, judgments, metrics, repair curves) is small and can be committed, and a
+# checkout without the weights resumes the study: see _archive_aware.
+GITIGNORE = """\
+# written by `stayaligned study`: weights and checkpoints stay out of git. Everything else
+# (configs, run.json, training logs, generations, judgments, metrics) can be committed; in a
+# checkout without the weights the study reuses every finished cell and retrains a model only
+# when a stage that still has to run needs its weights.
+*.safetensors
+*.bin
+*.gguf
+*.pt
+*.pth
+checkpoints/
+tokenizer.json
+.stayaligned.lock
+.progress.lock
+"""
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.gguf", "*.pt", "*.pth")
+
+
+def has_weights(directory: Path) -> bool:
+    """Model weights under `directory` outside its checkpoints/ (a merged model, an adapter,
+    a repaired model)."""
+    directory = Path(directory)
+    return any("checkpoints" not in path.relative_to(directory).parts
+               for pattern in WEIGHT_PATTERNS for path in directory.rglob(pattern))
+
+
+def _present(model: str) -> bool:
+    """A model name whose weights are here: anything that is not a study run directory (a Hub
+    id, the embedded model, a file) counts as present; a run directory needs its weights."""
+    path = Path(model)
+    if not path.is_dir() or not ((path / "run.json").is_file() or (path / "repair.json").is_file()):
+        return True
+    return has_weights(path)
+
+
+def _archive_aware(stages: list[Stage]) -> list[Stage]:
+    """A stage that makes a model (align, train, repair) and finished, but whose weights are not
+    in this checkout (the study directory was committed without them), counts as done while
+    every stage that reads that model is done; otherwise it runs again from scratch (the
+    weights are needed), and a training run records whether it reproduced the archived run's
+    logged losses."""
+    out = []
+    for stage in stages:
+        if stage.makes is None:
+            out.append(stage)
+            continue
+        consumers = [s for s in stages if stage.makes in s.uses]
+
+        def done(stage=stage, consumers=consumers) -> bool:
+            if not stage.done():
+                return False
+            if has_weights(Path(stage.makes)):
+                return True
+            return all(c.done() for c in consumers)
+
+        def run(stage=stage):
+            if stage.done() and not has_weights(Path(stage.makes)):
+                return _rerun_archived(stage)
+            return stage.run()
+
+        out.append(Stage(stage.key, stage.kind, stage.title, stage.cell, run, done,
+                         stage.config, stage.makes, stage.uses))
+    return out
+
+
+def _rerun_archived(stage: Stage):
+    """Run a finished stage again whose weights are missing, from scratch; a training run's
+    run.json gains `archived_rerun`: whether its logged losses equal the archived run's (the
+    cells that used the archived weights were made from the same model exactly when they do)."""
+    from stayaligned.runlock import clear_dir
+
+    target = Path(stage.makes)
+    old_log = _logged_losses(target)
+    old_run = read_json(target / "run.json") or {}
+    clear_dir(target)
+    result = stage.run()
+    if stage.kind in ("align", "train"):
+        new_log = _logged_losses(target)
+        steps = sorted(set(old_log) & set(new_log))
+        differs = [s for s in steps if old_log[s] != new_log[s]]
+        note = {"date_of_archived_run": (old_run.get("provenance") or {}).get("date"),
+                "logged_steps_compared": len(steps), "same_losses": bool(steps) and not differs,
+                "first_differing_step": differs[0] if differs else None}
+        manifest = read_json(target / "run.json") or {}
+        write_json(target / "run.json", {**manifest, "archived_rerun": note})
+        if not note["same_losses"]:
+            print(f"{stage.key}: retrained because its weights were not in this checkout, and its "
+                  f"logged losses differ from the archived run's (first at step "
+                  f"{note['first_differing_step']}): cells made before and after used "
+                  "different weights")
+    return result
+
+
+def _logged_losses(run_dir: Path) -> dict:
+    import json
+
+    path = run_dir / "train_log.jsonl"
+    losses = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if "loss" in row and "step" in row:
+                losses[row["step"]] = row["loss"]
+    return losses
 
 
 def plan(cfg: StudyConfig) -> list[Stage]:
@@ -257,7 +380,7 @@ def plan(cfg: StudyConfig) -> list[Stage]:
             where = f" ({template})" if len(views) > 1 else ""
             stages.append(Stage(f"{key}/{folder}", "eval", title + where, cell,
                                 lambda ecfg=ecfg: _run_eval(ecfg),
-                                lambda ecfg=ecfg: _eval_done(ecfg), ecfg))
+                                lambda ecfg=ecfg: _eval_done(ecfg), ecfg, uses=(model,)))
             for judge in judges[1:]:
                 stages.append(_judge_stage(out, f"{key}/{folder}", judge, title + where, cell))
 
@@ -266,7 +389,8 @@ def plan(cfg: StudyConfig) -> list[Stage]:
     if cfg.align is not None:
         acfg = align_config(cfg, out)
         stages.append(Stage("aligned/train", "align", "align the seed", None,
-                            lambda: _run_train(acfg), lambda: _train_done(acfg), acfg))
+                            lambda: _run_train(acfg), lambda: _train_done(acfg), acfg,
+                            makes=acfg.output_dir))
         add_eval("aligned", "evaluate the aligned seed", str(out / "aligned" / "train"))
     base = base_model(cfg, out)
     for run_id, cell, seed in cell_ids(cfg):
@@ -279,15 +403,16 @@ def plan(cfg: StudyConfig) -> list[Stage]:
                                 f"{run_id}: fine-tune ({' + '.join(cell.methods)})", run_id,
                                 lambda tcfg=tcfg: _run_train(tcfg),
                                 lambda tcfg=tcfg: _train_done(tcfg),
-                                tcfg))
+                                tcfg, makes=tcfg.output_dir, uses=(tcfg.model.name,)))
         add_eval(f"cells/{run_id}", f"{run_id}: evaluate", trained, cell=run_id)
         if cfg.depth.enabled:
             target = out / "cells" / run_id / "depth"
             stages.append(Stage(
                 f"cells/{run_id}/depth", "depth", f"{run_id}: per-token KL against the base",
                 run_id, lambda target=target, trained=trained: _run_depth(cfg, base, trained, target),
-                lambda target=target, trained=trained: _depth_done(cfg, base, trained, target)))
-    return stages
+                lambda target=target, trained=trained: _depth_done(cfg, base, trained, target),
+                uses=(base, trained)))
+    return _archive_aware(stages)
 
 
 def repair_config(cfg: StudyConfig, out: Path, run_id: str, cell, seed: int):
@@ -330,7 +455,8 @@ def _add_repair(cfg: StudyConfig, out: Path, stages: list, run_id: str, cell, se
             record.get("config", {}), to_dict(rcfg), to_dict(type(rcfg)()))
 
     stages.append(Stage(f"cells/{run_id}/repair", "repair",
-                        f"{run_id}: repair {cell.repair.of} ({cell.repair.method})", run_id, run, done))
+                        f"{run_id}: repair {cell.repair.of} ({cell.repair.method})", run_id, run, done,
+                        makes=rcfg.output_dir, uses=(rcfg.model, rcfg.aligned)))
     return rcfg.output_dir
 
 
@@ -465,6 +591,9 @@ def _run_study(cfg: StudyConfig, stages: list[Stage], only, devices, argv, conso
     unknown = [c for c in only or [] if c not in ids]
     if unknown:
         raise ConfigError(f"--cells: {unknown[0]!r} is not a cell of this study ({', '.join(ids)})")
+    if not (out / ".gitignore").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".gitignore").write_text(GITIGNORE)
     if only is None:
         write_json(out / "study.json", {"config": to_dict(cfg), "versions": package_versions(),
                                         "cells": ids, "stages": [s.key for s in stages]})

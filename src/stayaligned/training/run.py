@@ -212,9 +212,10 @@ def last_complete_checkpoint(ckpt_dir: Path) -> str | None:
     return None
 
 
-def check_same_run(cfg: TrainConfig, fix: str) -> None:
+def check_same_run(cfg: TrainConfig, fix: str, model: bool = True) -> None:
     """A run directory holds one configuration and one base model: a stored run.json made
-    with other settings (output_dir aside: a moved run is the same run) is a `StaleError`."""
+    with other settings (output_dir aside: a moved run is the same run) is a `StaleError`.
+    `model=False` checks the configuration alone (a run whose base's weights are absent)."""
     from stayaligned.fingerprint import check_same, model_identity
 
     out = Path(cfg.output_dir)
@@ -226,7 +227,7 @@ def check_same_run(cfg: TrainConfig, fix: str) -> None:
     defaults = to_dict(type(cfg)())
     check_same(f"{out}/run.json", {"config": old}, {"config": new}, {"config": defaults}, fix)
     stored = (manifest.get("fingerprint") or {}).get("model")
-    if stored is not None:
+    if stored is not None and model:
         check_same(f"{out}/run.json", {"model": stored}, {"model": _model_identity(cfg)}, fix=fix)
 
 
