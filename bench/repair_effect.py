@@ -66,6 +66,7 @@ def collect(cfg: StudyConfig, rows: dict) -> dict:
             cell=cell.name, of=cell.repair.of, kept=kept_share(rows, cell.name),
             task_loss_vs_sft=None if loss is None or not ref else loss / ref - 1,
             strength=record.get("strength"), knob=record.get("knob"),
+            target_met=record.get("target_met"),
             validation={"target": record.get("target"), "aligned": record.get("aligned"),
                         "curve": record.get("curve"), "choice": record.get("choice"),
                         "best": record.get("best")},
@@ -105,7 +106,8 @@ def table(result: dict, rows: dict) -> str:
         lines.append(f"| sft + {method} | {pct(e.get('refusal_rate'))} [{pct(ci[0])[:-1]}, "
                      f"{pct(ci[1])[:-1]}] | {pct(e.get('kept'))} | "
                      f"{pct(e.get('prefill_refusal_rate'))} | {pct(e.get('over_refusal_rate'))} | "
-                     f"{loss} | {e.get('knob')} = {e.get('strength')} |")
+                     f"{loss} | {e.get('knob')} = {e.get('strength')}"
+                     f"{' (best; target missed)' if e.get('target_met') is False else ''} |")
     return "\n".join(lines)
 
 

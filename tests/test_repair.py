@@ -430,6 +430,16 @@ def test_a_target_no_strength_meets_exits_1_with_the_best(models, validation, tm
     assert code == 1
     assert "no lambda in 0, 1 met the target refusal 101.0%" in text and "the best was lambda=" in text
     assert (out / "repair.json").is_file() and not (out / "model").exists()
+    assert json.loads((out / "repair.json").read_text())["target_met"] is False
+    # --on-miss best: the best strength is saved (a study can evaluate it), marked, still exit 1
+    best = tmp_path / "best"
+    code = repair_cli("--model", models["full"], "--aligned", models["aligned"], "--method",
+                      "merge", "--strengths", "0,1", "--target-refusal", 1.01, "--on-miss",
+                      "best", "--validation", validation, "--output", best)
+    record = json.loads((best / "repair.json").read_text())
+    assert code == 1 and record["target_met"] is False
+    assert record["strength"] == record["best"]["strength"] and (best / "model").is_dir()
+    assert "saved the best" in " ".join(capsys.readouterr().out.split())
 
 
 @pytest.mark.parametrize("args, message", [
@@ -445,3 +455,19 @@ def test_bad_inputs_give_one_line_errors(models, tmp_path, capsys, args, message
     code = repair_cli(*args, "--aligned", models["aligned"], "--output", tmp_path / "out")
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1
+
+
+def test_a_sweep_in_a_reused_directory_evaluates_a_changed_candidate_again(models, validation,
+                                                                           tmp_path):
+    """The same output directory, repaired again from another fine-tune: the candidates'
+    validation numbers are recomputed, not read from the first run's files."""
+    out = tmp_path / "again"
+    args = ("--aligned", models["aligned"], "--method", "merge", "--strengths", "0",
+            "--target-refusal", 0.0, "--validation", validation, "--output", out)
+    assert repair_cli("--model", models["full"], *args) == 0
+    first = json.loads((out / "repair.json").read_text())["curve"][0]["task_loss"]["value"]
+    assert repair_cli("--model", models["aligned"], *args) == 0  # lambda 0 = this "fine-tune"
+    record = json.loads((out / "repair.json").read_text())
+    second = record["curve"][0]["task_loss"]["value"]
+    assert second == pytest.approx(record["aligned"]["task_loss"]["value"], rel=1e-5)
+    assert second != pytest.approx(first, rel=1e-3)

@@ -98,3 +98,22 @@ def test_bench_repair_effect_collects_the_repair_cells(repair_study, tmp_path):
     assert len(row["validation"]["curve"]) == 2 and row["status"] == "done"
     assert {"refusal_ci", "prefill_refusal_rate", "over_refusal_rate"} <= set(row)
     assert data["meta"]["command"].startswith("python bench/repair_effect.py")
+
+
+def test_a_repair_made_from_other_weights_is_stale_not_reused(repair_study):
+    """The repaired cell's fine-tune changed after the repair (retrained after an edit): the
+    repair stage says so instead of counting as done."""
+    from stayaligned.fingerprint import StaleError
+
+    cfg, out = repair_study
+    stage = next(s for s in plan(cfg) if s.key == "cells/sft+resta/repair")
+    assert stage.done()
+    adapter = out / "cells/sft/train/adapter/adapter_config.json"
+    original = adapter.read_bytes()
+    try:
+        adapter.write_bytes(original.replace(b"{", b"{ ", 1))
+        with pytest.raises(StaleError, match="made from other finetune weights"):
+            stage.done()
+    finally:
+        adapter.write_bytes(original)
+    assert stage.done()

@@ -177,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--target-refusal", type=float, help="keep the weakest strength with this "
                      "validation refusal rate (0-1)")
     rep.add_argument("--target-kept", type=float, help="... or this share of the aligned model's")
+    rep.add_argument("--on-miss", default="fail", choices=("fail", "best"), help="a target no "
+                     "strength meets: save nothing (fail) or save the best strength (best); "
+                     "exit 1 either way")
     rep.add_argument("--validation", help="an eval YAML of validation benchmarks (not the "
                      "evaluation sets); default: the demo harmful align split")
     rep.add_argument("--task-holdout", type=int, default=0, help="add N task items held out of "

@@ -242,7 +242,7 @@ def repair(args) -> int:
         "method": args.method, "model": args.model, "aligned": args.aligned, "base": args.base,
         "unaligned": args.unaligned, "strengths": strengths, "strength": args.strength,
         "target_refusal": args.target_refusal, "target_kept": args.target_kept,
-        "reference": args.reference, "dare_p": args.dare_p, "select": args.select,
+        "on_miss": args.on_miss, "reference": args.reference, "dare_p": args.dare_p, "select": args.select,
         "calibration": args.calibration, "calibration_limit": args.calibration_limit,
         "validation": {"config": args.validation} if args.validation else {},
         "task_holdout": args.task_holdout, "data_dir": args.data_dir, "seed": args.seed,
@@ -262,6 +262,11 @@ def repair(args) -> int:
             table.add_row(f"{p['strength']:g}{mark}", fmt_rate(r) if r["value"] is not None else "-",
                           fmt_mean(loss, digits=3))
         console.print(table)
+    if record.get("target_met") is False:
+        console.print(f"[red]stayaligned repair: no strength met the target; saved the best "
+                      f"({record['knob']}={record['strength']:g}) as asked by --on-miss best, "
+                      "marked target_met: false in repair.json[/red]")
+        return 1
     return 0
 
 

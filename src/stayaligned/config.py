@@ -211,6 +211,10 @@ class RepairConfig:
     strength: float | None = None  # without a target: the one to save (None: method default)
     target_refusal: float | None = None  # pick the weakest strength with refusal >= this
     target_kept: float | None = None  # ... or >= this share of the aligned model's refusal
+    # a target no strength meets: fail (save nothing; the CLI exits 1) or best (save the
+    # strength with the highest validation refusal, marked target_met: false; the CLI still
+    # exits 1) so that a study can evaluate the best repair a method has
+    on_miss: str = "fail"
     reference: str = "base"  # resta: base | harmful_finetune
     dare_p: float = 0.0  # resta: DARE drop probability on the fine-tune's delta
     select: str = "threshold"  # safelora: threshold (knob tau) | number (knob K)

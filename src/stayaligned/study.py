@@ -451,13 +451,42 @@ def _add_repair(cfg: StudyConfig, out: Path, stages: list, run_id: str, cell, se
         from stayaligned.fingerprint import differences
 
         record = read_json(Path(rcfg.output_dir) / "repair.json") or {}
-        return "strength" in record and not differences(
-            record.get("config", {}), to_dict(rcfg), to_dict(type(rcfg)()))
+        if "strength" not in record or differences(
+                record.get("config", {}), to_dict(rcfg), to_dict(type(rcfg)())):
+            return False
+        _same_repair_inputs(record, rcfg.output_dir)
+        return True
 
     stages.append(Stage(f"cells/{run_id}/repair", "repair",
                         f"{run_id}: repair {cell.repair.of} ({cell.repair.method})", run_id, run, done,
                         makes=rcfg.output_dir, uses=(rcfg.model, rcfg.aligned)))
     return rcfg.output_dir
+
+
+def _same_repair_inputs(record: dict, where: str) -> None:
+    """A repair made from other weights than the fine-tune and aligned model now in place (the
+    `of` cell retrained after an edit, say) is a StaleError, not silently reused; inputs whose
+    weights are absent (an archived study) cannot be checked and pass."""
+    from stayaligned.fingerprint import StaleError
+    from stayaligned.runfiles import file_sha256
+
+    for role in ("finetune", "aligned"):
+        for path, digest in ((record.get("inputs") or {}).get(role, {}).get("sha256") or {}).items():
+            if Path(path).is_file() and _cached_sha256(Path(path), file_sha256) != digest:
+                raise StaleError(f"{where}/repair.json was made from other {role} weights "
+                                 f"({path} has changed since); delete {where} to repair again")
+
+
+_SHA256: dict = {}
+
+
+def _cached_sha256(path: Path, file_sha256) -> str:
+    """sha256 of a file, cached per (path, size, mtime) for this process (done() is asked often)."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA256:
+        _SHA256[key] = file_sha256(path)
+    return _SHA256[key]
 
 
 def _judge_stage(out: Path, eval_key: str, judge: str, title: str, cell: str | None) -> Stage:

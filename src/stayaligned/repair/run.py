@@ -65,6 +65,9 @@ def run_repair(cfg: RepairConfig, log=print) -> dict:
         raise RepairError(f"method={cfg.method!r}: use one of {', '.join(METHOD_NAMES)}")
     if cfg.target_refusal is not None and cfg.target_kept is not None:
         raise RepairError("give --target-refusal or --target-kept, not both")
+    if cfg.on_miss not in ("fail", "best"):
+        raise RepairError(f"on_miss={cfg.on_miss!r}: use fail (save nothing when no strength "
+                          "meets the target) or best (save the best strength, marked)")
     started = time.time()
     out = Path(cfg.output_dir)
     method = repairs()[cfg.method](cfg)
@@ -80,14 +83,19 @@ def run_repair(cfg: RepairConfig, log=print) -> dict:
     if sweep:
         record.update(_sweep(cfg, method, state, inputs, sweep, out, log))
         chosen = record["choice"]
+        if targeted:
+            record["target_met"] = chosen is not None
         if targeted and chosen is None:
-            _finish(record, out, started)
             b = record["best"]
-            raise TargetNotMet(
-                f"no {method.knob} in {', '.join(map(_label, sweep))} met the target refusal "
-                f"{100 * record['target']['refusal']:.1f}% on the validation set; the best was "
-                f"{method.knob}={_label(b['strength'])} with {100 * b['refusal_rate']['value']:.1f}%"
-                f"; nothing saved; the curve is in {out / 'repair.json'}")
+            miss = (f"no {method.knob} in {', '.join(map(_label, sweep))} met the target refusal "
+                    f"{100 * record['target']['refusal']:.1f}% on the validation set; the best "
+                    f"was {method.knob}={_label(b['strength'])} with "
+                    f"{100 * b['refusal_rate']['value']:.1f}%")
+            if cfg.on_miss != "best":
+                _finish(record, out, started)
+                raise TargetNotMet(f"{miss}; nothing saved; the curve is in {out / 'repair.json'}")
+            log(f"[repair] {miss}; on_miss=best: saving that one, marked target_met: false")
+            chosen = b
         strength = chosen["strength"] if targeted else strength
     _place(method, state, inputs, strength, out, log)
     record["strength"] = strength

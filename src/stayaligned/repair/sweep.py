@@ -13,7 +13,7 @@ from pathlib import Path
 
 from stayaligned.config import BenchmarkConfig, EvalConfig, RepairConfig, build, load, to_dict
 from stayaligned.evaluation.metrics import wilson_interval
-from stayaligned.runfiles import read_json, write_jsonl
+from stayaligned.runfiles import write_jsonl
 
 DEFAULT_VALIDATION = {
     "benchmarks": [{"name": "demo-harmful-align", "source": "demo-harmful", "split": "align",
@@ -161,10 +161,14 @@ def plot_curve(curve: list[dict], path: Path, knob: str, method: str, target: fl
 
 
 def evaluate_model(ecfg: EvalConfig) -> dict:
-    """Evaluate (or reuse a finished evaluation of) one model on the validation config."""
+    """Evaluate one model on the validation config, reusing the generations of an earlier run
+    only when their fingerprint (the model's weights included) matches: a candidate rebuilt
+    from other inputs in the same directory (a retrained fine-tune, a changed method option)
+    is evaluated again, never read from the old files."""
     from stayaligned.evaluation.run import evaluate
+    from stayaligned.fingerprint import StaleError
 
-    done = read_json(Path(ecfg.output_dir) / "metrics.json")
-    if done and done.get("config") == to_dict(ecfg):
-        return done
-    return evaluate(ecfg)
+    try:
+        return evaluate(ecfg)
+    except StaleError:
+        return evaluate(ecfg, overwrite=True)
