@@ -117,3 +117,21 @@ def test_a_repair_made_from_other_weights_is_stale_not_reused(repair_study):
     finally:
         adapter.write_bytes(original)
     assert stage.done()
+
+
+def test_an_evaluation_of_a_remade_repair_is_not_reused(repair_study):
+    """The repair cell is made again (here: its record changes, as when a wider sweep picks
+    another strength into the same directory): its evaluation no longer counts as done, though
+    the repaired weights file keeps its size and header."""
+    cfg, out = repair_study
+    stage = next(s for s in plan(cfg) if s.key == "cells/sft+resta/eval")
+    assert stage.done()
+    assert json.loads((out / "cells/sft+resta/eval/made_from.json").read_text())["record"]
+    record = out / "cells/sft+resta/repair/repair.json"
+    original = record.read_bytes()
+    try:
+        record.write_bytes(original.replace(b'"strength": 0.0', b'"strength": 1.0', 1))
+        assert not stage.done()
+    finally:
+        record.write_bytes(original)
+    assert stage.done()

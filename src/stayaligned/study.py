@@ -151,12 +151,46 @@ def _eval_done(cfg: EvalConfig) -> bool:
     metrics = read_json(Path(cfg.output_dir) / "metrics.json")
     if not metrics or metrics.get("unscored"):
         return False
-    return not differences(metrics.get("config", {}), to_dict(cfg), to_dict(EvalConfig()))
+    if differences(metrics.get("config", {}), to_dict(cfg), to_dict(EvalConfig())):
+        return False
+    return not _made_from_changed(cfg)
+
+
+MADE_FROM = "made_from.json"  # the record (run.json / repair.json) of the model evaluated
+
+
+def _model_record(model: str) -> dict | None:
+    """sha256 of the record a study stage wrote with the model (repair.json of a repair,
+    run.json of a training run), or None for a model the study did not make. A model remade
+    in the same directory (a repair at another strength, a retrained cell) has another record,
+    while its weights file may keep the same size and header (what the cheap model
+    fingerprint of an evaluation compares)."""
+    from stayaligned.runfiles import file_sha256
+
+    for name in ("repair.json", "run.json"):
+        path = Path(model) / name
+        if path.is_file():
+            return {"file": name, "sha256": file_sha256(path)}
+    return None
+
+
+def _made_from_changed(cfg: EvalConfig) -> bool:
+    """True when this evaluation's outputs were made from another version of its model
+    (evaluations from before made_from.json count as unchanged)."""
+    stored = read_json(Path(cfg.output_dir) / MADE_FROM)
+    return stored is not None and stored.get("record") != _model_record(cfg.model.name)
 
 
 def _run_eval(cfg: EvalConfig):
     from stayaligned.evaluation.run import evaluate
 
+    from stayaligned.evaluation.stage_prints import clear_stage_files
+
+    out = Path(cfg.output_dir)
+    if _made_from_changed(cfg):  # generations of another version of the model: start over
+        clear_stage_files(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / MADE_FROM, {"model": cfg.model.name, "record": _model_record(cfg.model.name)})
     metrics = evaluate(cfg)
     if metrics.get("unscored"):
         raise RuntimeError(f"{metrics['unscored']} item(s) could not be judged (errors in "
