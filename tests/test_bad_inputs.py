@@ -434,3 +434,22 @@ def test_an_echoed_api_key_is_never_stored(tmp_path, tiny_model_dir, capsys, jud
     metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())["benchmarks"]["demo-harmful"]
     recovered("runs/echoed-api-key", code == 0 and secret not in stored and "[REDACTED]" in stored
               and metrics["n"] == 6 and metrics["scores"]["1"] == 6, err)
+
+
+def test_an_eval_dir_of_a_model_retrained_in_place_is_refused(tmp_path, tiny_model_dir, capsys,
+                                                             monkeypatch):
+    """A stayaligned run retrained into the same directory keeps its weights file's size and
+    safetensors header; its old evaluation's generations must not be reused for it."""
+    from stayaligned import fingerprint
+
+    # every file weighed as a large one (size and header only), as a real adapter or model is
+    monkeypatch.setattr(fingerprint, "SMALL_FILE", 0)
+    argv = _train_argv(tmp_path, tiny_model_dir)
+    assert run_cli(argv, capsys)[0] == 0
+    run = tmp_path / "run"
+    base = ["eval", "benchmarks=[{name: demo-harmful, limit: 3}]", *TINY_EVAL,
+            f"model.name={run}", f"output_dir={tmp_path / 'eval'}"]
+    assert run_cli(base, capsys)[0] == 0
+    assert run_cli([*argv, "optim.lr=5.0e-3", "--overwrite"], capsys)[0] == 0
+    expect_error("runs/stale-eval-retrained-model", base,
+                 r"different setup \(changed: model\.record\.sha256\); pass --overwrite", capsys)

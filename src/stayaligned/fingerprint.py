@@ -101,6 +101,20 @@ def model_identity(name: str, revision: str | None = None, gguf_file: str | None
     return identity
 
 
+def run_record(name: str) -> dict | None:
+    """{"file", "sha256"} of the record stayaligned wrote with a model it made (repair.json of
+    a repair, run.json of a training run), or None for any other model name. A model remade in
+    the same directory has another record while its weights file may keep the same size and
+    safetensors header (all that `model_identity` looks at in large files)."""
+    from stayaligned.runfiles import file_sha256
+
+    for file in ("repair.json", "run.json"):
+        path = Path(name) / file
+        if path.is_file():
+            return {"file": file, "sha256": file_sha256(path)}
+    return None
+
+
 def folder_digest(folder: Path, only: str | None = None) -> dict:
     """relative file name -> "sha256:..." (small files, safetensors headers) or "size:N"."""
     out = {}

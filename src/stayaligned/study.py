@@ -160,18 +160,10 @@ MADE_FROM = "made_from.json"  # the record (run.json / repair.json) of the model
 
 
 def _model_record(model: str) -> dict | None:
-    """sha256 of the record a study stage wrote with the model (repair.json of a repair,
-    run.json of a training run), or None for a model the study did not make. A model remade
-    in the same directory (a repair at another strength, a retrained cell) has another record,
-    while its weights file may keep the same size and header (what the cheap model
-    fingerprint of an evaluation compares)."""
-    from stayaligned.runfiles import file_sha256
+    """The record of a model the study made (stayaligned.fingerprint.run_record)."""
+    from stayaligned.fingerprint import run_record
 
-    for name in ("repair.json", "run.json"):
-        path = Path(model) / name
-        if path.is_file():
-            return {"file": name, "sha256": file_sha256(path)}
-    return None
+    return run_record(model)
 
 
 def _made_from_changed(cfg: EvalConfig) -> bool:

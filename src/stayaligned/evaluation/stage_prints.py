@@ -1,7 +1,8 @@
 """The fingerprint of an evaluation directory's stage files (generations, task loss, judgments,
 metrics), kept in ``fingerprint.json`` and checked before anything in the directory is reused.
 
-Generations depend on the model (identity: see stayaligned.fingerprint), the generation
+Generations depend on the model (identity: see stayaligned.fingerprint; for a model that
+stayaligned made, also the sha256 of its run.json / repair.json), the generation
 settings (batch size aside) and the seed, and per benchmark on its settings, its rendered
 template and each item's content. A stored fingerprint that differs in any of these is an
 error naming the keys; a benchmark's item *selection* (limit, seed, where) may change, since
@@ -17,7 +18,7 @@ import json
 from pathlib import Path
 
 from stayaligned.config import BenchmarkConfig, EvalConfig, GenerationConfig, to_dict
-from stayaligned.fingerprint import StaleError, check_same, model_identity
+from stayaligned.fingerprint import StaleError, check_same, model_identity, run_record
 from stayaligned.runfiles import read_json, write_json
 
 FILE = "fingerprint.json"
@@ -38,7 +39,11 @@ def fingerprint(cfg: EvalConfig, benches: dict, templates: dict) -> dict:
     the template name each benchmark is rendered with."""
     generation = {k: v for k, v in to_dict(cfg.generation).items() if k != "batch_size"}
     m = cfg.model
-    out = {"model": model_identity(m.name, m.revision, m.gguf_file), "generation": generation,
+    model = model_identity(m.name, m.revision, m.gguf_file)
+    record = run_record(m.name)  # a stayaligned run or repair remade in place differs here
+    if record is not None:
+        model["record"] = record
+    out = {"model": model, "generation": generation,
            "seed": cfg.seed, "benchmarks": {},
            "judge": {"name": cfg.judge, "options": public_options(cfg.judge_options)}}
     for name, (bench, examples, k) in benches.items():
