@@ -159,30 +159,25 @@ def _eval_done(cfg: EvalConfig) -> bool:
 MADE_FROM = "made_from.json"  # the record (run.json / repair.json) of the model evaluated
 
 
-def _model_record(model: str) -> dict | None:
-    """The record of a model the study made (stayaligned.fingerprint.run_record)."""
-    from stayaligned.fingerprint import run_record
-
-    return run_record(model)
-
-
 def _made_from_changed(cfg: EvalConfig) -> bool:
     """True when this evaluation's outputs were made from another version of its model
     (evaluations from before made_from.json count as unchanged)."""
+    from stayaligned.fingerprint import run_record
+
     stored = read_json(Path(cfg.output_dir) / MADE_FROM)
-    return stored is not None and stored.get("record") != _model_record(cfg.model.name)
+    return stored is not None and stored.get("record") != run_record(cfg.model.name)
 
 
 def _run_eval(cfg: EvalConfig):
     from stayaligned.evaluation.run import evaluate
-
     from stayaligned.evaluation.stage_prints import clear_stage_files
+    from stayaligned.fingerprint import run_record
 
     out = Path(cfg.output_dir)
     if _made_from_changed(cfg):  # generations of another version of the model: start over
         clear_stage_files(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / MADE_FROM, {"model": cfg.model.name, "record": _model_record(cfg.model.name)})
+    write_json(out / MADE_FROM, {"model": cfg.model.name, "record": run_record(cfg.model.name)})
     metrics = evaluate(cfg)
     if metrics.get("unscored"):
         raise RuntimeError(f"{metrics['unscored']} item(s) could not be judged (errors in "
@@ -273,22 +268,13 @@ def _depth_done(cfg: StudyConfig, base: str, model: str, target: Path) -> bool:
 # the tokenizer copies that only serve them. The rest (configs, run records, training logs,
 # generations, judgments, metrics, repair curves) is small and can be committed, and a
 # checkout without the weights resumes the study: see _archive_aware.
-GITIGNORE = """\
-# written by `stayaligned study`: weights and checkpoints stay out of git. Everything else
-# (configs, run.json, training logs, generations, judgments, metrics) can be committed; in a
-# checkout without the weights the study reuses every finished cell and retrains a model only
-# when a stage that still has to run needs its weights.
-*.safetensors
-*.bin
-*.gguf
-*.pt
-*.pth
-checkpoints/
-tokenizer.json
-.stayaligned.lock
-.progress.lock
-"""
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.gguf", "*.pt", "*.pth")
+GITIGNORE = "\n".join([
+    "# written by `stayaligned study`: weights and checkpoints stay out of git. Everything else",
+    "# (configs, run.json, training logs, generations, judgments, metrics) can be committed; in a",
+    "# checkout without the weights the study reuses every finished cell and retrains a model only",
+    "# when a stage that still has to run needs its weights.",
+    *WEIGHT_PATTERNS, "checkpoints/", "tokenizer.json", ".stayaligned.lock", ".progress.lock", ""])
 
 
 def has_weights(directory: Path) -> bool:
@@ -494,11 +480,10 @@ def _same_repair_inputs(record: dict, where: str) -> None:
     `of` cell retrained after an edit, say) is a StaleError, not silently reused; inputs whose
     weights are absent (an archived study) cannot be checked and pass."""
     from stayaligned.fingerprint import StaleError
-    from stayaligned.runfiles import file_sha256
 
     for role in ("finetune", "aligned"):
         for path, digest in ((record.get("inputs") or {}).get(role, {}).get("sha256") or {}).items():
-            if Path(path).is_file() and _cached_sha256(Path(path), file_sha256) != digest:
+            if Path(path).is_file() and _cached_sha256(Path(path)) != digest:
                 raise StaleError(f"{where}/repair.json was made from other {role} weights "
                                  f"({path} has changed since); delete {where} to repair again")
 
@@ -506,8 +491,10 @@ def _same_repair_inputs(record: dict, where: str) -> None:
 _SHA256: dict = {}
 
 
-def _cached_sha256(path: Path, file_sha256) -> str:
+def _cached_sha256(path: Path) -> str:
     """sha256 of a file, cached per (path, size, mtime) for this process (done() is asked often)."""
+    from stayaligned.runfiles import file_sha256
+
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _SHA256:
@@ -739,32 +726,10 @@ def _quietly_done(stage: Stage) -> bool:
 
 
 def _run_on_devices(ids: list[str], devices: list[str], argv: list[str], console: Console) -> list[str]:
-    """One worker thread per device, each running `stayaligned study ... --cells ID` for the
-    next cell with CUDA_VISIBLE_DEVICES set to its device."""
-    jobs: queue.Queue = queue.Queue()
-    for run_id in ids:
-        jobs.put(run_id)
-    failed: list[str] = []
-
-    def worker(device: str) -> None:
-        while True:
-            try:
-                run_id = jobs.get_nowait()
-            except queue.Empty:
-                return
-            console.print(f"[bold]device {device}[/bold]: cell {run_id}")
-            env = {**os.environ, "CUDA_VISIBLE_DEVICES": device}
-            code = subprocess.call([sys.executable, "-m", "stayaligned", "study", *argv,
-                                    "--cells", run_id], env=env)
-            if code != 0:
-                failed.append(f"cells/{run_id}")
-
-    threads = [threading.Thread(target=worker, args=(d,)) for d in devices]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return failed
+    """One worker per device, each running `stayaligned study ... --cells ID` for the next
+    cell with CUDA_VISIBLE_DEVICES set to its device."""
+    return _cell_pool(ids, argv, console,
+                      [(f"device {d}", {"CUDA_VISIBLE_DEVICES": d}) for d in devices])
 
 
 def _run_on_workers(cfg: StudyConfig, ids: list[str], console: Console) -> list[str]:
@@ -777,35 +742,46 @@ def _run_on_workers(cfg: StudyConfig, ids: list[str], console: Console) -> list[
     config = out / "workers.json"  # JSON is YAML: the resolved config, paths as given (cwd)
     config.write_text(json.dumps(to_dict(cfg), indent=1) + "\n")
     threads = str(max(1, (os.cpu_count() or 1) // cfg.workers))
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    (out / "logs").mkdir(exist_ok=True)
+    slot = (f"{threads} thread(s)", {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})
+    return _cell_pool(ids, [str(config)], console, [slot] * cfg.workers, logs=out / "logs")
+
+
+def _cell_pool(ids: list[str], argv: list[str], console: Console, slots: list[tuple[str, dict]],
+               logs: Path | None = None) -> list[str]:
+    """One thread per slot (label, extra environment), each running `stayaligned study ARGV
+    --cells ID` for the next cell until none is left; with `logs`, each cell's output goes to
+    LOGS/ID.log instead of the console. Returns the cells that failed."""
     jobs: queue.Queue = queue.Queue()
     for run_id in ids:
         jobs.put(run_id)
     failed: list[str] = []
+    if logs is not None:
+        logs.mkdir(exist_ok=True)
 
-    def worker() -> None:
+    def worker(label: str, extra_env: dict) -> None:
+        env = {**os.environ, **extra_env}
         while True:
             try:
                 run_id = jobs.get_nowait()
             except queue.Empty:
                 return
-            log = out / "logs" / f"{run_id}.log"
-            console.print(f"[bold]cell {run_id}[/bold]: started ({threads} thread(s); "
-                          f"output in {log})")
-            started = time.time()
-            with open(log, "w") as handle:
-                code = subprocess.call([sys.executable, "-m", "stayaligned", "study", str(config),
-                                        "--cells", run_id], env=env, stdout=handle,
-                                       stderr=subprocess.STDOUT)
-            seconds = time.time() - started
+            cmd = [sys.executable, "-m", "stayaligned", "study", *argv, "--cells", run_id]
+            if logs is None:
+                console.print(f"[bold]{label}[/bold]: cell {run_id}")
+                code = subprocess.call(cmd, env=env)
+            else:
+                log = logs / f"{run_id}.log"
+                console.print(f"[bold]cell {run_id}[/bold]: started ({label}; output in {log})")
+                started = time.time()
+                with open(log, "w") as handle:
+                    code = subprocess.call(cmd, env=env, stdout=handle, stderr=subprocess.STDOUT)
+                seconds = time.time() - started
+                console.print(f"[red]cell {run_id}: failed after {seconds:.0f} s; see {log}[/red]"
+                              if code != 0 else f"cell {run_id}: done in {seconds:.0f} s")
             if code != 0:
                 failed.append(f"cells/{run_id}")
-                console.print(f"[red]cell {run_id}: failed after {seconds:.0f} s; see {log}[/red]")
-            else:
-                console.print(f"cell {run_id}: done in {seconds:.0f} s")
 
-    pool = [threading.Thread(target=worker) for _ in range(min(cfg.workers, len(ids)))]
+    pool = [threading.Thread(target=worker, args=slot) for slot in slots[:max(1, len(ids))]]
     for t in pool:
         t.start()
     for t in pool:
