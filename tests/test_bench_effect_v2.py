@@ -62,9 +62,10 @@ def test_dry_run_lists_the_v2_stages_with_an_estimate(capsys):
                              ["align.config=configs/align/shared_safety.yaml",
                               "output_dir=/nonexistent/v2"], str(ROOT / "bench/results/effect.json"))
     printed = capsys.readouterr().out
-    # (seed + aligned + 10 cells x 3 seeds) x 2 templates + 6 dose runs x 1, each with a
-    # keyword re-judging; 36 trainings and depths; one align
-    assert summary["stages"] == 70 + 70 + 36 + 36 + 1
+    # (seed + aligned + 14 cells x 3 seeds) x 2 templates + 6 dose runs x 1, each with a
+    # keyword re-judging; 36 trainings; 4 repairs x 3 seeds; 48 depths; one align
+    assert summary["stages"] == 94 + 94 + 36 + 12 + 48 + 1
+    assert "cells/sft+resta-seed1/repair" in printed
     assert "cells/ptst-seed2/eval-native-safe/judge-keyword" in printed
     assert "cells/str-lr4e-05/train" in printed and "cells/str-lr2e-05" not in printed
     v1 = json.loads((ROOT / "bench/results/effect.json").read_text())["meta"]["stage_seconds"]

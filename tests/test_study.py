@@ -239,3 +239,34 @@ def test_a_study_committed_without_its_weights_resumes_in_a_fresh_clone(tmp_path
     assert rerun["same_losses"] and rerun["logged_steps_compared"] >= 2
     assert (clone / "study/cells/ptst/eval/metrics.json").is_file()
     assert not (clone / "study/cells/sft/train/adapter/adapter_model.safetensors").exists()
+
+
+def test_worker_queue_runs_a_repair_only_after_its_fine_tune():
+    """With `workers`/`--devices`, a repair cell is handed out only once the cell it repairs
+    has finished (two workers would otherwise start both at once and the repair would fail on
+    a missing fine-tune), and not at all when that cell failed."""
+    import threading
+
+    from stayaligned.study import _Queue, cell_dependencies
+
+    cfg = load(StudyConfig, None, [
+        "cells=[{name: sft}, {name: ptst, methods: [ptst]}, "
+        "{name: fix, repair: {of: sft, method: merge}}]", "seeds=[0, 1]"])
+    after = cell_dependencies(cfg)
+    assert after == {"fix-seed0": {"sft-seed0"}, "fix-seed1": {"sft-seed1"}}
+    ids = [run_id for run_id, _, _ in cell_ids(cfg)]
+    jobs = _Queue(ids, after)
+    assert [jobs.take() for _ in range(4)] == ["sft-seed0", "sft-seed1", "ptst-seed0", "ptst-seed1"]
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(jobs.take()))
+    waiter.start()
+    waiter.join(0.2)
+    assert waiter.is_alive() and got == []  # both repairs wait for their fine-tunes
+    jobs.finish("sft-seed1", ok=True)
+    waiter.join(5)
+    assert got == ["fix-seed1"]
+    jobs.finish("sft-seed0", ok=False)
+    assert jobs.take() is None
+    assert jobs.failed == ["cells/sft-seed0", "cells/fix-seed0"]
+    # prerequisites already finished before this run (not among the pending ids) do not block
+    assert _Queue(["fix-seed0"], after).take() == "fix-seed0"

@@ -36,7 +36,6 @@ record their stages in the same progress.json under a file lock.
 from __future__ import annotations
 
 import os
-import queue
 import subprocess
 import sys
 import threading
@@ -689,7 +688,7 @@ def _run_study(cfg: StudyConfig, stages: list[Stage], only, devices, argv, conso
     if failed:
         return _finish(failed, out, console)
     if devices and only is None:
-        failed += _run_on_devices(ids, devices, argv or [], console)
+        failed += _run_on_devices(cfg, ids, devices, argv or [], console)
         progress.state = read_json(progress.path) or {}
     elif cfg.workers > 1 and only is None and len(pending := [
             run_id for run_id in ids
@@ -725,11 +724,20 @@ def _quietly_done(stage: Stage) -> bool:
         return False
 
 
-def _run_on_devices(ids: list[str], devices: list[str], argv: list[str], console: Console) -> list[str]:
+def cell_dependencies(cfg: StudyConfig) -> dict[str, set[str]]:
+    """The cell runs each cell run needs finished first: a repair cell's `of` cell (same seed)."""
+    many = len(cfg.seeds) > 1
+    return {run_id: {f"{cell.repair.of}-seed{seed}" if many else cell.repair.of}
+            for run_id, cell, seed in cell_ids(cfg) if cell.repair is not None}
+
+
+def _run_on_devices(cfg: StudyConfig, ids: list[str], devices: list[str], argv: list[str],
+                    console: Console) -> list[str]:
     """One worker per device, each running `stayaligned study ... --cells ID` for the next
     cell with CUDA_VISIBLE_DEVICES set to its device."""
     return _cell_pool(ids, argv, console,
-                      [(f"device {d}", {"CUDA_VISIBLE_DEVICES": d}) for d in devices])
+                      [(f"device {d}", {"CUDA_VISIBLE_DEVICES": d}) for d in devices],
+                      after=cell_dependencies(cfg))
 
 
 def _run_on_workers(cfg: StudyConfig, ids: list[str], console: Console) -> list[str]:
@@ -743,28 +751,58 @@ def _run_on_workers(cfg: StudyConfig, ids: list[str], console: Console) -> list[
     config.write_text(json.dumps(to_dict(cfg), indent=1) + "\n")
     threads = str(max(1, (os.cpu_count() or 1) // cfg.workers))
     slot = (f"{threads} thread(s)", {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})
-    return _cell_pool(ids, [str(config)], console, [slot] * cfg.workers, logs=out / "logs")
+    return _cell_pool(ids, [str(config)], console, [slot] * cfg.workers, logs=out / "logs",
+                      after=cell_dependencies(cfg))
+
+
+class _Queue:
+    """The cells still to run, handed out in order, a cell only once every cell it needs
+    (`after`) among them has finished; a cell whose prerequisite failed is not run (failed)."""
+
+    def __init__(self, ids: list[str], after: dict[str, set[str]]):
+        self.pending, self.ids = list(ids), set(ids)
+        self.after = {i: set(after.get(i, ())) & self.ids for i in ids}
+        self.done: set[str] = set()
+        self.failed: list[str] = []
+        self.cond = threading.Condition()
+
+    def take(self) -> str | None:
+        with self.cond:
+            while self.pending:
+                for run_id in list(self.pending):
+                    needs = self.after[run_id]
+                    if needs & {f.removeprefix("cells/") for f in self.failed}:
+                        self.pending.remove(run_id)
+                        self.failed.append(f"cells/{run_id}")
+                    elif needs <= self.done:
+                        self.pending.remove(run_id)
+                        return run_id
+                if self.pending:
+                    self.cond.wait()
+            return None
+
+    def finish(self, run_id: str, ok: bool) -> None:
+        with self.cond:
+            if ok:
+                self.done.add(run_id)
+            else:
+                self.failed.append(f"cells/{run_id}")
+            self.cond.notify_all()
 
 
 def _cell_pool(ids: list[str], argv: list[str], console: Console, slots: list[tuple[str, dict]],
-               logs: Path | None = None) -> list[str]:
+               logs: Path | None = None, after: dict[str, set[str]] | None = None) -> list[str]:
     """One thread per slot (label, extra environment), each running `stayaligned study ARGV
-    --cells ID` for the next cell until none is left; with `logs`, each cell's output goes to
+    --cells ID` for the next cell until none is left, a cell only after the cells it needs
+    (`after`: a repair after its fine-tune); with `logs`, each cell's output goes to
     LOGS/ID.log instead of the console. Returns the cells that failed."""
-    jobs: queue.Queue = queue.Queue()
-    for run_id in ids:
-        jobs.put(run_id)
-    failed: list[str] = []
+    jobs = _Queue(ids, after or {})
     if logs is not None:
         logs.mkdir(exist_ok=True)
 
     def worker(label: str, extra_env: dict) -> None:
         env = {**os.environ, **extra_env}
-        while True:
-            try:
-                run_id = jobs.get_nowait()
-            except queue.Empty:
-                return
+        while (run_id := jobs.take()) is not None:
             cmd = [sys.executable, "-m", "stayaligned", "study", *argv, "--cells", run_id]
             if logs is None:
                 console.print(f"[bold]{label}[/bold]: cell {run_id}")
@@ -778,15 +816,14 @@ def _cell_pool(ids: list[str], argv: list[str], console: Console, slots: list[tu
                 seconds = time.time() - started
                 console.print(f"[red]cell {run_id}: failed after {seconds:.0f} s; see {log}[/red]"
                               if code != 0 else f"cell {run_id}: done in {seconds:.0f} s")
-            if code != 0:
-                failed.append(f"cells/{run_id}")
+            jobs.finish(run_id, code == 0)
 
     pool = [threading.Thread(target=worker, args=slot) for slot in slots[:max(1, len(ids))]]
     for t in pool:
         t.start()
     for t in pool:
         t.join()
-    return failed
+    return jobs.failed
 
 
 def _finish(failed: list[str], out: Path, console: Console) -> dict:
