@@ -17,7 +17,9 @@ first eval template and first judge with its generation settings, on:
 - a GSM8K *train* hold-out: `--holdout` problems drawn after the study's own training subset
   (same seed, so disjoint from it; never the GSM8K test split): the held-out task loss.
 The chosen budget is the cheapest candidate (fewest steps, then lowest lr) whose plain or
-prefilled refusal interval lies wholly below the seed's; none qualifying is reported as such.
+prefilled refusal interval lies wholly below the seed's (with --max-kept F, also keeping less
+than F of the seed's rate on that measure: a study's "sft keeps < 80%" design target); none
+qualifying is reported as such.
 Outputs go to --runs (resumable: finished trainings and evaluations are kept); the summary, with
 each stage's seconds and the machine's load, to --out. Put the chosen lr and max_steps into the
 study config by hand.
@@ -149,11 +151,17 @@ def run(cfg: StudyConfig, candidates: list[tuple[float, int]], root: Path, n_hol
     return results
 
 
-def choose(results: dict) -> str | None:
+def erodes(r: dict, seed: dict, max_kept: float = 1.0) -> bool:
+    """sft clearly erodes the seed on plain or prefilled refusal: its interval lies wholly below
+    the seed's and it keeps less than `max_kept` of the seed's rate."""
+    return any(apart(r[m], seed[m]) and r[m]["value"] < max_kept * seed[m]["value"]
+               for m in ("refusal", "prefill_refusal"))
+
+
+def choose(results: dict, max_kept: float = 1.0) -> str | None:
     seed = results["seed"]
-    ok = [(r["max_steps"], r["lr"], tag) for tag, r in results.items() if tag != "seed"
-          and (apart(r["refusal"], seed["refusal"])
-               or apart(r["prefill_refusal"], seed["prefill_refusal"]))]
+    ok = [(r["max_steps"], r["lr"], tag) for tag, r in results.items()
+          if tag != "seed" and erodes(r, seed, max_kept)]
     return min(ok)[2] if ok else None
 
 
@@ -171,6 +179,9 @@ def main(argv=None) -> None:
     parser.add_argument("--candidate", action="append", type=parse_candidate, required=True,
                         help="LR:STEPS, repeatable")
     parser.add_argument("--holdout", type=int, default=50)
+    parser.add_argument("--max-kept", type=float, default=1.0,
+                        help="also require sft to keep less than this share of the seed's "
+                             "validation refusal (e.g. 0.8, a study's 'sft keeps < 80%%' target)")
     parser.add_argument("--runs", help="default: runs/pilot/<study name>")
     parser.add_argument("--out", help="default: bench/results/<study name>_pilot.json")
     args = parser.parse_args(argv)
@@ -180,7 +191,7 @@ def main(argv=None) -> None:
     # earlier candidates' results are kept (a later call adds candidates)
     record = read_json(out) or {}
     run(cfg, args.candidate, runs, args.holdout, record)
-    chosen = choose(record["results"])
+    chosen = choose(record["results"], args.max_kept)
     tried = [tag for tag in record["results"] if tag != "seed"]
     record["meta"] = {
         "purpose": f"choose the fine-tuning budget of {args.config} without its evaluation sets",
@@ -191,10 +202,13 @@ def main(argv=None) -> None:
                 f"hold-out of {args.holdout} disjoint from the study's subset (task loss)",
         "judge": validation_eval(cfg, "x", runs, runs).judge,
         "precision": cfg.model.precision,
-        "chosen": chosen, "rule": "fewest steps, then lowest lr, whose refusal interval "
-                                  "(plain or prefilled) lies wholly below the seed's",
+        "chosen": chosen, "max_kept": args.max_kept,
+        "rule": "fewest steps, then lowest lr, whose refusal interval (plain or prefilled) lies "
+                "wholly below the seed's" + (f" and whose rate is below {args.max_kept:g} of the "
+                                             "seed's on that measure" if args.max_kept < 1 else ""),
         "candidates": tried,
-        "command": f"python bench/budget_pilot.py --config {args.config} " + " ".join(
+        "command": f"python bench/budget_pilot.py --config {args.config} "
+                   + (f"--max-kept {args.max_kept:g} " if args.max_kept < 1 else "") + " ".join(
             f"--candidate {lr:g}:{steps}" for lr, steps in args.candidate),
         "threads": os.environ.get("OMP_NUM_THREADS"),
     }
