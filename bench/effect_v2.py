@@ -2,7 +2,7 @@
 
     python bench/effect_v2.py --dry-run configs/study/embedded_gsm8k_v2.yaml   # stages + compute
     stayaligned study configs/study/embedded_gsm8k_v2.yaml                      # hours, resumable
-    python bench/effect_v2.py runs/study/embedded_gsm8k_v2                      # JSON + report
+    python bench/effect_v2.py bench/studies/embedded_gsm8k_v2                   # JSON + report
 
 Reads only the study's stage files (stayaligned.reports). effect_v2.json is keyed by cell like
 effect.json; each headline entry is read under one template (the cell's own test template when
@@ -210,6 +210,10 @@ def generated_tokens(eval_block: dict) -> tuple[int, int]:
     return tokens, items
 
 
+# the repair stages of bench/results/repair_effect.json (meta.stage_seconds), by method
+REPAIR_S = {"merge": 7.6, "resta": 174.2, "safelora": 3.5, "safe_delta": 36.7}
+
+
 def estimate(cfg, stages, measured: dict, v1: dict) -> list[tuple[str, str, float, str]]:
     """(stage, kind, seconds, basis) per stage: this study's own measured seconds when done,
     else v1's per-stage seconds scaled (train: per step x steps x full-FT factor; eval:
@@ -230,11 +234,18 @@ def estimate(cfg, stages, measured: dict, v1: dict) -> list[tuple[str, str, floa
     default_step = per_step.get("ptst", statistics.median(per_step.values()))
     steps = (cfg.train.get("optim") or {}).get("max_steps", 80)
     full = (cfg.train.get("lora") or {}).get("enabled") is False
+    # once this study has evaluated fine-tunes, their median stands for the pending ones (the
+    # aligned-like cells answer as briefly as the aligned seed, not like v1's LoRA cells)
+    own = [v["seconds"] for k, v in measured.items() if isinstance(v, dict) and k.startswith("cells/")
+           and v.get("kind") == "eval" and v.get("seconds")]
     rows = []
     for s in stages:
         done = (measured.get(s.key) or {}).get("seconds")
         if done:
             rows.append((s.key, s.kind, done, "measured (this study)"))
+        elif s.kind == "eval" and own and s.key.startswith("cells/"):
+            rows.append((s.key, s.kind, statistics.median(own),
+                         f"median of this study's {len(own)} measured cell evaluation(s)"))
         elif s.kind == "eval":
             top = s.key.split("/")[0]
             v1_key = f"{top}/eval" if top in ("seed", "aligned") else None
@@ -254,6 +265,11 @@ def estimate(cfg, stages, measured: dict, v1: dict) -> list[tuple[str, str, floa
                          "safety-recovery examples (placeholder until i14a measures it)"))
         elif s.kind == "depth":
             rows.append((s.key, s.kind, depth_s, "v1 depth"))
+        elif s.kind == "repair":
+            method = s.key.split("/")[1].split("+", 1)[-1].split("-seed")[0]
+            rows.append((s.key, s.kind, REPAIR_S.get(method, max(REPAIR_S.values())),
+                         "repair_effect.json's stage (a lower bound: its sweep reused cached "
+                         "validation runs)"))
         else:
             rows.append((s.key, s.kind, 2.0, "keyword re-judging (no model)"))
     return rows
@@ -279,13 +295,20 @@ def dry_run(config: str, overrides: list[str], v1_path: str) -> dict:
     total = sum(totals.values())
     print(f"\n{len(rows)} stages; " + ", ".join(f"{k} {v / 3600:.1f} h" for k, v in totals.items())
           + f"; total {total / 3600:.1f} h of machine time (CPU, 2 cores)")
+    left = sum(secs for key, _, secs, basis in rows if not basis.startswith("measured"))
+    if cfg.workers > 1:
+        print(f"left: {left / 3600:.1f} h of stage time, about {left / cfg.workers / 3600:.1f} h "
+              f"of wall time with {cfg.workers} workers (the cells' stages run {cfg.workers} at "
+              "a time; stage times measured that way already include the sharing)")
+    else:
+        print(f"left: {left / 3600:.1f} h")
     return {"stages": len(rows), "hours_by_kind": {k: v / 3600 for k, v in totals.items()},
             "hours": total / 3600}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("study_dir", nargs="?", default="runs/study/embedded_gsm8k_v2",
+    parser.add_argument("study_dir", nargs="?", default="bench/studies/embedded_gsm8k_v2",
                         help="the study's output directory (or its config with --dry-run)")
     parser.add_argument("--dry-run", action="store_true",
                         help="list the stages of the config given as study_dir with an estimate")
