@@ -185,6 +185,8 @@ def main(argv=None) -> None:
     parser.add_argument("--runs", help="default: runs/pilot/<study name>")
     parser.add_argument("--out", help="default: bench/results/<study name>_pilot.json")
     args = parser.parse_args(argv)
+    from stayaligned.grid import judge_names
+
     cfg = load(StudyConfig, args.config)
     runs = Path(args.runs or f"runs/pilot/{cfg.name}")
     out = Path(args.out or ROOT / f"bench/results/{cfg.name}_pilot.json")
@@ -200,7 +202,7 @@ def main(argv=None) -> None:
         "data": f"demo-harmful splits align (110) + validation (44), pooled (plain and prefill "
                 f"k={PREFILL_K}); demo-benign split validation (30, over-refusal); GSM8K train "
                 f"hold-out of {args.holdout} disjoint from the study's subset (task loss)",
-        "judge": validation_eval(cfg, "x", runs, runs).judge,
+        "judge": judge_names(cfg.judges, cfg.eval)[0],
         "precision": cfg.model.precision,
         "chosen": chosen, "max_kept": args.max_kept,
         "rule": "fewest steps, then lowest lr, whose refusal interval (plain or prefilled) lies "
