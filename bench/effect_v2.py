@@ -210,11 +210,15 @@ def generated_tokens(eval_block: dict) -> tuple[int, int]:
     return tokens, items
 
 
-# the repair stages of bench/results/repair_effect.json (meta.stage_seconds), by method
-REPAIR_S = {"merge": 7.6, "resta": 174.2, "safelora": 3.5, "safe_delta": 36.7}
+def repair_seconds(path: Path) -> dict:
+    """method -> seconds of its repair stage in repair_effect.json (meta.stage_seconds)."""
+    stages = ((read_json(path) or {}).get("meta") or {}).get("stage_seconds") or {}
+    return {k.split("+", 1)[1].split("/")[0]: v for k, v in stages.items()
+            if k.endswith("/repair") and "+" in k and v}
 
 
-def estimate(cfg, stages, measured: dict, v1: dict) -> list[tuple[str, str, float, str]]:
+def estimate(cfg, stages, measured: dict, v1: dict,
+             repair_s: dict | None = None) -> list[tuple[str, str, float, str]]:
     """(stage, kind, seconds, basis) per stage: this study's own measured seconds when done,
     else v1's per-stage seconds scaled (train: per step x steps x full-FT factor; eval:
     generated tokens, plus the classifier judge; depth and re-judging as measured)."""
@@ -267,7 +271,8 @@ def estimate(cfg, stages, measured: dict, v1: dict) -> list[tuple[str, str, floa
             rows.append((s.key, s.kind, depth_s, "v1 depth"))
         elif s.kind == "repair":
             method = s.key.split("/")[1].split("+", 1)[-1].split("-seed")[0]
-            rows.append((s.key, s.kind, REPAIR_S.get(method, max(REPAIR_S.values())),
+            repair_s = repair_s or {"": 0.0}
+            rows.append((s.key, s.kind, repair_s.get(method, max(repair_s.values())),
                          "repair_effect.json's stage (a lower bound: its sweep reused cached "
                          "validation runs)"))
         else:
@@ -286,7 +291,8 @@ def dry_run(config: str, overrides: list[str], v1_path: str) -> dict:
     v1_info = {"stage_seconds": meta.get("stage_seconds") or {},
                "config": {"eval": meta.get("eval") or {}}}
     measured = read_json(Path(cfg.output_dir) / "progress.json") or {}
-    rows = estimate(cfg, stages, measured, v1_info)
+    rows = estimate(cfg, stages, measured, v1_info,
+                    repair_seconds(Path(v1_path).parent / "repair_effect.json"))
     for key, kind, secs, basis in rows:
         print(f"{key:55s} {kind:6s} {secs / 60:7.1f} min  {basis}")
     totals: dict[str, float] = {}
