@@ -270,3 +270,36 @@ def test_worker_queue_runs_a_repair_only_after_its_fine_tune():
     assert jobs.failed == ["cells/sft-seed0", "cells/fix-seed0"]
     # prerequisites already finished before this run (not among the pending ids) do not block
     assert _Queue(["fix-seed0"], after).take() == "fix-seed0"
+
+
+def test_time_left_counts_the_whole_study_not_only_the_stage_sequence_running(tmp_path,
+                                                                               tiny_model_dir):
+    """Resuming with the shared stages done, the line printed before each of them counts the
+    cells still to run (it said "about 0 min left" with hours of cells ahead), shared among the
+    workers."""
+    import dataclasses
+
+    from rich.console import Console
+
+    from stayaligned.study import Progress, _run_sequence
+
+    cfg = study_config(tmp_path, tiny_model_dir)
+    stages = plan(cfg)
+    shared = [dataclasses.replace(s, done=lambda: True) for s in stages if s.cell is None]
+    cells = [dataclasses.replace(s, done=lambda: False) for s in stages if s.cell is not None]
+    stages = shared + cells
+    (tmp_path / "out").mkdir()
+    console = Console(record=True, width=200)
+    progress = Progress(tmp_path / "out", stages, console)
+    seconds = {"eval": 600.0, "align": 60.0, "train": 1200.0, "depth": 30.0, "judge": 1.0}
+    progress.state = {s.key: {"kind": s.kind, "status": "done", "seconds": seconds[s.kind]}
+                      for s in shared}
+    # measured before the interruption: one of each kind (a stage of another study run)
+    progress.state |= {f"old/{kind}": {"kind": kind, "status": "done", "seconds": value}
+                       for kind, value in seconds.items()}
+    assert {s.kind for s in cells} <= set(seconds)
+    assert _run_sequence(shared, stages, progress, parallel=2) == []
+    text = console.export_text()
+    left = sum(seconds[s.kind] for s in cells)
+    assert f"about {left / 2 / 60:.0f} min left" in text, text
+    assert "about 0 min left" not in text

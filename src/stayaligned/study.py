@@ -531,21 +531,43 @@ class Progress:
             self.state = {**(read_json(self.path) or {}), stage.key: {"kind": stage.kind, **fields}}
             write_json(self.path, self.state)
 
-    def eta(self, remaining: list[Stage]) -> str:
+    def eta(self, remaining: list[Stage], parallel: int = 1) -> str:
+        """Time left from the mean measured seconds of each kind of stage; with `parallel`
+        workers the wall time is the stage time shared among them.
+
+        >>> from types import SimpleNamespace as S
+        >>> p = Progress.__new__(Progress)
+        >>> p.state = {"a": {"kind": "eval", "status": "done", "seconds": 600.0}}
+        >>> p.eta([S(kind="eval")] * 3), p.eta([S(kind="eval")] * 30, parallel=2)
+        ('about 30 min left', 'about 2.5 h left (5.0 h of stages, 2 at a time)')
+        >>> p.eta([S(kind="train")])
+        'time left unknown until each kind of stage has run once (1 stage(s) left)'
+        """
         timed: dict[str, list[float]] = {}
         for entry in self.state.values():
             if entry.get("status") == "done" and entry.get("seconds"):
                 timed.setdefault(entry["kind"], []).append(entry["seconds"])
         if any(s.kind not in timed for s in remaining):
-            return "time left unknown until each kind of stage has run once"
+            return ("time left unknown until each kind of stage has run once "
+                    f"({len(remaining)} stage(s) left)")
         left = sum(sum(timed[s.kind]) / len(timed[s.kind]) for s in remaining)
-        return f"about {left / 60:.0f} min left"
 
-    def announce(self, index: int, stage: Stage, remaining: list[Stage]) -> None:
+        def span(seconds: float) -> str:
+            return f"{seconds / 60:.0f} min" if seconds < 90 * 60 else f"{seconds / 3600:.1f} h"
+
+        if parallel > 1 and left:
+            return f"about {span(left / parallel)} left ({span(left)} of stages, {parallel} at a time)"
+        return f"about {span(left)} left"
+
+    def not_done(self) -> list[Stage]:
+        """The study's stages progress.json does not record as done (any cell, any worker)."""
+        return [s for s in self.stages if self.state.get(s.key, {}).get("status") != "done"]
+
+    def announce(self, index: int, stage: Stage, remaining: list[Stage], parallel: int = 1) -> None:
         done = sum(1 for s in self.stages if self.state.get(s.key, {}).get("status") == "done")
         self.console.rule(f"[bold][{index}/{len(self.stages)}] {stage.title}[/bold]")
         self.console.print(f"[dim]{done} of {len(self.stages)} stages done; "
-                           f"{self.eta(remaining)}[/dim]")
+                           f"{self.eta(remaining, parallel)}[/dim]")
 
 
 def run_stage(stage: Stage, progress: Progress) -> bool:
@@ -684,31 +706,38 @@ def _run_study(cfg: StudyConfig, stages: list[Stage], only, devices, argv, conso
     failed: list[str] = []
     # every cell needs the shared stages (seed, aligned seed); a worker (--cells) finds them done
     # by its parent, a direct `--cells` or bench run on a fresh directory runs them first
-    failed += _run_sequence(shared, stages, progress)
+    parallel = len(devices) if devices else max(1, cfg.workers)
+    failed += _run_sequence(shared, stages, progress, parallel)
     if failed:
         return _finish(failed, out, console)
     if devices and only is None:
-        failed += _run_on_devices(cfg, ids, devices, argv or [], console)
+        failed += _run_on_devices(cfg, ids, devices, argv or [], console, progress)
         progress.state = read_json(progress.path) or {}
     elif cfg.workers > 1 and only is None and len(pending := [
             run_id for run_id in ids
             if any(s.cell == run_id and not _quietly_done(s) for s in stages)]) > 1:
-        failed += _run_on_workers(cfg, pending, console)
+        failed += _run_on_workers(cfg, pending, console, progress)
         progress.state = read_json(progress.path) or {}
         # each finished cell's stages, seen from here (a no-op: they are done)
-        failed += _run_sequence([s for s in mine if s.cell not in pending], stages, progress)
+        failed += _run_sequence([s for s in mine if s.cell not in pending], stages, progress,
+                                parallel)
     else:
-        failed += _run_sequence(mine, stages, progress)
+        failed += _run_sequence(mine, stages, progress, parallel)
     return _finish(failed, out, console)
 
 
-def _run_sequence(todo: list[Stage], stages: list[Stage], progress: Progress) -> list[str]:
+def _run_sequence(todo: list[Stage], stages: list[Stage], progress: Progress,
+                  parallel: int = 1) -> list[str]:
     failed, broken_cells = [], set()
     for i, stage in enumerate(todo):
         if stage.cell in broken_cells:  # a cell's eval needs its training
             continue
-        remaining = [s for s in todo[i:] if not _quietly_done(s)]
-        progress.announce(stages.index(stage) + 1, stage, remaining)
+        # this sequence's stages still to run, and every other stage of the study not yet
+        # done (the cells after the shared stages, other workers' cells)
+        mine = set(map(id, todo))
+        remaining = ([s for s in todo[i:] if not _quietly_done(s)]
+                     + [s for s in progress.not_done() if id(s) not in mine])
+        progress.announce(stages.index(stage) + 1, stage, remaining, parallel)
         if not run_stage(stage, progress):
             failed.append(stage.key)
             broken_cells.add(stage.cell)
@@ -732,15 +761,16 @@ def cell_dependencies(cfg: StudyConfig) -> dict[str, set[str]]:
 
 
 def _run_on_devices(cfg: StudyConfig, ids: list[str], devices: list[str], argv: list[str],
-                    console: Console) -> list[str]:
+                    console: Console, progress: Progress | None = None) -> list[str]:
     """One worker per device, each running `stayaligned study ... --cells ID` for the next
     cell with CUDA_VISIBLE_DEVICES set to its device."""
     return _cell_pool(ids, argv, console,
                       [(f"device {d}", {"CUDA_VISIBLE_DEVICES": d}) for d in devices],
-                      after=cell_dependencies(cfg))
+                      after=cell_dependencies(cfg), progress=progress)
 
 
-def _run_on_workers(cfg: StudyConfig, ids: list[str], console: Console) -> list[str]:
+def _run_on_workers(cfg: StudyConfig, ids: list[str], console: Console,
+                    progress: Progress | None = None) -> list[str]:
     """`cfg.workers` worker processes on the CPU, each running `stayaligned study
     OUT/workers.json --cells ID` for the next cell with cores // workers torch threads, its
     output in OUT/logs/ID.log; returns the cells that failed."""
@@ -752,7 +782,7 @@ def _run_on_workers(cfg: StudyConfig, ids: list[str], console: Console) -> list[
     threads = str(max(1, (os.cpu_count() or 1) // cfg.workers))
     slot = (f"{threads} thread(s)", {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})
     return _cell_pool(ids, [str(config)], console, [slot] * cfg.workers, logs=out / "logs",
-                      after=cell_dependencies(cfg))
+                      after=cell_dependencies(cfg), progress=progress)
 
 
 class _Queue:
@@ -791,11 +821,13 @@ class _Queue:
 
 
 def _cell_pool(ids: list[str], argv: list[str], console: Console, slots: list[tuple[str, dict]],
-               logs: Path | None = None, after: dict[str, set[str]] | None = None) -> list[str]:
+               logs: Path | None = None, after: dict[str, set[str]] | None = None,
+               progress: Progress | None = None) -> list[str]:
     """One thread per slot (label, extra environment), each running `stayaligned study ARGV
     --cells ID` for the next cell until none is left, a cell only after the cells it needs
     (`after`: a repair after its fine-tune); with `logs`, each cell's output goes to
-    LOGS/ID.log instead of the console. Returns the cells that failed."""
+    LOGS/ID.log instead of the console; with `progress`, a line of stages done and time left
+    after each cell. Returns the cells that failed."""
     jobs = _Queue(ids, after or {})
     if logs is not None:
         logs.mkdir(exist_ok=True)
@@ -817,6 +849,13 @@ def _cell_pool(ids: list[str], argv: list[str], console: Console, slots: list[tu
                 console.print(f"[red]cell {run_id}: failed after {seconds:.0f} s; see {log}[/red]"
                               if code != 0 else f"cell {run_id}: done in {seconds:.0f} s")
             jobs.finish(run_id, code == 0)
+            if progress is not None:
+                with progress.lock:
+                    progress.state = read_json(progress.path) or {}
+                    left = progress.not_done()
+                console.print(f"[dim]{len(progress.stages) - len(left)} of "
+                              f"{len(progress.stages)} stages done; "
+                              f"{progress.eta(left, len(slots))}[/dim]")
 
     pool = [threading.Thread(target=worker, args=slot) for slot in slots[:max(1, len(ids))]]
     for t in pool:
