@@ -22,9 +22,13 @@ REFUSAL = {
     "str": {"native": 0.75, SAFE: 0.85},
     "sft-lr0.0002": {"native": 0.2},
     "str-lr0.0002": {"native": 0.6},
+    "sft+merge": {"native": 0.8, SAFE: 0.85},
 }
 LOSS = {"seed": 1.3, "aligned": 1.3, "sft": 0.70, "sft-safe": 0.71, "ptst": 0.72, "str": 0.75,
-        "sft-lr0.0002": 0.6, "str-lr0.0002": 0.65}
+        "sft-lr0.0002": 0.6, "str-lr0.0002": 0.65, "sft+merge": 0.80}
+REPAIR = {"name": "sft+merge", "repair": {"of": "sft", "method": "merge", "target_kept": 0.95}}
+# each seed's repair: (the strength kept, target met, seconds)
+REPAIRS = {0: (0.5, True, 100.0), 1: (0.75, True, 200.0), 2: (1.0, False, 300.0)}
 CELLS = [{"name": "sft", "methods": ["sft"]},
          {"name": "sft-safe", "methods": ["sft"],
           "train": {"template": SAFE, "eval_template": SAFE}},
@@ -78,38 +82,60 @@ def _model(root: Path, key: str, group: str, templates: list[str], offset: float
         folder = root / key / ("eval" if i == 0 else "eval-" + template.replace(":", "-"))
         _eval(folder, group, template, "classifier", offset, 0)
         _eval(folder / "judge-keyword", group, template, "keyword", offset, 2)
-    if run is not None:
+    if run is not None and run.get("kind") == "repair":
+        _write(root / key / "repair" / "repair.json", run["record"])
+    elif run is not None:
         _write(root / key / "train" / "run.json", run)
         (root / key / "train" / "train_log.jsonl").write_text("".join(
             json.dumps({"step": s, "loss": 1.0 / s, "loss/sap_grad_norm": 2.0}) + "\n"
             for s in (1, 2, 3)))
+    if run is not None:
         _write(root / key / "depth" / "depth.json", {
             "positions": [1, 2, 3], "kl_mean": [0.3 + offset, 0.2, 0.1],
             "kl_sem": [0.01, 0.01, 0.01], "n_examples": 8, "source": "demo-safety"})
 
 
-def make_study(root: Path, *, drop: tuple[str, ...] = ()) -> Path:
-    """The study directory; `drop`: eval folders to leave out, e.g. "aligned/eval-native-safe"."""
+def _repair_record(seed: int) -> dict:
+    strength, met, seconds = REPAIRS[seed]
+    curve = [{"strength": x, "refusal_rate": {"value": 0.5 + x / 2, "low": 0.4 + x / 2,
+                                              "high": 0.6 + x / 2, "n": 20},
+              "task_loss": {"value": 0.7 + x / 10, "low": 0.69 + x / 10, "high": 0.71 + x / 10}}
+             for x in (0.25, 0.5, 0.75, 1.0)]
+    return {"method": "merge", "knob": "alpha", "stronger": "larger", "curve": curve,
+            "aligned": {"refusal_rate": {"value": 0.95, "low": 0.8, "high": 0.99, "n": 20}},
+            "target": {"refusal": 0.9}, "target_met": met, "strength": strength,
+            "reverted": strength == 1.0, "seconds": seconds}
+
+
+def make_study(root: Path, *, drop: tuple[str, ...] = (), repair: bool = False) -> Path:
+    """The study directory; `drop`: eval folders to leave out, e.g. "aligned/eval-native-safe";
+    `repair`: with a repair cell of sft (REPAIR: repair.json and evaluations, no training)."""
     root = Path(root)
+    cells = [*CELLS[:1], REPAIR, *CELLS[1:]] if repair else CELLS
     templates = ["native", SAFE]
     seeds = [0, 1, 2]
     config = {"name": "fake-v2", "model": {"name": "embedded"}, "align": {"config": "x.yaml"},
               "evaluate_seed": True, "train": {"optim": {"lr": 1e-4, "max_steps": 40},
                                                "lora": {"enabled": False}},
-              "cells": CELLS, "seeds": seeds, "eval": {"judge": "classifier"},
+              "cells": cells, "seeds": seeds, "eval": {"judge": "classifier"},
               "depth": {"enabled": True, "source": "demo-safety", "split": "eval", "limit": 8,
                         "tokens": 3, "template": "native", "disjoint": True},
               "reference": "sft", "output_dir": str(root), "eval_templates": templates,
               "judges": ["classifier", "keyword"],
               "dose": {"key": "optim.lr", "values": [1e-4, 2e-4], "cells": ["sft", "str"],
                        "seed": 0}}
-    ids = [f"{c['name']}-seed{s}" for c in CELLS for s in seeds] + ["sft-lr0.0002",
+    ids = [f"{c['name']}-seed{s}" for c in cells for s in seeds] + ["sft-lr0.0002",
                                                                     "str-lr0.0002"]
     _write(root / "study.json", {"config": config, "versions": {"stayaligned": "test"},
                                  "cells": ids, "stages": []})
     _model(root, "seed", "seed", templates, 0.0, None)
     _model(root, "aligned", "aligned", templates, 0.0, None)
-    for cell in CELLS:
+    for cell in cells:
+        if "repair" in cell:
+            for s, offset in zip(seeds, (-0.05, 0.0, 0.05)):
+                _model(root, f"cells/{cell['name']}-seed{s}", cell["name"], templates, offset,
+                       {"kind": "repair", "record": _repair_record(s)})
+            continue
         eval_t = SAFE if cell["name"] in ("ptst", "sft-safe") else "native"
         for s, offset in zip(seeds, (-0.05, 0.0, 0.05)):
             run = {"status": "complete", "global_step": 40, "train_seconds": 40.0 * (

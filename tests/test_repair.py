@@ -411,6 +411,7 @@ def test_sweep_keeps_the_weakest_strength_meeting_the_target(models, validation,
     record = json.loads((out / "repair.json").read_text())
     assert [p["strength"] for p in record["curve"]] == [0.0, 0.5, 1.0]
     assert record["choice"]["strength"] == 0.0 and record["strength"] == 0.0
+    assert record["reverted"] is False
     assert all(p["task_loss"]["value"] > 0 for p in record["curve"])
     assert record["curve"][-1]["task_loss"]["value"] == pytest.approx(
         record["aligned"]["task_loss"]["value"], rel=1e-5)  # lambda = 1 is the aligned model
@@ -419,6 +420,18 @@ def test_sweep_keeps_the_weakest_strength_meeting_the_target(models, validation,
     ft = state_of(models["full"])
     assert all(torch.equal(v, ft[k]) for k, v in state_of(out / "model").items())
     assert not any((out / "sweep" / s / "candidate").exists() for s in ("0", "0.5", "1"))
+
+
+def test_a_repair_that_gives_back_the_aligned_model_says_so(models, tmp_path, capsys):
+    """merge at lambda = 1 (safe_delta at s = 0) is the aligned model itself: the record and
+    the log say so, since a sweep can pick it when no weaker strength meets the target."""
+    out = tmp_path / "reverted"
+    assert repair_cli("--model", models["full"], "--aligned", models["aligned"], "--method",
+                      "merge", "--strength", 1, "--output", out) == 0
+    assert json.loads((out / "repair.json").read_text())["reverted"] is True
+    assert "lambda=1 is the aligned model itself" in " ".join(capsys.readouterr().out.split())
+    assert {name: cls.reverts_at for name, cls in repairs().items()} == {
+        "merge": 1.0, "resta": None, "safelora": None, "safe_delta": 0.0}
 
 
 def test_a_target_no_strength_meets_exits_1_with_the_best(models, validation, tmp_path, capsys):

@@ -77,6 +77,25 @@ def test_recommendation_names_the_pareto_fine_tunes(v2):
     assert "the safest is ptst" in text
 
 
+def test_a_fine_tune_with_no_task_gain_over_the_aligned_seed_is_not_recommended(v2):
+    """A repair that gave back the aligned model keeps 100% at the aligned seed's task loss: on
+    kept share against task loss it would top the Pareto front, but it is the aligned seed, a
+    reference point, not a fine-tune to choose."""
+    import dataclasses
+
+    from stayaligned.reports.pooling import Pooled
+
+    rows = _rows(v2)
+    assert rows["str"].aligned_task_loss == pytest.approx(1.3)
+    reverted = dataclasses.replace(rows["str"], cell="sft+merge", task_loss=1.3,
+                                   kept=Pooled(1.0, 0.95, 1.0, 3, N_HARM))
+    text = recommendation([*rows.values(), reverted])
+    front = text.split("task loss are ", 1)[1].split(". ", 1)[0]
+    assert "sft+merge" not in front and front.startswith("ptst (keeps 84%")
+    assert text.endswith("nothing gained from fine-tuning): sft+merge.")
+    assert "Not a choice" not in recommendation(list(rows.values()))
+
+
 def test_judges_plots_and_sections(v2):
     markdown = (v2 / "report.md").read_text()
     headings = re.findall(r"^## (.+)$", markdown, flags=re.M)
@@ -93,3 +112,30 @@ def test_judges_plots_and_sections(v2):
     description = next(p for p in markdown.split("\n\n") if p.startswith("Study fake-v2:"))
     assert "{" not in description and "sft-safe (sft: template native:safe" in description
     assert "str with lam 0.1" in markdown
+
+
+def test_a_repair_cell_is_reported_with_its_choice_and_its_cost(tmp_path):
+    """A repair cell has no training: its headline cost is its fine-tune's per step plus the
+    repair once (mean seconds over seeds), the Repairs section shows each seed's kept strength
+    and whether the validation target was met, and Training lists no repair rows."""
+    from study_factory import REPAIRS
+
+    root = make_study(tmp_path / "study", repair=True)
+    write_report(root)
+    rows = _rows(root)
+    mean = sum(seconds for _, _, seconds in REPAIRS.values()) / len(REPAIRS)
+    assert rows["sft+merge"].cost == f"{rows['sft'].cost} + merge {mean:.0f} s once"
+    assert rows["sft+merge"].kept is not None and rows["sft+merge"].kept_vs_sft.low > 0
+    markdown = (root / "report.md").read_text()
+    repairs = markdown.split("\n## Repairs\n", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in repairs.splitlines() if line.startswith("| sft+merge-seed")]
+    assert len(lines) == 3
+    assert lines[0].startswith("| sft+merge-seed0 | alpha = 0.5 | 75% [65, 85] | 90% (met) | 0.750 |")
+    assert "**90% (missed: the best one kept)**" in lines[2] and "300 s" in lines[2]
+    assert "**alpha = 1.0 (the aligned model itself)**" in lines[2]
+    assert "aligned model itself" not in lines[0] + lines[1]
+    training = markdown.split("\n## Training\n", 1)[1].split("\n## ", 1)[0]
+    assert "sft+merge" not in training and "| sft-seed0 |" in training
+    cell = markdown.split("\n### sft+merge-seed2\n", 1)[1].split("\n### ", 1)[0]
+    assert "| chosen alpha | 1 |" in cell and "| target met | no (the best strength kept" in cell
+    assert "| repair stage | done |" in cell and "| eval stage | done |" in cell

@@ -65,6 +65,9 @@ class Repair:
     stronger = 1  # +1: a larger value repairs more; -1: a smaller one does
     defaults: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     default: float = 0.5
+    # the knob value at which the repair gives back the aligned model itself (the fine-tune
+    # discarded), None where no value does
+    reverts_at: float | None = None
 
     def __init__(self, cfg: RepairConfig):
         self.cfg = cfg

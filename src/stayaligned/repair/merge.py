@@ -30,6 +30,7 @@ class Merge(Repair):
     stronger = 1
     defaults = (0.0, 0.25, 0.5, 0.75, 1.0)
     default = 0.5
+    reverts_at = 1.0
 
     def prepare(self, inputs: RepairInputs) -> dict:
         return {"inputs": inputs}

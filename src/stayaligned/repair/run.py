@@ -99,6 +99,11 @@ def run_repair(cfg: RepairConfig, log=print) -> dict:
         strength = chosen["strength"] if targeted else strength
     _place(method, state, inputs, strength, out, log)
     record["strength"] = strength
+    record["reverted"] = method.reverts_at is not None and strength == method.reverts_at
+    if record["reverted"]:
+        log(f"[repair] warning: {method.knob}={_label(strength)} is the aligned model itself: "
+            "the saved model keeps nothing of the fine-tune (no weaker strength met the "
+            "target; a finer grid near this end, or a lower target, may find one)")
     _finish(record, out, started)
     log(f"[repair] saved {cfg.method} with {method.knob}={_label(strength)} in {out}")
     return record

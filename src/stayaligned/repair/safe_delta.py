@@ -215,6 +215,7 @@ class SafeDelta(Repair):
     stronger = -1
     defaults = (1.0, 0.5, 0.2, 0.1, 0.05, 0.0)
     default = 0.1
+    reverts_at = 0.0
 
     def prepare(self, inputs: RepairInputs) -> dict:
         from safetensors.torch import save_file

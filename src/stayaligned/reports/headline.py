@@ -42,6 +42,7 @@ class Headline:
     over_refusal_vs_sft: Pooled | None = None
     task_loss: float | None = None
     task_loss_vs_sft: float | None = None  # relative: loss / sft's - 1
+    aligned_task_loss: float | None = None  # the aligned seed's, under the same template
     cost: str = "—"
     why: list[str] = field(default_factory=list)
 
@@ -213,7 +214,26 @@ def headline_rows(study: Study, overhead: dict | None = None) -> list[Headline]:
             continue
         _fill(row, runs, sft, aligned, roles, judge_list)
         row.cost = cost_per_step(runs[0].cell or {}, runs, sft, overhead)
+    costs = {r.cell: r.cost for r in rows}
+    for row in rows:  # a repair: the fine-tune it repairs, plus the repair once
+        spec = (row.runs[0].cell or {}).get("repair") or {}
+        if spec:
+            row.cost = repair_cost(costs.get(spec.get("of"), "—"), row.runs, spec)
     return rows
+
+
+def repair_cost(finetune: str, runs: list[ModelRun], spec: dict) -> str:
+    """A repair cell's cost: its fine-tune's per step plus the repair's one-time seconds
+    (mean over seeds, the validation sweep included).
+
+    >>> from types import SimpleNamespace as S
+    >>> repair_cost("×1.00 (3.2 s, bench)", [S(repair={"seconds": 300}), S(repair={"seconds": 500})],
+    ...             {"of": "sft", "method": "resta"})
+    '×1.00 (3.2 s, bench) + resta 400 s once'
+    """
+    seconds = [m.repair["seconds"] for m in runs if m.repair and m.repair.get("seconds")]
+    once = f"{sum(seconds) / len(seconds):.0f} s once" if seconds else "time not recorded"
+    return f"{finetune} + {spec.get('method', 'repair')} {once}"
 
 
 def _fill(row: Headline, runs, sft, aligned, roles, judge_list) -> None:
@@ -231,6 +251,8 @@ def _fill(row: Headline, runs, sft, aligned, roles, judge_list) -> None:
     row.prefill_k = prefill_parts(roles["prefill"])[1] if roles["prefill"] else None
     row.over_refusal = rate(runs, t, j, roles["benign"])
     row.task_loss = task_loss(runs, t, j, roles["task"])
+    if aligned is not None:
+        row.aligned_task_loss = task_loss([aligned], t, j, roles["task"])
     if sft and runs is not sft:
         if not any(m.view(t, j) for m in sft):
             row.why.append(f"sft was not evaluated under {t}: no Δ vs sft")
@@ -259,8 +281,13 @@ def pct(p: Pooled | None, signed: bool = False) -> str:
 
 def recommendation(rows: list[Headline], reference: str = "sft") -> str:
     """One line from the numbers: the Pareto-optimal fine-tunes on (kept share up, task loss
-    down), each with what it trades, and the safest one within 5% of sft's task loss."""
+    down), each with what it trades, and the safest one within 5% of sft's task loss. A
+    fine-tune whose task loss is no lower than the aligned seed's gained nothing from its
+    fine-tuning (a repair that gave back the aligned model, say): named, not a choice."""
     placed = [r for r in rows if r.kept is not None and r.task_loss is not None]
+    no_gain = [r for r in placed if r.aligned_task_loss is not None
+               and r.task_loss >= r.aligned_task_loss]
+    placed = [r for r in placed if r not in no_gain]
     if not placed:
         return ("Recommendation: not computable yet (needs the kept share and task loss of "
                 "the fine-tunes under one template).")
@@ -290,4 +317,7 @@ def recommendation(rows: list[Headline], reference: str = "sft") -> str:
                    + " includes zero")
         text += (f" Within 5% of {reference}'s task loss the safest is {best.cell}, keeping "
                  f"{100 * best.kept.value:.0f}% ({verdict}).")
+    if no_gain:
+        text += (" Not a choice (task loss no lower than the aligned seed's, so nothing gained "
+                 "from fine-tuning): " + ", ".join(r.cell for r in no_gain) + ".")
     return text

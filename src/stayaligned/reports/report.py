@@ -101,8 +101,8 @@ def build_report(study: Study, utility: str = "both", overhead: dict | None = No
     return [Heading(f"Study report: {study.name}", 1), *sections.headline_blocks(study, overhead),
             *_overview(study), *_results(study), *sections.template_blocks(study),
             *_safety_utility(study, utility), *_prefill(study), *sections.dose_blocks(study, colours),
-            *_depth(study), *_over_refusal(study), *sections.judge_blocks(study),
-            *_training(study), *_cells(study), *_configuration(study)]
+            *sections.repair_blocks(study), *_depth(study), *_over_refusal(study),
+            *sections.judge_blocks(study), *_training(study), *_cells(study), *_configuration(study)]
 
 
 def _judge(study: Study) -> str:
@@ -289,7 +289,7 @@ def _training_row(model: ModelRun) -> tuple[str, ...]:
 
 def _training(study: Study) -> list[Block]:
     blocks: list[Block] = [Heading("Training")]
-    trained = [m for m in study.models if m.label != "seed"]
+    trained = [m for m in study.models if m.label != "seed" and m.maker == "train"]
     first = {g: runs[0] for g, runs in grouping.groups(study).items() if runs[0].label != "seed"}
     logs = {m.label: m.log for m in first.values() if m.log}
     png = plots.training_losses(logs)
@@ -309,7 +309,33 @@ def _training(study: Study) -> list[Block]:
 # ---------------------------------------------------------------- 8. cells
 
 
+def _repair_fields(model: ModelRun) -> Table:
+    spec, record = (model.cell or {}).get("repair") or {}, model.repair or {}
+    knob = record.get("knob", "strength")
+    target = record.get("target") or {}
+    fields = [
+        ("repairs", f"{spec.get('of', '—')} (same seed) with {spec.get('method', '—')}"),
+        ("options", json.dumps({k: v for k, v in spec.items() if k not in ("of", "method")},
+                               sort_keys=True)),
+        ("seed", str(model.seed if model.seed is not None else "—")),
+        (f"chosen {knob}", _fmt(record.get("strength"))),
+        ("target refusal (validation)", "—" if target.get("refusal") is None
+         else f"{100 * target['refusal']:.1f}%"),
+        ("target met", {True: "yes", False: "no (the best strength kept, on_miss: best)"}.get(
+            record.get("target_met"), "—")),
+        ("repair time", f"{record['seconds']:.1f} s" if record.get("seconds") is not None else "—"),
+    ]
+    fields += [(f"{stage} stage", model.status(stage)) for stage in ("repair", "eval", "depth")]
+    return Table(("Field", "Value"), tuple(fields))
+
+
+def _fmt(value) -> str:
+    return "—" if value is None else f"{value:g}" if isinstance(value, (int, float)) else str(value)
+
+
 def _cell_fields(model: ModelRun) -> Table:
+    if model.maker == "repair":
+        return _repair_fields(model)
     cell, run = model.cell or {}, model.run or {}
     templates = run.get("templates") or {}
     seconds = run.get("train_seconds")
@@ -323,10 +349,7 @@ def _cell_fields(model: ModelRun) -> Table:
         ("training examples", str(run.get("n_examples", "—"))),
         ("train time", f"{seconds:.1f} s" if seconds is not None else "—"),
     ]
-    for stage in ("train", "eval", "depth"):
-        entry = model.progress.get(stage) or {}
-        status = entry.get("status") if entry else None
-        fields.append((f"{stage} stage", status if status == "done" else model.missing(stage)))
+    fields += [(f"{stage} stage", model.status(stage)) for stage in ("train", "eval", "depth")]
     return Table(("Field", "Value"), tuple(fields))
 
 

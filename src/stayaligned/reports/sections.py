@@ -63,7 +63,9 @@ def headline_blocks(study: Study, overhead: dict | None = None) -> list[Block]:
             "(2,000 replicates, percentile; differences paired on seeds and items). Bold: the "
             "interval of the difference excludes 0. Kept − sft and the Δ columns compare with sft "
             "under the row's template. Task loss: mean held-out NLL per reference "
-            "token, mean over seeds.")
+            "token, mean over seeds. Cost: time per training step relative to sft (the "
+            "overhead bench when given, else this study's training); a repair adds its one-time "
+            "seconds, its validation sweep included.")
     blocks: list[Block] = [Table(header, tuple(table_rows), note),
                            Paragraph(recommendation(rows, ref))]
     problems = [f"{r.cell}: {'; '.join(r.why)}" for r in rows if r.why]
@@ -324,3 +326,48 @@ def dose_blocks(study: Study, colours: dict[str, str]) -> list[Block]:
     blocks.append(Table(("Cell", data["key"], "Run", "Kept share", "Task loss", "Task-loss gain"),
                         rows))
     return blocks
+
+
+# ---------------------------------------------------------------- repairs
+
+
+def _validation(point: dict | None, key: str, percent: bool) -> str:
+    v = (point or {}).get(key) or {}
+    if v.get("value") is None:
+        return "—"
+    if percent:
+        return f"{100 * v['value']:.0f}% [{100 * v['low']:.0f}, {100 * v['high']:.0f}]"
+    return f"{v['value']:.3f}"
+
+
+def repair_blocks(study: Study) -> list[Block]:
+    """Each repair run's choice on validation data: the strength it kept, the validation
+    refusal and task loss there against the target, and its cost (repair/repair.json)."""
+    runs = [m for m in study.cells if m.maker == "repair"]
+    if not runs:
+        return []
+    rows = []
+    for m in runs:
+        r = m.repair
+        if r is None:
+            rows.append((m.label, m.missing("repair"), "—", "—", "—", "—", "—"))
+            continue
+        chosen = next((p for p in r.get("curve") or [] if p.get("strength") == r.get("strength")),
+                      None)
+        target = (r.get("target") or {}).get("refusal")
+        met = {True: "met", False: "missed: the best one kept"}.get(r.get("target_met"), "—")
+        chosen_text = f"{r.get('knob', 'strength')} = {r.get('strength', '—')}" + (
+            " (the aligned model itself)" if r.get("reverted") else "")
+        rows.append((m.label, Cell(chosen_text, strong=bool(r.get("reverted"))),
+                     _validation(chosen, "refusal_rate", True),
+                     Cell("—" if target is None else f"{100 * target:.0f}% ({met})",
+                          strong=r.get("target_met") is False),
+                     _validation(chosen, "task_loss", False),
+                     _validation(r.get("aligned"), "refusal_rate", True),
+                     "—" if r.get("seconds") is None else f"{r['seconds']:.0f} s"))
+    return [Heading("Repairs"), Table(
+        ("Run", "Chosen", "Validation refusal", "Target", "Validation task loss",
+         "Aligned seed's validation refusal", "Repair time"), tuple(rows),
+        "Each repair sweeps its knob on validation data only (the repair's own validation "
+        "set and task hold-out, never the evaluation sets) and keeps the weakest strength that "
+        "meets the target; the evaluation sections above test the kept model.")]

@@ -24,6 +24,9 @@ class View:
     verdicts: dict[str, dict[str, bool]]  # benchmark -> item id -> refused (safety benchmarks)
 
 
+STAGES = ("train", "repair", "eval", "depth")  # a cell run's stage directories
+
+
 @dataclass
 class ModelRun:
     """One row of the report: the seed, the aligned seed, or one cell (x seed)."""
@@ -34,9 +37,10 @@ class ModelRun:
     seed: int | None = None
     metrics: dict | None = None  # eval/metrics.json
     run: dict | None = None  # train/run.json
+    repair: dict | None = None  # repair/repair.json (a repair cell)
     log: list[dict] = field(default_factory=list)  # train/train_log.jsonl
     depth: dict | None = None  # depth/depth.json
-    progress: dict = field(default_factory=dict)  # stage (train|eval|depth) -> progress entry
+    progress: dict = field(default_factory=dict)  # stage (train|repair|eval|depth) -> entry
     started: set = field(default_factory=set)  # stages whose directory exists
     # every evaluation view: eval/, eval-<template>/ and their judge-<name>/ re-judgments
     views: list[View] = field(default_factory=list)
@@ -52,6 +56,19 @@ class ModelRun:
     def view(self, template: str, judge: str) -> View | None:
         return next((v for v in self.views if v.template == template and v.judge == judge), None)
 
+    @property
+    def maker(self) -> str:
+        """The stage that makes this run's model: repair for a repair cell, else train."""
+        return "repair" if (self.cell or {}).get("repair") else "train"
+
+    def status(self, stage: str) -> str:
+        """"done" when the stage's output is here (progress.json may not say so: a study
+        copied or committed without it), else why not (`missing`)."""
+        output = {"train": (self.run or {}).get("status") == "complete",
+                  "repair": self.repair is not None, "eval": self.metrics is not None,
+                  "depth": self.depth is not None}
+        return "done" if output.get(stage) else self.missing(stage)
+
     def missing(self, stage: str) -> str:
         """Why `stage`'s output is absent: "failed: <error>" (its first 200 characters), or
         "not run" (saying so when a failed training is the reason)."""
@@ -59,8 +76,9 @@ class ModelRun:
         if entry.get("status") == "failed":
             error = str(entry.get("error") or "no error recorded")
             return f"failed: {error[:200]}{'…' if len(error) > 200 else ''}"
-        if stage != "train" and self.progress.get("train", {}).get("status") == "failed":
-            return "not run (training failed)"
+        maker = self.maker
+        if stage != maker and self.progress.get(maker, {}).get("status") == "failed":
+            return f"not run ({'training' if maker == 'train' else 'the repair'} failed)"
         if stage in self.started:
             return "started, not finished"
         return "not run"
@@ -184,16 +202,17 @@ def _load_views(base: Path, unreadable: list[str]) -> list[View]:
 
 def _load_model(root: Path, model: ModelRun, progress: dict, unreadable: list[str]) -> ModelRun:
     base = root / model.key
-    model.started = {stage for stage in ("train", "eval", "depth") if (base / stage).is_dir()}
+    model.started = {stage for stage in STAGES if (base / stage).is_dir()}
     model.metrics = _read(base / "eval" / "metrics.json", unreadable)
     model.run = _read(base / "train" / "run.json", unreadable)
+    model.repair = _read(base / "repair" / "repair.json", unreadable)
     model.depth = _read(base / "depth" / "depth.json", unreadable)
     model.views = _load_views(base, unreadable)
     try:
         model.log = read_jsonl(base / "train" / "train_log.jsonl")
     except ValueError:
         unreadable.append(str(base / "train" / "train_log.jsonl"))
-    entries = {stage: progress.get(f"{model.key}/{stage}") for stage in ("train", "eval", "depth")}
+    entries = {stage: progress.get(f"{model.key}/{stage}") for stage in STAGES}
     model.progress = {stage: entry for stage, entry in entries.items() if isinstance(entry, dict)}
     return model
 
