@@ -6,6 +6,7 @@ metrics.json carries versions, git hash and date, and benign sets get no ASR."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -116,6 +117,9 @@ def test_evaluation_updates_the_card_and_metrics_carry_provenance(tmp_path, tiny
         f"benchmarks=[{{name: harm, source: {prompts}, kind: harmful, {fields}}}, "
         f"{{name: over, source: {prompts}, kind: benign, {fields}}}]",
         "generation={max_new_tokens: 4, batch_size: 2}"])
+    # an older card keyed its evaluations by absolute path: converted, not duplicated
+    (out / "evaluations.json").write_text(json.dumps(
+        {str((tmp_path / "eval").resolve()): {"date": "old", "benchmarks": {}}}))
     metrics = evaluate(cfg)
     assert "attack_success_rate" in metrics["benchmarks"]["harm"]
     assert "attack_success_rate" not in metrics["benchmarks"]["over"]
@@ -123,7 +127,10 @@ def test_evaluation_updates_the_card_and_metrics_carry_provenance(tmp_path, tiny
     assert metrics["versions"]["transformers"] and len(metrics["date"]) >= 19
     assert "git" in metrics
     card = (out / "README.md").read_text()
-    assert "None yet" not in card and str((tmp_path / "eval").resolve()) in card
+    # named relative to the run, so that a committed or moved run reads the same anywhere
+    where = os.path.relpath(tmp_path / "eval", out)
+    assert list(json.loads((out / "evaluations.json").read_text())) == [where]
+    assert "None yet" not in card and f"`{where}` (relative to this directory;" in card
     assert "| harm | harmful | 2 | refusal rate |" in card
     assert "| over | benign | 2 | over-refusal |" in card
 

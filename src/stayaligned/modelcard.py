@@ -52,8 +52,11 @@ def record_evaluation(model_name: str, eval_dir: Path, metrics: dict) -> Path | 
     manifest = read_json(run / "run.json") if run.is_dir() else None
     if not manifest:
         return None
-    evaluations = read_json(run / EVALUATIONS) or {}
-    evaluations[str(Path(eval_dir).resolve())] = {
+    # keyed by the evaluation's path relative to the run, so that a committed or moved run
+    # (a study in git) names its evaluations in any checkout; older absolute keys converted
+    evaluations = {_relative(where, run) if Path(where).is_absolute() else where: ev
+                   for where, ev in (read_json(run / EVALUATIONS) or {}).items()}
+    evaluations[_relative(eval_dir, run)] = {
         "date": metrics.get("date") or _now(), "judge": metrics.get("judge"),
         "template": metrics.get("template"),
         "benchmarks": {name: {"kind": m.get("kind"), "n": m.get("n"),
@@ -62,6 +65,18 @@ def record_evaluation(model_name: str, eval_dir: Path, metrics: dict) -> Path | 
     }
     write_json(run / EVALUATIONS, evaluations)
     return write_card(run)
+
+
+def _relative(where, run: Path) -> str:
+    """The directory `where` (absolute, or relative to the working directory) relative to
+    the run directory, with POSIX separators.
+
+    >>> _relative("/x/study/cells/a/eval", Path("/x/study/cells/a/train"))
+    '../eval'
+    """
+    import os
+
+    return Path(os.path.relpath(Path(where).resolve(), Path(run).resolve())).as_posix()
 
 
 def write_card(run: Path) -> Path:
@@ -166,7 +181,8 @@ def _eval_lines(run: Path) -> list[str]:
         return lines + [f"None yet: `stayaligned eval model.name={run}` adds its safety and "
                         "utility numbers here.", ""]
     for where, ev in evaluations.items():
-        lines += [f"`{where}` ({ev.get('date')}, judge {ev.get('judge')}, template "
+        lines += [f"`{where}` (relative to this directory; {ev.get('date')}, judge "
+                  f"{ev.get('judge')}, template "
                   f"{ev.get('template')}):", "",
                   "| benchmark | kind | n | metric | value [95% CI] |", "|---|---|---|---|---|"]
         for name, bench in ev.get("benchmarks", {}).items():
