@@ -324,7 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default="bench/results/effect_v2.json")
     parser.add_argument("--report", default="bench/results/embedded_gsm8k_v2")
     parser.add_argument("--notes", default="bench/results/embedded_gsm8k_v2/findings.md")
-    parser.add_argument("--overhead", default="bench/results/overhead.json")
+    parser.add_argument("--overhead", default=None,
+                        help="the cost column's bench (default: bench/results/overhead_<study "
+                        "name>.json from `overhead.py --study` when it exists, else "
+                        "bench/results/overhead.json, the LoRA bench matched by method)")
     args = parser.parse_args(argv)
     if args.dry_run:
         dry_run(args.study_dir, args.set, args.v1)
@@ -332,6 +335,10 @@ def main(argv: list[str] | None = None) -> int:
     if not read_json(Path(args.study_dir) / "study.json"):
         print(f"{args.study_dir}/study.json is missing: run the study first", file=sys.stderr)
         return 2
+    if args.overhead is None:
+        name = (read_json(Path(args.study_dir) / "study.json") or {}).get("config", {}).get("name")
+        own = Path(f"bench/results/overhead_{name}.json")
+        args.overhead = str(own if own.is_file() else Path("bench/results/overhead.json"))
     overhead = read_json(Path(args.overhead)) if args.overhead else None
     command = ("stayaligned study configs/study/embedded_gsm8k_v2.yaml && "
                f"python bench/effect_v2.py {args.study_dir}")

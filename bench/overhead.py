@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/overhead.py [--steps 8] [--warmup 2] [--out bench/results/overhead.json]
     .venv/bin/python bench/overhead.py --precision   # the fp32 vs CPU bf16 autocast entry
+    .venv/bin/python bench/overhead.py --study configs/study/embedded_gsm8k_v2.yaml \
+        --out bench/results/overhead_embedded_gsm8k_v2.json   # a study's own cells and regime
 
 With --precision only the `precision` entry is measured and merged into the file (see
 bench/overhead_precision.py); the per-method entries are kept as they are.
@@ -14,6 +16,12 @@ Reported per method: median tokens/s over the timed steps (after warm-up), time 
 relative to sft, peak memory during the timed steps and its ratio to sft's. One-off setup work
 (STR's token mining, constrained SFT's reference pass, SAP's pair generation) is not timed: it
 is reported separately as `setup_s`.
+
+With --study CONFIG the cells are that study's training cells (repair cells have no training
+steps), each trained exactly as the study trains it (its budget: full fine-tuning or LoRA,
+precision, batch, max_length; the cell's methods, options and overrides; from the study's
+aligned seed when it exists, else its seed model), entries keyed by cell name and the meta
+naming the study, so that the study's report matches cells by name only in that case.
 """
 
 from __future__ import annotations
@@ -93,8 +101,30 @@ class _Probe:
             time.sleep(0.02)
 
 
-def run_one(name: str, steps: int, warmup: int, out_dir: Path) -> dict:
-    """In this process: train `name` for warmup + steps steps and measure."""
+def study_configs(config: str, work: Path) -> dict[str, Path]:
+    """Each training cell of the study at `config`, its TrainConfig written as JSON under
+    `work` (seed 0, checkpoints off): cell name -> file."""
+    from stayaligned.config import StudyConfig, load, to_dict
+    from stayaligned.study import cell_train_config
+
+    cfg = load(StudyConfig, config)
+    out = Path(cfg.output_dir)
+    files = {}
+    for cell in cfg.cells:
+        if cell.repair is not None:
+            continue
+        tcfg = to_dict(cell_train_config(cfg, out, cell.name, cell, 0))
+        if not (Path(tcfg["model"]["name"]) / "run.json").is_file():
+            tcfg["model"]["name"] = cfg.model.name  # the aligned seed is not here: same shapes
+        tcfg.update(save_steps=10**6, logging_steps=10**6, report_to=["none"])
+        files[cell.name] = work / f"{cell.name}.json"
+        files[cell.name].write_text(json.dumps(tcfg))
+    return files
+
+
+def run_one(name: str, steps: int, warmup: int, out_dir: Path, config: Path | None = None) -> dict:
+    """In this process: train `name` (from `config`, a TrainConfig file, when given) for
+    warmup + steps steps and measure."""
     import torch
 
     from stayaligned.config import TrainConfig, load
@@ -110,8 +140,9 @@ def run_one(name: str, steps: int, warmup: int, out_dir: Path) -> dict:
         self.add_callback(probe.callback())
 
     StayTrainer.__init__ = patched_init
-    cfg = load(TrainConfig, None, [*COMMON, *CELLS[name], f"optim.max_steps={warmup + steps}",
-                                   f"output_dir={out_dir / name}"])
+    overrides = [f"optim.max_steps={warmup + steps}", f"output_dir={out_dir / name}"]
+    cfg = (load(TrainConfig, str(config), overrides) if config is not None
+           else load(TrainConfig, None, [*COMMON, *CELLS[name], *overrides]))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
@@ -154,11 +185,15 @@ def main() -> None:
                         help="--precision: prompts per generation batch in the throughput part")
     parser.add_argument("--collect", action="store_true",
                         help="--precision: write the entry from finished stages only")
+    parser.add_argument("--study", help="measure this study config's training cells, as it "
+                        "trains them (keyed by cell name)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(run_one(args.one, args.steps, args.warmup, Path(args.work))))
+        print("RESULT " + json.dumps(run_one(args.one, args.steps, args.warmup, Path(args.work),
+                                             args.config and Path(args.config))))
         return
     if args.precision:
         sys.path.insert(0, str(Path(__file__).parent))
@@ -184,11 +219,13 @@ def main() -> None:
         return
     results = {}
     with tempfile.TemporaryDirectory() as work:
-        for name in args.methods:
+        configs = study_configs(args.study, Path(work)) if args.study else {}
+        for name in configs or args.methods:
             print(f"[overhead] {name}", flush=True)
+            config = ["--config", str(configs[name])] if configs else []
             proc = subprocess.run(
                 [sys.executable, __file__, "--one", name, "--steps", str(args.steps),
-                 "--warmup", str(args.warmup), "--work", work],
+                 "--warmup", str(args.warmup), "--work", work, *config],
                 capture_output=True, text=True)
             lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:
@@ -199,6 +236,21 @@ def main() -> None:
     write(results, args)
 
 
+def study_meta(config: str) -> dict:
+    """The meta of a --study measurement: the study's name (what the report matches cells by)
+    and its training regime in words."""
+    from stayaligned.config import StudyConfig, load
+
+    cfg = load(StudyConfig, config)
+    train = cfg.train or {}
+    lora, optim = train.get("lora") or {}, train.get("optim") or {}
+    return {"study": cfg.name, "study_config": config,
+            "model": f"{cfg.model.name} ({cfg.model.precision}), "
+                     + ("full fine-tuning" if lora.get("enabled") is False else "LoRA"),
+            "data": f"the study's training data, batch {optim.get('batch_size', 8)}, max_length "
+                    f"{train.get('max_length', 'default')}", "stack": None}
+
+
 def write(results: dict, args) -> None:
     import torch
 
@@ -206,6 +258,9 @@ def write(results: dict, args) -> None:
     for entry in results.values():
         if base:
             entry["time_ratio"] = round(base["tokens_per_s"] / entry["tokens_per_s"], 3)
+            # per optimiser step (a method that adds or drops tokens costs that too): what a
+            # study with the same number of steps pays
+            entry["step_ratio"] = round(entry["step_s_median"] / base["step_s_median"], 3)
             entry["mem_ratio"] = round(entry["peak_mem_mb"] / base["peak_mem_mb"], 3)
     results["meta"] = {
         "command": "python bench/overhead.py " + " ".join(sys.argv[1:]),
@@ -215,6 +270,7 @@ def write(results: dict, args) -> None:
         "steps": {"warmup": args.warmup, "timed": args.steps},
         "memory": "peak resident set size during the timed steps (CPU) / max allocated (CUDA)",
         "stack": CELLS["stack"][0],
+        **(study_meta(args.study) if args.study else {}),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

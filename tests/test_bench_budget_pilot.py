@@ -4,18 +4,16 @@ candidate whose refusal interval lies wholly below the seed's."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
+
+from conftest import load_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_pilot():
-    spec = importlib.util.spec_from_file_location("budget_pilot", ROOT / "bench" / "budget_pilot.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("budget_pilot")
 
 
 def study(shared_data, name="embedded_gsm8k_v2.yaml"):

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
+
+from conftest import load_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_effect():
-    spec = importlib.util.spec_from_file_location("effect", ROOT / "bench" / "effect.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("effect")
 
 
 def test_effect_json_from_a_finished_study(tiny_study, tmp_path):

@@ -4,21 +4,18 @@ compute estimate built from v1's measured seconds per stage."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from conftest import load_bench
 from study_factory import N_HARM, REFUSAL, SAFE, make_study
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_effect_v2():
-    spec = importlib.util.spec_from_file_location("effect_v2", ROOT / "bench" / "effect_v2.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("effect_v2")
 
 
 def test_effect_v2_json_has_the_issue_keys(tmp_path):

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import load_bench
 from test_study import study_config
 
 from stayaligned.config import ConfigError
@@ -67,18 +68,12 @@ def test_a_repair_cell_runs_and_is_evaluated(repair_study, tiny_model_dir):
 
 
 def test_bench_repair_effect_collects_the_repair_cells(repair_study, tmp_path):
-    import importlib.util
-    from pathlib import Path
-
     import yaml
 
     from stayaligned.config import to_dict
 
     cfg, out = repair_study
-    bench = Path(__file__).resolve().parents[1] / "bench" / "repair_effect.py"
-    spec = importlib.util.spec_from_file_location("repair_effect", bench)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_bench("repair_effect")
     config = tmp_path / "study.yaml"
     config.write_text(yaml.safe_dump(to_dict(cfg)))
     target = tmp_path / "repair_effect.json"

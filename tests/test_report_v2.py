@@ -139,3 +139,24 @@ def test_a_repair_cell_is_reported_with_its_choice_and_its_cost(tmp_path):
     cell = markdown.split("\n### sft+merge-seed2\n", 1)[1].split("\n### ", 1)[0]
     assert "| chosen alpha | 1 |" in cell and "| target met | no (the best strength kept" in cell
     assert "| repair stage | done |" in cell and "| eval stage | done |" in cell
+
+
+def test_cost_is_matched_by_methods_unless_the_bench_measured_this_study(v2):
+    """The generic overhead bench keys its entries by method (its "stack" is its own stack):
+    a cell is matched by its methods there, by name only in a bench run for this very study
+    (`overhead.py --study`), and per step (step_ratio) when the bench has it; a cell the bench
+    lacks falls back to this study's own training times."""
+    study = load_study(v2)
+    entry = {"sft": (1.0, 2.0), "str": (1.5, 3.0), "sft-safe": (9.0, 18.0)}
+    overhead = {name: {"time_ratio": 1.0, "step_ratio": r, "step_s_median": s}
+                for name, (r, s) in entry.items()}
+    overhead["meta"] = {"model": "LoRA bench", "command": "python bench/overhead.py"}
+    rows = {r.cell: r for r in headline_rows(study, overhead)}
+    assert rows["sft-safe"].cost == "×1.00 (2.0 s, bench)"  # methods [sft], not the name
+    assert rows["str"].cost == "×1.50 (3.0 s, bench)"
+    assert rows["ptst"].cost == "×1.00 (1.0 s)"  # not in the bench: this study's 40 s / 40 steps
+    mine = {**overhead, "meta": {**overhead["meta"], "study": study.name}}
+    rows = {r.cell: r for r in headline_rows(study, mine)}
+    assert rows["sft-safe"].cost == "×9.00 (18.0 s, this study's regime)"
+    markdown = (v2 / "report.md").read_text()
+    assert "from this study's training times" in markdown.split("\n## ", 1)[0]

@@ -174,16 +174,22 @@ def task_loss(runs: list[ModelRun], template: str, judge: str, task: str | None)
 
 
 def cost_per_step(cell: dict, runs: list[ModelRun], sft_runs: list[ModelRun],
-                  overhead: dict | None) -> str:
-    """× sft per training step: from the overhead bench (by cell name, methods joined, or the
-    single method) when given, else measured in this study (train seconds / steps)."""
+                  overhead: dict | None, study_name: str | None = None) -> str:
+    """× sft per training step: from the overhead bench when given and it has the cell (by
+    cell name only when the bench measured this very study, `overhead.py --study`; else by
+    the methods joined, or the single method), else measured in this study (train seconds /
+    steps, on a machine the cells may have shared)."""
     if overhead:
         methods = list(cell.get("methods") or ["sft"])
-        for key in (cell.get("name"), "+".join(methods), methods[0] if len(methods) == 1 else None):
+        mine = (overhead.get("meta") or {}).get("study") == study_name
+        keys = (cell.get("name"),) if mine else (
+            "+".join(methods), methods[0] if len(methods) == 1 else None)
+        for key in keys:
             entry = overhead.get(key) if key else None
             if isinstance(entry, dict) and entry.get("time_ratio") is not None:
-                return f"×{entry['time_ratio']:.2f} ({entry.get('step_s_median', 0):.1f} s, bench)"
-        return "—"
+                ratio = entry.get("step_ratio", entry["time_ratio"])
+                where = "this study's regime" if mine else "bench"
+                return f"×{ratio:.2f} ({entry.get('step_s_median', 0):.1f} s, {where})"
 
     def per_step(rs):
         xs = [m.run["train_seconds"] / m.run["global_step"] for m in rs
@@ -213,7 +219,7 @@ def headline_rows(study: Study, overhead: dict | None = None) -> list[Headline]:
             row.why.append("not evaluated")
             continue
         _fill(row, runs, sft, aligned, roles, judge_list)
-        row.cost = cost_per_step(runs[0].cell or {}, runs, sft, overhead)
+        row.cost = cost_per_step(runs[0].cell or {}, runs, sft, overhead, study.name)
     costs = {r.cell: r.cost for r in rows}
     for row in rows:  # a repair: the fine-tune it repairs, plus the repair once
         spec = (row.runs[0].cell or {}).get("repair") or {}

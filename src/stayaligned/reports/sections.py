@@ -35,6 +35,18 @@ def _loss_delta(row: Headline, reference: str) -> str:
     return f"{row.task_loss:.3f} ({100 * row.task_loss_vs_sft:+.1f}%)"
 
 
+def cost_source(study: Study, overhead: dict | None) -> str:
+    """Where the cost column's numbers come from, in words."""
+    meta = (overhead or {}).get("meta") or {}
+    if not overhead:
+        return "from this study's training times (cells may have shared the machine)"
+    what = f"{meta.get('model', 'the overhead bench')}, `{meta.get('command', 'bench/overhead.py')}`"
+    if meta.get("study") == study.name:
+        return f"measured for this study's cells as it trains them ({what})"
+    return (f"from the overhead bench ({what}; matched by method, not by cell), else this "
+            "study's training times")
+
+
 def headline_blocks(study: Study, overhead: dict | None = None) -> list[Block]:
     rows = headline_rows(study, overhead)
     if not rows:
@@ -63,9 +75,9 @@ def headline_blocks(study: Study, overhead: dict | None = None) -> list[Block]:
             "(2,000 replicates, percentile; differences paired on seeds and items). Bold: the "
             "interval of the difference excludes 0. Kept − sft and the Δ columns compare with sft "
             "under the row's template. Task loss: mean held-out NLL per reference "
-            "token, mean over seeds. Cost: time per training step relative to sft (the "
-            "overhead bench when given, else this study's training); a repair adds its one-time "
-            "seconds, its validation sweep included.")
+            "token, mean over seeds. Cost: time per training step relative to sft, "
+            f"{cost_source(study, overhead)}; a repair adds its one-time seconds, its "
+            "validation sweep included.")
     blocks: list[Block] = [Table(header, tuple(table_rows), note),
                            Paragraph(recommendation(rows, ref))]
     problems = [f"{r.cell}: {'; '.join(r.why)}" for r in rows if r.why]
