@@ -152,6 +152,10 @@ def _eval_done(cfg: EvalConfig) -> bool:
         return False
     if differences(metrics.get("config", {}), to_dict(cfg), to_dict(EvalConfig())):
         return False
+    from stayaligned.evaluation.run import eval_needs_rejoin
+
+    if eval_needs_rejoin(cfg.output_dir):  # prefilled rows from before the join fix
+        return False
     return not _made_from_changed(cfg)
 
 

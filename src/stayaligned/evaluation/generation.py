@@ -33,9 +33,12 @@ def generate(
     gen: GenerationConfig,
     on_batch: Callable[[list[int], list[str]], None] | None = None,
     desc: str = "generating",
+    joined: bool = False,
 ) -> list[str]:
     """Continue each prompt text; `on_batch(indices, texts)` is called after every batch so a
-    caller can save finished work as it goes."""
+    caller can save finished work as it goes. Texts are stripped; with `joined` they keep the
+    whitespace that separates them from the prompt's end (a prefilled answer "Sure, here" +
+    " is ..."), as the tokens decode in context."""
     encoded = [encode(tokenizer, p, template)["input_ids"] for p in prompts]
     results: list[str] = [""] * len(prompts)
     device = next(model.parameters()).device
@@ -45,14 +48,34 @@ def generate(
         ids, mask = _left_pad([encoded[i] for i in batch], tokenizer.pad_token_id, device)
         with autocast_for(model):  # the loaded model's precision (bf16: autocast)
             output = _generate(model, gen, ids, mask, tokenizer.pad_token_id)
-        texts = tokenizer.batch_decode(output[:, ids.shape[1] :], skip_special_tokens=True)
-        for i, text in zip(batch, texts):
-            results[i] = text.strip()
+        new = output[:, ids.shape[1] :]
+        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+        for row, (i, text) in enumerate(zip(batch, texts)):
+            lead = leading_space(tokenizer, encoded[i], new[row].tolist()) if joined else ""
+            results[i] = lead + text.strip()
         if on_batch is not None:
             on_batch(batch, [results[i] for i in batch])
         bar.update(len(batch))
     bar.close()
     return results
+
+
+def leading_space(tokenizer, prompt_ids: list[int], new_ids: list[int], window: int = 8) -> str:
+    """The whitespace the new tokens start with after the prompt, decoded in context (a
+    SentencePiece word-start space, a BPE "Ġ", newlines): what `strip()` of the continuation
+    drops. Only the first tokens up to the first visible character are decoded."""
+    before = tokenizer.decode(prompt_ids)
+    stops = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    for j in range(1, min(len(new_ids), window) + 1):
+        if new_ids[j - 1] in stops:
+            return ""
+        full = tokenizer.decode(prompt_ids + new_ids[:j])
+        if not full.startswith(before):
+            return ""
+        added = full[len(before):]
+        if added.strip():
+            return added[: len(added) - len(added.lstrip())]
+    return ""
 
 
 def _generate(model, gen: GenerationConfig, ids, mask, pad_token_id) -> torch.Tensor:

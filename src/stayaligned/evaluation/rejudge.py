@@ -11,7 +11,7 @@ from pathlib import Path
 
 from stayaligned.data.types import DataError
 from stayaligned.evaluation.judging import build_judge, judge_rows, score
-from stayaligned.runfiles import read_json, read_jsonl, write_json, write_jsonl
+from stayaligned.runfiles import file_sha256, read_json, read_jsonl, write_json, write_jsonl
 
 
 def rejudge(eval_dir: str | Path, judge: str, options: dict | None, target: str | Path) -> dict:
@@ -34,15 +34,23 @@ def rejudge(eval_dir: str | Path, judge: str, options: dict | None, target: str 
             scores[name] = entry  # scored by the task metric, not by a judge
     result = {"model": metrics.get("model"), "template": metrics.get("template"),
               "judge": judge, "rejudged_from": str(source),
-              "source_config": metrics.get("config"), "benchmarks": scores}
+              "source_config": metrics.get("config"),
+              "source_generations": _digest(source), "benchmarks": scores}
     write_jsonl(target / "judgments.jsonl", judgments)
     write_json(target / "metrics.json", result)
     return result
 
 
 def rejudge_done(eval_dir: str | Path, judge: str, target: str | Path) -> bool:
-    """True when `target` holds `judge`'s verdicts on `eval_dir`'s current evaluation."""
+    """True when `target` holds `judge`'s verdicts on `eval_dir`'s current evaluation: same
+    config and the same generations (an evaluation can regenerate rows under one config)."""
     mine = read_json(Path(target) / "metrics.json")
     source = read_json(Path(eval_dir) / "metrics.json")
     return bool(mine and source) and mine.get("judge") == judge and \
-        mine.get("source_config") == source.get("config")
+        mine.get("source_config") == source.get("config") and \
+        mine.get("source_generations") == _digest(Path(eval_dir))
+
+
+def _digest(eval_dir: Path) -> str | None:
+    path = eval_dir / "generations.jsonl"
+    return file_sha256(path) if path.is_file() else None

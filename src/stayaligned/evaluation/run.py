@@ -40,6 +40,20 @@ from stayaligned.templates.library import get_template
 from stayaligned.templates.render import encode, prompt_text
 
 KINDS = ("harmful", "benign", "task")
+# Prefilled rows record how their response joins the prefill and the continuation: before
+# version 1 the continuation was stripped, so "Sure, here" + " is ..." read "Sure, hereis ...".
+JOIN_VERSION = 1
+
+
+def stale_prefill_rows(rows: list[dict]) -> list[dict]:
+    """Prefilled rows generated before JOIN_VERSION (their response lost the whitespace
+    between the prefill and the continuation): regenerated on the next run."""
+    return [r for r in rows if r.get("prefill") and r.get("joined") != JOIN_VERSION]
+
+
+def eval_needs_rejoin(out_dir: str | Path) -> bool:
+    """True when a finished evaluation in `out_dir` has prefilled rows to regenerate."""
+    return bool(stale_prefill_rows(read_jsonl(Path(out_dir) / "generations.jsonl")))
 
 
 def benchmark_examples(bench: BenchmarkConfig, data_dir: str | None) -> list[Example]:
@@ -120,13 +134,15 @@ def _generate_missing(cfg, out, rows, todo, model_holder) -> None:
                 rows.append({
                     "benchmark": name, "id": ex.id, "prompt": prompts[i],
                     "user": ex.content("user"), "prefill": prefills[i],
-                    "response": (prefills[i] + text) if prefills[i] else text,
+                    "response": (prefills[i] + text) if prefills[i] else text.strip(),
+                    **({"joined": JOIN_VERSION} if k is not None else {}),
                     "reference": reference_answer(ex), "meta": ex.meta,
                     "template": template.name,
                 })
             write_jsonl(out / "generations.jsonl", rows)
 
-        generate(model, tokenizer, prompts, template, gen, on_batch=save, desc=name)
+        generate(model, tokenizer, prompts, template, gen, on_batch=save, desc=name,
+                 joined=k is not None)
 
 
 def _generator(gen):
@@ -245,6 +261,13 @@ def _evaluate(cfg: EvalConfig, model, tokenizer, overwrite: bool) -> dict:
         name: b.template or eval_template_name(cfg) for name, (b, _, _) in benches.items()})
     stage_prints.check_reuse(out, stamp, has_rows=bool(rows) or (out / "task_loss.json").exists())
     stage_prints.record(out, stamp)
+    stale = stale_prefill_rows(rows)
+    if stale:
+        print(f"[eval] {len(stale)} prefilled row(s) in {out / 'generations.jsonl'} were "
+              "generated before the prefill join fix (no space kept between the prefill and "
+              "the continuation): generating them again")
+        stale_keys = {(r["benchmark"], r["id"]) for r in stale}
+        rows = [r for r in rows if (r["benchmark"], r["id"]) not in stale_keys]
     done = {(r["benchmark"], r["id"]) for r in rows}
     todo = {name: (b, [ex for ex in exs if (name, ex.id) not in done], k)
             for name, (b, exs, k) in benches.items()}
