@@ -6,7 +6,8 @@
 
 Reads only the study's stage files (stayaligned.reports). effect_v2.json is keyed by cell like
 effect.json; each headline entry is read under one template (the cell's own test template when
-evaluated, e.g. PTST under native:safe, else the first) and the classifier judge, pooled over
+evaluated, e.g. PTST under native:safe, else the first) and the study's headline judge (its
+`headline_judge`: keyword for v2, see bench/results/judges_harmful_domain.json), pooled over
 seeds: `kept` (the cell's refusal rate over the aligned seed's under the same template and
 judge), `kept_ci`, `kept_vs_sft_ci` (the pooled 95% interval of the cell's kept share minus
 sft's under that template), `task_loss`, `prefill_refusal_rate`, `over_refusal_rate`; plus

@@ -160,3 +160,37 @@ def test_cost_is_matched_by_methods_unless_the_bench_measured_this_study(v2):
     assert rows["sft-safe"].cost == "×9.00 (18.0 s, this study's regime)"
     markdown = (v2 / "report.md").read_text()
     assert "from this study's training times" in markdown.split("\n## ", 1)[0]
+
+
+def test_the_headline_judge_can_be_chosen_for_the_whole_report(tmp_path):
+    """`headline_judge: keyword` (a study whose classifier misjudges its domain,
+    bench/results/judges_harmful_domain.json): the headline, its "other judge" column and the
+    per-benchmark tables all read the keyword verdicts; no stage depends on the key."""
+    import json
+
+    root = make_study(tmp_path / "study")
+    manifest = json.loads((root / "study.json").read_text())
+    classifier = _rows(root)["sft"]
+    manifest["config"]["headline_judge"] = "keyword"
+    (root / "study.json").write_text(json.dumps(manifest))
+    study = load_study(root)
+    keyword = {r.cell: r for r in headline_rows(study)}["sft"]
+    assert keyword.judge == "keyword" and classifier.judge == "classifier"
+    assert keyword.kept.value == pytest.approx(classifier.kept_other_judge.value)
+    assert keyword.kept_other_judge.value == pytest.approx(classifier.kept.value)
+    sft0 = next(m for m in study.models if m.label == "sft-seed0")
+    assert sft0.metrics["judge"] == "keyword"
+    write_report(root)
+    assert "| Kept share [95% CI] (keyword) | Kept (classifier) |" in (root / "report.md").read_text()
+
+
+def test_a_headline_judge_outside_the_study_judges_is_an_error(tmp_path, tiny_model_dir):
+    from test_study import study_config
+
+    from stayaligned.config import ConfigError
+    from stayaligned.study import run_study
+
+    cfg = study_config(tmp_path, tiny_model_dir, "study", "judges=[keyword]",
+                       "headline_judge=classifier")
+    with pytest.raises(ConfigError, match="headline_judge: 'classifier' is not one of"):
+        run_study(cfg)

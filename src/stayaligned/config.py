@@ -294,6 +294,9 @@ class StudyConfig:
     # judges of every evaluation: the first judges in eval/, the others re-judge the same
     # generations into eval*/judge-<name>/; () keeps v1: eval.judge only
     judges: tuple[str, ...] = ()
+    # the judge of the report's headline and tables (default: the classifier when among
+    # `judges`, else the first); only the report reads it, no stage depends on it
+    headline_judge: str | None = None
     dose: DoseConfig | None = None
     # cells run in this many worker processes at once after the shared stages, each with
     # cores // workers torch threads (CPU: a small model's step hardly gains from a second

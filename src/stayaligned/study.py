@@ -680,6 +680,12 @@ def check_stages(cfg: StudyConfig, stages: list[Stage]) -> None:
     if not isinstance(cfg.workers, int) or cfg.workers < 1:
         raise ConfigError(f"workers: {cfg.workers!r} is not a number of worker processes; use 1 "
                           "(cells one after another) or more")
+    from stayaligned.grid import judge_names
+
+    names = judge_names(cfg.judges, cfg.eval)
+    if cfg.headline_judge is not None and cfg.headline_judge not in names:
+        raise ConfigError(f"headline_judge: {cfg.headline_judge!r} is not one of this study's "
+                          f"judges ({', '.join(names)}); add it to `judges` or pick one of them")
     check_model(cfg.model)
     for stage in stages:
         where = f"{stage.key}: "

@@ -51,10 +51,12 @@ class Headline:
 
 
 def judges(study: Study) -> list[str]:
-    """The study's judges, headline judge first: the classifier judge when there is one
-    (higher human agreement than keyword, bench/results/judges.json), else the first."""
+    """The study's judges, headline judge first: the study's `headline_judge` when set, else
+    the classifier judge when there is one (higher human agreement than keyword on XSTest,
+    bench/results/judges.json), else the first."""
     found = list(dict.fromkeys(v.judge for m in study.models for v in m.views))
-    return sorted(found, key=lambda j: j != "classifier")
+    chosen = study.config.get("headline_judge")
+    return sorted(found, key=lambda j: (j != chosen, j != "classifier"))
 
 
 def templates(study: Study) -> list[str]:

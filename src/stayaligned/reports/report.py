@@ -106,7 +106,7 @@ def build_report(study: Study, utility: str = "both", overhead: dict | None = No
 
 
 def _judge(study: Study) -> str:
-    configured = (study.config.get("eval") or {}).get("judge")
+    configured = study.config.get("headline_judge") or (study.config.get("eval") or {}).get("judge")
     found = next((m.metrics.get("judge") for m in study.models if m.metrics), None)
     return str(configured or found or "keyword")
 

@@ -129,6 +129,14 @@ def load_study(study_dir: str | Path) -> Study:
                                 "`stayaligned study` (the one holding study.json)")
     progress = _read(root / "progress.json", unreadable) or {}
     models = [_load_model(root, m, progress, unreadable) for m in _model_runs(root, manifest)]
+    headline = (manifest.get("config") or {}).get("headline_judge")
+    if headline:  # the tables read model.metrics: that judge's verdicts, first template
+        for model in models:
+            first = next((v for v in model.views if v.folder == "eval"), None)
+            mine = next((v for v in model.views if first and v.judge == headline
+                         and v.template == first.template), None)
+            if mine is not None:
+                model.metrics = mine.metrics
     return Study(root, manifest, progress, models, unreadable)
 
 
