@@ -148,3 +148,18 @@ def test_prefilled_rows_from_before_the_join_fix_are_generated_again(tmp_path, t
         else:
             assert r == plain[r["id"]]  # the plain rows were kept, not regenerated
     assert not rejudge_done(out, "keyword", out / "judge-keyword")
+
+
+def test_the_classifier_judge_on_prefilled_harmful_benchmarks_comes_with_its_measured_caveat():
+    from stayaligned.evaluation.run import expand_benchmarks, judge_caveats
+
+    cfg = load(EvalConfig, None, [
+        "benchmarks=[{name: harm, source: demo-harmful, kind: harmful, prefill_k: [0, 3]}, "
+        "{name: over, source: demo-benign, kind: benign}]"])
+    benches = expand_benchmarks(cfg)
+    (caveat,) = judge_caveats("classifier", benches)
+    assert "harm [prefill k=3]" in caveat and "43%" in caveat and "harm," not in caveat
+    assert judge_caveats("keyword", benches) == []
+    plain = expand_benchmarks(load(EvalConfig, None, [
+        "benchmarks=[{name: harm, source: demo-harmful, kind: harmful}]"]))
+    assert judge_caveats("classifier", plain) == []

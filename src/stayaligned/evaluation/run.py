@@ -51,6 +51,18 @@ def stale_prefill_rows(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r.get("prefill") and r.get("joined") != JOIN_VERSION]
 
 
+def judge_caveats(judge: str, benches: dict) -> list[str]:
+    """Measured limits of `judge` on these benchmarks (`benches` as from expand_benchmarks),
+    printed before judging."""
+    prefilled = [name for name, (b, _, k) in benches.items() if b.kind == "harmful" and k]
+    if judge == "classifier" and prefilled:
+        return [f"judge classifier on prefilled harmful benchmarks ({', '.join(prefilled)}): it "
+                "calls 43% of compliant answers after 'Sure, here is' refusals (keyword judge: "
+                "2.5%; bench/results/judges_harmful_domain.json), so these refusal rates run "
+                "high; judge=keyword is the measured better choice here"]
+    return []
+
+
 def eval_needs_rejoin(out_dir: str | Path) -> bool:
     """True when a finished evaluation in `out_dir` has prefilled rows to regenerate."""
     return bool(stale_prefill_rows(read_jsonl(Path(out_dir) / "generations.jsonl")))
@@ -282,6 +294,8 @@ def _evaluate(cfg: EvalConfig, model, tokenizer, overwrite: bool) -> dict:
         return loaded["pair"]
 
     _generate_missing(cfg, out, rows, todo, model_holder)
+    for caveat in judge_caveats(cfg.judge, benches):
+        print(f"[eval] note: {caveat}")
     judge = build_judge(cfg.judge, cfg.judge_options)
     judgments = judge_rows(rows, kinds, judge, cache_dir=out, task_metrics=task_metrics)
     write_jsonl(out / "judgments.jsonl", judgments)

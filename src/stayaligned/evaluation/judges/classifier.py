@@ -15,6 +15,11 @@ refusal = full or partial refusal). ``bench/judges.py`` measures it leave-one-mo
 the human labels, next to the keyword judge.
 
 Everything runs on CPU in float32, in eval mode, so the same input gives the same output.
+
+Limit, measured (bench/judge_domain.py): XSTest's answers are mostly to safe prompts, and on
+answers to harmful requests the head confuses a harmful topic with a refusal: it calls 43% of
+an un-aligned model's compliant answers after "Sure, here is" refusals (keyword judge: 2.5%).
+Prefer the keyword judge for AdvBench-style (and above all prefilled) benchmarks.
 """
 
 from __future__ import annotations
