@@ -546,11 +546,14 @@ class Progress:
         ('about 30 min left', 'about 2.5 h left (5.0 h of stages, 2 at a time)')
         >>> p.eta([S(kind="train")])
         'time left unknown until each kind of stage has run once (1 stage(s) left)'
+        >>> p.state["j"] = {"kind": "judge", "status": "done", "seconds": 0.0}  # a cached re-judge
+        >>> p.eta([S(kind="judge"), S(kind="eval")])
+        'about 10 min left'
         """
         timed: dict[str, list[float]] = {}
         for entry in self.state.values():
-            if entry.get("status") == "done" and entry.get("seconds"):
-                timed.setdefault(entry["kind"], []).append(entry["seconds"])
+            if entry.get("status") == "done" and entry.get("seconds") is not None:
+                timed.setdefault(entry["kind"], []).append(entry["seconds"])  # 0.0 counts
         if any(s.kind not in timed for s in remaining):
             return ("time left unknown until each kind of stage has run once "
                     f"({len(remaining)} stage(s) left)")
