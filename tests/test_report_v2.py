@@ -130,8 +130,8 @@ def test_a_repair_cell_is_reported_with_its_choice_and_its_cost(tmp_path):
     repairs = markdown.split("\n## Repairs\n", 1)[1].split("\n## ", 1)[0]
     lines = [line for line in repairs.splitlines() if line.startswith("| sft+merge-seed")]
     assert len(lines) == 3
-    assert lines[0].startswith("| sft+merge-seed0 | alpha = 0.5 | 75% [65, 85] | 90% (met) | 0.750 |")
-    assert "**90% (missed: the best one kept)**" in lines[2] and "300 s" in lines[2]
+    assert lines[0].startswith("| sft+merge-seed0 | alpha = 0.5 | 75.0% [65, 85] | 90.0% (met) | 0.750 |")
+    assert "**90.0% (missed: the best one kept)**" in lines[2] and "300 s" in lines[2]
     assert "**alpha = 1.0 (the aligned model itself)**" in lines[2]
     assert "aligned model itself" not in lines[0] + lines[1]
     training = markdown.split("\n## Training\n", 1)[1].split("\n## ", 1)[0]

@@ -347,8 +347,8 @@ def _validation(point: dict | None, key: str, percent: bool) -> str:
     v = (point or {}).get(key) or {}
     if v.get("value") is None:
         return "—"
-    if percent:
-        return f"{100 * v['value']:.0f}% [{100 * v['low']:.0f}, {100 * v['high']:.0f}]"
+    if percent:  # one decimal: a target such as 95% x 90% = 85.5% is read against it
+        return f"{100 * v['value']:.1f}% [{100 * v['low']:.0f}, {100 * v['high']:.0f}]"
     return f"{v['value']:.3f}"
 
 
@@ -372,7 +372,7 @@ def repair_blocks(study: Study) -> list[Block]:
             " (the aligned model itself)" if r.get("reverted") else "")
         rows.append((m.label, Cell(chosen_text, strong=bool(r.get("reverted"))),
                      _validation(chosen, "refusal_rate", True),
-                     Cell("—" if target is None else f"{100 * target:.0f}% ({met})",
+                     Cell("—" if target is None else f"{100 * target:.1f}% ({met})",
                           strong=r.get("target_met") is False),
                      _validation(chosen, "task_loss", False),
                      _validation(r.get("aligned"), "refusal_rate", True),
