@@ -133,6 +133,13 @@ def test_align_deep_adds_recovery_examples_to_the_usual_data(tokenizer, tmp_path
                     tokenizer)
     assert [e.id for e in other["examples"]] != [e.id for e in deep["examples"]]
     assert AlignConfig().deep is False and AlignConfig().recovery == RecoveryConfig()
+    # run.json records the triplets file's digest (a generated file: a rerun may differ)
+    from stayaligned.runfiles import file_sha256
+    from stayaligned.training.run import _manifest
+
+    manifest = _manifest(cfg, deep, tokenizer)
+    assert manifest["recovery"]["files_sha256"] == {str(pairs): file_sha256(pairs)}
+    assert "recovery" not in _manifest(AlignConfig(), shallow, tokenizer)
 
 
 def test_deep_without_a_recovery_source_is_a_config_error(tokenizer):

@@ -99,6 +99,19 @@ def data_fingerprint(source: DataConfig, data_dir: str | None) -> dict:
     return entry
 
 
+def recovery_fingerprint(cfg) -> dict | None:
+    """`deep: true`: the recovery triplets' source as configured plus the sha256 of the local
+    file (a `stayaligned pairs` output is generated, not shipped: its digest is what tells a
+    rerun's triplets from the archived run's)."""
+    if not getattr(cfg, "deep", False):
+        return None
+    rec = cfg.recovery
+    entry = {"source": rec.source, "limit": rec.limit, "seed": rec.seed}
+    if rec.source and Path(rec.source).is_file():
+        entry["files_sha256"] = {rec.source: file_sha256(Path(rec.source))}
+    return entry
+
+
 def provenance() -> dict:
     """The date (UTC) and the git commit of the stayaligned sources, for metrics and cards."""
     import subprocess

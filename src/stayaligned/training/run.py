@@ -35,6 +35,7 @@ from stayaligned.training.collate import PadCollator, RenderedDataset
 from stayaligned.runlock import clear_dir, run_lock
 from stayaligned.runfiles import (
     data_fingerprint,
+    recovery_fingerprint,
     package_versions,
     provenance,
     read_json,
@@ -123,6 +124,7 @@ def _manifest(cfg: TrainConfig, prep: dict, tokenizer) -> dict:
         "device": pick_device(cfg.model.dtype, cfg.model.precision).type,
         "precision": resolve_precision(cfg.model.precision, cfg.model.dtype).to_dict(),
         "data": [data_fingerprint(s, cfg.data_dir) for s in cfg.data],
+        **({"recovery": recovery_fingerprint(cfg)} if getattr(cfg, "deep", False) else {}),
         "n_examples": len(prep["examples"]),
         "render_report": prep["report"].to_dict(),
         "templates": {"train": prep["train_template"], "eval": prep["eval_template"]},
