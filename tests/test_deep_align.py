@@ -147,6 +147,11 @@ def test_deep_without_a_recovery_source_is_a_config_error(tokenizer):
 
     with pytest.raises(ConfigError, match="recovery.source"):
         prepare(load(AlignConfig, None, ["deep=true"]), tokenizer)
+    # a generated triplets file that is missing (a fresh checkout) names the command that makes it
+    with pytest.raises(ConfigError, match=r"recovery.source: runs/none/pairs.jsonl not found.*"
+                                          r"stayaligned pairs .*--output runs/none/pairs.jsonl"):
+        prepare(load(AlignConfig, None, ["deep=true", "recovery.source=runs/none/pairs.jsonl"]),
+                tokenizer)
 
 
 def test_a_prefix_that_does_not_start_the_answer_is_an_error(tokenizer):

@@ -69,6 +69,15 @@ def load_recovery_examples(cfg: TrainConfig, tokenizer) -> list[Example]:
     if not rec.source:
         raise ConfigError("deep: true needs recovery.source, a file of (prompt, refusal, harmful "
                           "answer) triplets, e.g. from `stayaligned pairs --prefill \"Sure, here is\"`")
+    local = [Path(rec.source)] + ([Path(cfg.data_dir) / rec.source] if cfg.data_dir else [])
+    if Path(rec.source).suffix.lower() in (".json", ".jsonl", ".csv", ".parquet") \
+            and not any(p.is_file() for p in local):
+        # a generated file missing (a fresh checkout, say) reads better than a Hub lookup error
+        raise ConfigError(f"recovery.source: {rec.source} not found (looked in "
+                          f"{', '.join(str(p) for p in local)}); make it with `stayaligned pairs "
+                          f"--model MODEL --harmful SOURCE --prefill \"Sure, here is\" --output "
+                          f"{rec.source}` (the command is in the align config's header when it "
+                          "came with stayaligned)")
     triplets = load_pairs(rec.source, fields=rec.fields, data_dir=cfg.data_dir,
                           limit=rec.limit, seed=rec.seed)
     return safety_recovery(triplets, token_pieces(tokenizer), seed=cfg.seed,
