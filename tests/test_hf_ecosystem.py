@@ -125,6 +125,7 @@ def test_evaluation_updates_the_card_and_metrics_carry_provenance(tmp_path, tiny
     assert "attack_success_rate" not in metrics["benchmarks"]["over"]
     assert "refusal_rate" in metrics["benchmarks"]["over"]
     assert metrics["versions"]["transformers"] and len(metrics["date"]) >= 19
+    assert metrics["machine"]["cpu_count"] >= 1
     assert "git" in metrics
     card = (out / "README.md").read_text()
     # named relative to the run, so that a committed or moved run reads the same anywhere

@@ -48,6 +48,9 @@ def test_lora_training_changes_adapter_and_lowers_loss(tmp_path, tiny_model_dir)
     manifest = json.loads((out / "run.json").read_text())
     assert manifest["status"] == "complete" and manifest["global_step"] == 30
     assert manifest["versions"]["torch"] and manifest["data"][0]["files_sha256"]
+    # what a rerun elsewhere needs to explain a difference: the GGUF reader and the CPU
+    assert "gguf" in manifest["versions"] and "tokenizers" in manifest["versions"]
+    assert manifest["machine"]["cpu_count"] >= 1 and manifest["machine"]["torch_threads"] >= 1
     first = manifest["rendered_examples"][0]
     assert "⟦0 + 1 = 1.<|im_end|>\n⟧" in first["masked"] and first["n_loss_tokens"] > 0
     # the adapter loads with PEFT, the merged model with plain transformers

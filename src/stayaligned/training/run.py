@@ -35,6 +35,7 @@ from stayaligned.training.collate import PadCollator, RenderedDataset
 from stayaligned.runlock import clear_dir, run_lock
 from stayaligned.runfiles import (
     data_fingerprint,
+    machine_info,
     recovery_fingerprint,
     package_versions,
     provenance,
@@ -129,6 +130,7 @@ def _manifest(cfg: TrainConfig, prep: dict, tokenizer) -> dict:
         "status": "running",
         "config": to_dict(cfg),
         "versions": package_versions(),
+        "machine": machine_info(),
         "provenance": provenance(),
         "device": pick_device(cfg.model.dtype, cfg.model.precision).type,
         "precision": resolve_precision(cfg.model.precision, cfg.model.dtype).to_dict(),
