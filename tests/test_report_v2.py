@@ -194,3 +194,51 @@ def test_a_headline_judge_outside_the_study_judges_is_an_error(tmp_path, tiny_mo
                        "headline_judge=classifier")
     with pytest.raises(ConfigError, match="headline_judge: 'classifier' is not one of"):
         run_study(cfg)
+
+
+def _set_date(folder, date):
+    import json
+
+    for path in folder.rglob("metrics.json"):
+        data = json.loads(path.read_text())
+        path.write_text(json.dumps({**data, "date": date}))
+
+
+def test_a_retrained_seed_whose_losses_differ_names_what_was_made_from_the_archived_one(tmp_path):
+    import json
+
+    root = make_study(tmp_path / "study", repair=True)
+    retrain = "2026-12-06T10:00:00+00:00"
+    # every evaluation before the retrain, then the aligned seed and sft seed 1 made again after
+    _set_date(root, "2026-12-05T10:00:00+00:00")
+    _set_date(root / "aligned", "2026-12-06T11:00:00+00:00")
+    for key in ("cells/sft-seed1", "cells/sft+merge-seed1"):
+        _set_date(root / key, "2026-12-06T12:00:00+00:00")
+    run = {"status": "complete", "provenance": {"date": retrain},
+           "archived_rerun": {"date_of_archived_run": "2026-12-01T00:00:00+00:00",
+                              "logged_steps_compared": 3, "same_losses": False,
+                              "first_differing_step": 1}}
+    (root / "aligned" / "train").mkdir(parents=True)
+    (root / "aligned" / "train" / "run.json").write_text(json.dumps(run))
+    sft1 = json.loads((root / "cells/sft-seed1/train/run.json").read_text())
+    (root / "cells/sft-seed1/train/run.json").write_text(json.dumps(
+        {**sft1, "provenance": {"date": "2026-12-06T11:30:00+00:00"}}))
+    write_report(root)
+    markdown = (root / "report.md").read_text()
+    note = next(line for line in markdown.splitlines() if line.startswith("Retrained: aligned"))
+    assert "from step 1 (archived run of 2026-12-01" in note
+    named = note.split("before the retrain: ", 1)[1].split(";", 1)[0].split(", ")
+    assert "sft-seed0" in named and "sft+merge-seed2" in named and "ptst-seed0" in named
+    assert "sft-seed1" not in named and "sft+merge-seed1" not in named
+    assert not any(n.startswith("aligned") for n in named)
+    _set_date(root / "aligned", "2026-12-05T10:00:00+00:00")  # its evaluation kept from before
+    write_report(root)
+    assert "aligned (its own evaluation)" in (root / "report.md").read_text()
+    # the same retrain with identical losses, or nothing retrained: no note
+    (root / "aligned" / "train" / "run.json").write_text(json.dumps(
+        {**run, "archived_rerun": {**run["archived_rerun"], "same_losses": True}}))
+    write_report(root)
+    assert "Retrained:" not in (root / "report.md").read_text()
+    plain = make_study(tmp_path / "plain")
+    write_report(plain)
+    assert "Retrained:" not in (plain / "report.md").read_text()

@@ -130,6 +130,7 @@ def _overview(study: Study) -> list[Block]:
             f"({counts or 'none scored yet'}) with the {_judge(study)} judge, and differences "
             f"are taken against the {study.reference_name} cell.")
     blocks = [*sections.study_words(study), Paragraph(text), Paragraph(_stage_counts(study))]
+    blocks += [Paragraph("Retrained: " + note) for note in sections.retrain_notes(study)]
     if study.unreadable:
         blocks.append(Paragraph("Unreadable files (not valid JSON, left out): "
                                 + ", ".join(study.unreadable)))

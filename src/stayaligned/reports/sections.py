@@ -170,6 +170,59 @@ def study_words(study: Study) -> list[Block]:
     return [Paragraph(" ".join(text))]
 
 
+# ---------------------------------------------------------------- retrained models
+
+
+def retrain_notes(study: Study) -> list[str]:
+    """One sentence per model that the study retrained because its weights were not in the
+    checkout and whose logged losses differ from the archived run's (`archived_rerun` in its
+    run.json): the models and evaluations made from the archived weights before the retrain
+    are named, since their numbers and the retrained model's come from different weights."""
+    notes = []
+    for model in study.models:
+        rerun = (model.run or {}).get("archived_rerun")
+        if not rerun or rerun.get("same_losses"):
+            continue
+        when = str(((model.run or {}).get("provenance") or {}).get("date") or "")
+        older = [f"{m.label}" + ("" if m is not model else " (its own evaluation)")
+                 for m in _made_from(study, model) if when and (_made_on(m) or when) < when]
+        first = rerun.get("first_differing_step")
+        text = (f"{model.label} was retrained in this checkout (its weights were not here) and "
+                f"its logged losses differ from the archived run's"
+                + (f" from step {first}" if first is not None else "")
+                + f" (archived run of {rerun.get('date_of_archived_run') or 'unknown date'}).")
+        if older:
+            text += (" Made from the archived weights, before the retrain: "
+                     f"{', '.join(older)}; their numbers and the retrained model's come from "
+                     "different weights (delete those directories and run the study again to "
+                     "remake them).")
+        else:
+            text += " Every model and evaluation read here was made after the retrain."
+        notes.append(text)
+    return notes
+
+
+def _made_from(study: Study, model) -> list:
+    """`model` and the models made from it: every cell for the aligned seed; a cell's repairs
+    (same seed) for a cell."""
+    if model.key == "aligned":
+        return [model, *(m for m in study.models if m.cell is not None)]
+    name = str((model.cell or {}).get("name"))
+    return [model, *(m for m in study.models if m.seed == model.seed
+                     and ((m.cell or {}).get("repair") or {}).get("of") == name)]
+
+
+def _made_on(model) -> str | None:
+    """The earliest date this model's files carry (training run, evaluations): when it was
+    made, or at the latest first evaluated."""
+    dates = [((model.run or {}).get("provenance") or {}).get("date"),
+             *((v.metrics or {}).get("date") for v in model.views)]
+    dates = [str(d) for d in dates if d]
+    if (model.run or {}).get("archived_rerun"):  # its run is the retrain: its evaluations say
+        dates = [str(v.metrics["date"]) for v in model.views if (v.metrics or {}).get("date")]
+    return min(dates) if dates else None
+
+
 # ---------------------------------------------------------------- templates
 
 
