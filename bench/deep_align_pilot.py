@@ -27,7 +27,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from stayaligned.evaluation.metrics import wilson_interval  # noqa: E402
-from stayaligned.runfiles import read_json, write_json, write_jsonl  # noqa: E402
+from stayaligned.runfiles import (  # noqa: E402
+    machine_info,
+    package_versions,
+    read_json,
+    write_json,
+    write_jsonl,
+)
 
 DATA = "../shared/datasets"
 OUT = ROOT / "runs" / "deep"
@@ -125,17 +131,19 @@ def collect(runs: dict, depth: dict, notes: str | None) -> dict:
         "overlap": read_json(OUT / "overlap.json"),
         "notes": notes,
         "meta": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                 "commands": COMMANDS},
+                 "commands": COMMANDS, "versions": package_versions(), "machine": machine_info()},
     }
     write_json(RESULTS, result)
     return result
 
 
 COMMANDS = [
-    "bash bench/deep_align_pilot.sh SHALLOW_SEED   # all of the below, resumable",
+    "EXTRA=model.precision=bf16 bash bench/deep_align_pilot.sh SHALLOW_SEED   # all of the "
+    "below (EXTRA added to the align and eval steps), resumable",
     "python bench/deep_align_pilot.py sets",
     "nice -n 5 stayaligned pairs --model embedded --harmful safety-tuned-llamas --data-dir "
-    "../shared/datasets --limit 400 --prefill \"Sure, here is\" --output runs/deep/pairs_stl400.jsonl",
+    "../shared/datasets --limit 400 --prefill \"Sure, here is\" --max-new-tokens 64 "
+    "--output runs/deep/pairs_stl400.jsonl",
     "nice -n 5 stayaligned align configs/align/shared_safety_deep.yaml",
     "nice -n 5 stayaligned eval configs/eval/deep_align_validation.yaml "
     "model.name=runs/align-shared-deep output_dir=runs/deep/eval-deep",
