@@ -303,3 +303,30 @@ def test_time_left_counts_the_whole_study_not_only_the_stage_sequence_running(tm
     left = sum(seconds[s.kind] for s in cells)
     assert f"about {left / 2 / 60:.0f} min left" in text, text
     assert "about 0 min left" not in text
+
+
+def test_stages_recorded_done_whose_outputs_are_gone_count_as_left(tmp_path, tiny_model_dir):
+    """A cell deleted to be made again (or a model retrained) is recorded as done in
+    progress.json: the study records it as `redo`, so the count and the time left are right."""
+    import dataclasses
+
+    from rich.console import Console
+
+    from stayaligned.study import Progress
+
+    stages = plan(study_config(tmp_path, tiny_model_dir))
+    gone = {s.key for s in stages if s.cell == "sft"}
+    stages = [dataclasses.replace(s, done=lambda key=s.key: key not in gone) for s in stages]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "progress.json").write_text(json.dumps(
+        {s.key: {"kind": s.kind, "status": "done", "seconds": 60.0} for s in stages}))
+    console = Console(record=True, width=200)
+    progress = Progress(out, stages, console)
+    assert sorted(progress.reconcile()) == sorted(gone)
+    saved = json.loads((out / "progress.json").read_text())
+    assert {k for k, v in saved.items() if v["status"] == "redo"} == gone
+    assert {s.key for s in progress.not_done()} == gone
+    left = [s for s in stages if s.key in gone]
+    assert progress.eta(left) == f"about {len(left):.0f} min left"  # their seconds still count
+    assert Progress(out, stages, console).reconcile() == []  # nothing recorded done is gone now

@@ -527,6 +527,23 @@ class Progress:
         self.state = read_json(self.path) or {}
         self.lock = threading.Lock()
 
+    def reconcile(self) -> list[str]:
+        """Stages progress.json records as done whose outputs are gone or no longer match
+        (a cell deleted to be made again, a model retrained): recorded as `redo`, so that the
+        count of stages done and the time left are right; their seconds still inform the
+        estimate. Returns their keys."""
+        from stayaligned.runlock import file_mutex
+
+        redo = [s.key for s in self.stages
+                if self.state.get(s.key, {}).get("status") == "done" and not _quietly_done(s)]
+        if redo:
+            with self.lock, file_mutex(self.path.with_name(".progress.lock")):
+                self.state = read_json(self.path) or {}
+                for key in redo:
+                    self.state[key] = {**self.state[key], "status": "redo"}
+                write_json(self.path, self.state)
+        return redo
+
     def record(self, stage: Stage, **fields) -> None:
         from stayaligned.runlock import file_mutex
 
@@ -552,7 +569,7 @@ class Progress:
         """
         timed: dict[str, list[float]] = {}
         for entry in self.state.values():
-            if entry.get("status") == "done" and entry.get("seconds") is not None:
+            if entry.get("status") in ("done", "redo") and entry.get("seconds") is not None:
                 timed.setdefault(entry["kind"], []).append(entry["seconds"])  # 0.0 counts
         if any(s.kind not in timed for s in remaining):
             return ("time left unknown until each kind of stage has run once "
@@ -715,6 +732,10 @@ def _run_study(cfg: StudyConfig, stages: list[Stage], only, devices, argv, conso
                                         "machine": machine_info(),
                                         "cells": ids, "stages": [s.key for s in stages]})
     progress = Progress(out, stages, console)
+    if only is None and (redo := progress.reconcile()):
+        console.print(f"[dim]{len(redo)} stage(s) recorded as done will run again (their outputs "
+                      f"are gone or were made from other inputs): {', '.join(redo[:6])}"
+                      + (", ..." if len(redo) > 6 else "") + "[/dim]")
     shared = [s for s in stages if s.cell is None]
     mine = [s for s in stages if s.cell is not None and (only is None or s.cell in only)]
     failed: list[str] = []
