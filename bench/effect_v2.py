@@ -40,7 +40,7 @@ from stayaligned.reports.headline import (
     templates,
 )
 from stayaligned.reports.report import write_report
-from stayaligned.reports.sections import dose_data, judge_agreement
+from stayaligned.reports.sections import dose_data, judge_agreement, retrain_notes
 from stayaligned.reports.study_files import load_study
 from stayaligned.runfiles import read_json, write_json
 
@@ -184,6 +184,10 @@ def summarise(study_dir: str, overhead: dict | None = None, command: str = "") -
                  "benchmarks": benchmark_roles(study),
                  "stage_seconds": {k: v.get("seconds") for k, v in study.progress.items()},
                  "versions": study.manifest.get("versions"),
+                 "machine": study.manifest.get("machine"),
+                 # models retrained from their archived records with other losses (none: every
+                 # number comes from one set of weights per model)
+                 "retrained": retrain_notes(study),
                  "units": "rates and kept shares are fractions; task_loss is the mean per-token "
                           "NLL (nats) of the task benchmark's reference answers; "
                           "task_loss_vs_sft is relative (loss / sft's - 1)"}})

@@ -49,6 +49,7 @@ def test_effect_v2_json_has_the_issue_keys(tmp_path):
     assert sft_dose["task_loss_gain"] == pytest.approx(1.3 - 0.6)
     assert data["targets"]["sft keeps < 80%, its interval below the seed's 100%"]["passed"]
     assert data["meta"]["pooling"].startswith("mean over seeds and items")
+    assert data["meta"]["retrained"] == []  # every model made once, from one set of weights
     assert (tmp_path / "r" / "report.md").read_text().startswith("# Study report: fake-v2\n\n| Method |")
 
 
