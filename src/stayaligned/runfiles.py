@@ -134,10 +134,13 @@ def recovery_fingerprint(cfg) -> dict | None:
     rerun's triplets from the archived run's)."""
     if not getattr(cfg, "deep", False):
         return None
+    from stayaligned.data.loading import local_path
+
     rec = cfg.recovery
     entry = {"source": rec.source, "limit": rec.limit, "seed": rec.seed}
-    if rec.source and Path(rec.source).is_file():
-        entry["files_sha256"] = {rec.source: file_sha256(Path(rec.source))}
+    path = local_path(rec.source, cfg.data_dir) if rec.source else None
+    if path is not None:  # where load_recovery_examples reads it from (under data_dir too)
+        entry["files_sha256"] = {str(path): file_sha256(path)}
     return entry
 
 

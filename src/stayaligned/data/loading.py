@@ -322,7 +322,7 @@ def load_examples(source: str | Path, fields: Fields, *, split: str = "train",
     A relative `source` is also looked up under `data_dir`. `limit` keeps a deterministic
     random subset (by `seed`) in the original order.
     """
-    path = _local_path(source, data_dir)
+    path = local_path(source, data_dir)
     if path is not None:
         records = read_records(path)
         where = str(path)
@@ -347,7 +347,8 @@ def examples_from_records(records: list[tuple[str, dict]], fields: Fields, where
     return [to_example(record_id, record, fields) for record_id, record in records]
 
 
-def _local_path(source: str | Path, data_dir: str | Path | None) -> Path | None:
+def local_path(source: str | Path, data_dir: str | Path | None) -> Path | None:
+    """The local file `source` names, as given or under `data_dir` (relative names), or None."""
     candidates = [Path(source)]
     if data_dir is not None and not Path(source).is_absolute():
         candidates.append(Path(data_dir) / source)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from stayaligned.data.loading import Fields, load_examples, read_records
+from stayaligned.data.loading import Fields, load_examples, local_path, read_records
 from stayaligned.data.types import DataError, Example
 from stayaligned.runfiles import write_jsonl
 
@@ -58,8 +58,7 @@ def _pair_fields(source, fields: dict | None, data_dir) -> dict:
         if unknown:
             raise DataError(f"pair fields {unknown}: valid keys are prompt, chosen, rejected")
         return {**CIRCUIT_BREAKERS_FIELDS, **fields}
-    candidates = [Path(source)] + ([Path(data_dir) / source] if data_dir is not None else [])
-    path = next((c for c in candidates if c.is_file()), None)
+    path = local_path(source, data_dir)
     if path is not None and path.suffix.lower() == ".jsonl":
         records = read_records(path)
         if records and set(WRITTEN_FIELDS.values()) <= set(records[0][1]) \

@@ -63,6 +63,7 @@ def load_recovery_examples(cfg: TrainConfig, tokenizer) -> list[Example]:
     al. 2024, data.transforms.safety_recovery); none otherwise."""
     if not getattr(cfg, "deep", False):
         return []
+    from stayaligned.data.loading import SUFFIXES, local_path
     from stayaligned.data.pairs import load_pairs
     from stayaligned.data.transforms import safety_recovery, token_pieces
 
@@ -70,15 +71,14 @@ def load_recovery_examples(cfg: TrainConfig, tokenizer) -> list[Example]:
     if not rec.source:
         raise ConfigError("deep: true needs recovery.source, a file of (prompt, refusal, harmful "
                           "answer) triplets, e.g. from `stayaligned pairs --prefill \"Sure, here is\"`")
-    local = [Path(rec.source)] + ([Path(cfg.data_dir) / rec.source] if cfg.data_dir else [])
-    if Path(rec.source).suffix.lower() in (".json", ".jsonl", ".csv", ".parquet") \
-            and not any(p.is_file() for p in local):
-        # a generated file missing (a fresh checkout, say) reads better than a Hub lookup error
-        raise ConfigError(f"recovery.source: {rec.source} not found (looked in "
-                          f"{', '.join(str(p) for p in local)}); make it with `stayaligned pairs "
-                          f"--model MODEL --harmful SOURCE --prefill \"Sure, here is\" --output "
-                          f"{rec.source}` (the command is in the align config's header when it "
-                          "came with stayaligned)")
+    if local_path(rec.source, cfg.data_dir) is None and Path(rec.source).suffix.lower() in SUFFIXES:
+        # load_examples' "file not found" says nothing of where a generated triplets file
+        # comes from (a fresh checkout has none)
+        searched = f" (nor {Path(cfg.data_dir) / rec.source})" if cfg.data_dir else ""
+        raise ConfigError(f"recovery.source: {rec.source} not found{searched}; make it with "
+                          "`stayaligned pairs --model MODEL --harmful SOURCE --prefill \"Sure, "
+                          f"here is\" --output {rec.source}` (the command is in the align "
+                          "config's header when it came with stayaligned)")
     triplets = load_pairs(rec.source, fields=rec.fields, data_dir=cfg.data_dir,
                           limit=rec.limit, seed=rec.seed)
     return safety_recovery(triplets, token_pieces(tokenizer), seed=cfg.seed,
@@ -135,7 +135,7 @@ def _manifest(cfg: TrainConfig, prep: dict, tokenizer) -> dict:
         "device": pick_device(cfg.model.dtype, cfg.model.precision).type,
         "precision": resolve_precision(cfg.model.precision, cfg.model.dtype).to_dict(),
         "data": [data_fingerprint(s, cfg.data_dir) for s in cfg.data],
-        **({"recovery": recovery_fingerprint(cfg)} if getattr(cfg, "deep", False) else {}),
+        **({"recovery": recovery} if (recovery := recovery_fingerprint(cfg)) else {}),
         "n_examples": len(prep["examples"]),
         "render_report": prep["report"].to_dict(),
         "templates": {"train": prep["train_template"], "eval": prep["eval_template"]},
