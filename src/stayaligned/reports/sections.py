@@ -184,7 +184,7 @@ def retrain_notes(study: Study) -> list[str]:
         if not rerun or rerun.get("same_losses"):
             continue
         when = str(((model.run or {}).get("provenance") or {}).get("date") or "")
-        older = [f"{m.label}" + ("" if m is not model else " (its own evaluation)")
+        older = [m.label + ("" if m is not model else " (its own evaluation)")
                  for m in _made_from(study, model) if when and (_made_on(m) or when) < when]
         first = rerun.get("first_differing_step")
         text = (f"{model.label} was retrained in this checkout (its weights were not here) and "
@@ -215,11 +215,10 @@ def _made_from(study: Study, model) -> list:
 def _made_on(model) -> str | None:
     """The earliest date this model's files carry (training run, evaluations): when it was
     made, or at the latest first evaluated."""
-    dates = [((model.run or {}).get("provenance") or {}).get("date"),
-             *((v.metrics or {}).get("date") for v in model.views)]
-    dates = [str(d) for d in dates if d]
-    if (model.run or {}).get("archived_rerun"):  # its run is the retrain: its evaluations say
-        dates = [str(v.metrics["date"]) for v in model.views if (v.metrics or {}).get("date")]
+    run = model.run or {}
+    # a retrained run's own date is the retrain: only its evaluations can be older
+    made = None if run.get("archived_rerun") else (run.get("provenance") or {}).get("date")
+    dates = [str(d) for d in (made, *((v.metrics or {}).get("date") for v in model.views)) if d]
     return min(dates) if dates else None
 
 
