@@ -46,7 +46,7 @@ from stayaligned.runfiles import read_json, write_json
 
 SEED_METHODS = ("lookahead-real", "lookahead-virtual", "ptst", "str", "sap", "constrained_sft",
                 "safety_mix")
-RECIPES = ("stack",)  # and repair cells (name starting "repair") when the study has them
+RECIPES = ("stack",)  # and every repair cell (a cell with a `repair:` spec, e.g. sft+merge)
 POOLING = ("mean over seeds and items; 95% percentile interval of a two-way cluster bootstrap "
            "resampling seeds and items (prompts) independently, 2,000 replicates, the same "
            "draws for every model (differences paired on seeds and items); "
@@ -75,7 +75,9 @@ def headline_entries(study, overhead: dict | None) -> dict:
             "over_refusal_rate": _p(r.over_refusal)[0],
             "over_refusal_vs_sft": _p(r.over_refusal_vs_sft)[0],
             "task_loss": r.task_loss, "task_loss_vs_sft": r.task_loss_vs_sft,
-            "cost_per_step": r.cost, "not_computed": r.why}
+            "cost_per_step": r.cost, "not_computed": r.why,
+            "repair": ((r.runs[0].cell or {}).get("repair") or {}).get("method") if r.runs
+            else None}
     return out
 
 
@@ -148,7 +150,7 @@ def targets(entries: dict) -> dict:
             "kept": row.get("kept"), "kept_vs_sft_ci": diff,
             "task_loss_vs_sft": row.get("task_loss_vs_sft"), "above": above, "loss": loss,
             "passed": None if None in (above, loss) else above and loss}
-    recipes = [n for n in entries if n in RECIPES or n.startswith("repair")]
+    recipes = [n for n, row in entries.items() if n in RECIPES or row.get("repair")]
     scored = [n for n in recipes if entries[n].get("kept") is not None]
     best = max(scored, key=lambda n: entries[n]["kept"], default=None)
     row = entries.get(best) or {}

@@ -53,6 +53,22 @@ def test_effect_v2_json_has_the_issue_keys(tmp_path):
     assert (tmp_path / "r" / "report.md").read_text().startswith("# Study report: fake-v2\n\n| Method |")
 
 
+def test_best_recipe_target_counts_repair_cells(tmp_path):
+    """A repair cell is a recipe whatever its name (v2's are sft+merge, sft+resta, ...)."""
+    effect = load_effect_v2()
+    study = make_study(tmp_path / "study", repair=True)
+    out = tmp_path / "effect_v2.json"
+    assert effect.main([str(study), "--output", str(out), "--report", str(tmp_path / "r")]) == 0
+    data = json.loads(out.read_text())
+    assert data["sft+merge"]["repair"] == "merge" and data["sft"]["repair"] is None
+    best = next(v for k, v in data["targets"].items() if k.startswith("best recipe"))
+    aligned = round(REFUSAL["aligned"]["native"] * N_HARM)
+    assert best["best"] == "sft+merge"
+    assert best["kept"] == pytest.approx(REFUSAL["sft+merge"]["native"] * N_HARM / aligned)
+    # kept 84% < 95%: the target is decided (not None) and missed
+    assert best["passed"] is False
+
+
 def test_dry_run_lists_the_v2_stages_with_an_estimate(capsys):
     effect = load_effect_v2()
     # the deep align config comes from issue 14 part 1; the plain one stands in for the listing
