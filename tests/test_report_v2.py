@@ -162,6 +162,27 @@ def test_cost_is_matched_by_methods_unless_the_bench_measured_this_study(v2):
     assert "from this study's training times" in markdown.split("\n## ", 1)[0]
 
 
+def test_cost_of_a_resumed_run_divides_by_the_steps_it_timed(tmp_path):
+    """A run resumed from checkpoint-N times only the steps after N: its cost per step is
+    train_seconds over those steps (recorded as timed_steps, or read off resumed_from in older
+    records), not over global_step, which made a resumed cell look cheaper."""
+    import json
+
+    root = make_study(tmp_path / "study")
+    for seed in (0, 1, 2):  # ptst ran 40 s for 40 steps; now: resumed at 30, 10 steps in 40 s
+        path = root / "cells" / f"ptst-seed{seed}" / "train" / "run.json"
+        run = json.loads(path.read_text())
+        run["resumed_from"] = f"{path.parent}/checkpoints/checkpoint-30"
+        if seed == 0:
+            run["timed_steps"] = 10
+        path.write_text(json.dumps(run))
+    rows = _rows(root)
+    assert rows["ptst"].cost == "×4.00 (4.0 s)"
+    write_report(root)
+    assert "| ptst-seed1 | complete | 40 |" in (root / "report.md").read_text()
+    assert "40.0 s (steps 31-40: resumed)" in (root / "report.md").read_text()
+
+
 def test_the_headline_judge_can_be_chosen_for_the_whole_report(tmp_path):
     """`headline_judge: keyword` (a study whose classifier misjudges its domain,
     bench/results/judges_harmful_domain.json): the headline, its "other judge" column and the

@@ -92,7 +92,11 @@ def test_resume_after_stop_matches_uninterrupted_run(tmp_path, tiny_model_dir, m
             train(cfg)
     assert not is_complete(tmp_path / "b" / "run")
     resumed = train(cfg, resume=True)
-    assert json.loads((resumed / "run.json").read_text())["resumed_from"].endswith("checkpoint-3")
+    run = json.loads((resumed / "run.json").read_text())
+    assert run["resumed_from"].endswith("checkpoint-3")
+    # train_seconds timed only the steps after the checkpoint: the report divides by these
+    assert run["timed_steps"] == run["global_step"] - 3 > 0
+    assert json.loads((full / "run.json").read_text())["timed_steps"] == run["global_step"]
     a, b = adapter_weights(full), adapter_weights(resumed)
     assert a.keys() == b.keys()
     for key in a:

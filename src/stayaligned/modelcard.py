@@ -14,7 +14,7 @@ import re
 from datetime import datetime, timezone
 from pathlib import Path
 
-from stayaligned.runfiles import atomic_write, read_json, write_json
+from stayaligned.runfiles import atomic_write, read_json, train_time, write_json
 
 CARD = "README.md"
 EVALUATIONS = "evaluations.json"
@@ -171,7 +171,7 @@ def _budget_lines(manifest: dict) -> list[str]:
             f"({optim.get('adam_beta1')}, {optim.get('adam_beta2')}), weight decay "
             f"{optim.get('weight_decay')}, max grad norm {optim.get('max_grad_norm')}",
             f"- {adapter}",
-            f"- {manifest.get('train_seconds', '?')} s on {manifest.get('device', '?')}", ""]
+            f"- {train_time(manifest)} on {manifest.get('device', '?')}", ""]
 
 
 def _eval_lines(run: Path) -> list[str]:

@@ -101,6 +101,42 @@ def machine_info() -> dict:
     return info
 
 
+def timed_steps(run: dict) -> int | None:
+    """How many optimiser steps run.json's `train_seconds` timed: a resumed run times only
+    the steps after its checkpoint (`timed_steps`; records written before it existed: the
+    global step minus the step in `resumed_from`'s checkpoint-N name).
+
+    >>> timed_steps({"global_step": 80, "resumed_from": "out/checkpoints/checkpoint-10"})
+    70
+    >>> timed_steps({"global_step": 80, "resumed_from": None}), timed_steps({})
+    (80, None)
+    """
+    if isinstance(run.get("timed_steps"), int):
+        return run["timed_steps"]
+    total = run.get("global_step")
+    if not isinstance(total, int):
+        return None
+    name = Path(str(run.get("resumed_from") or "")).name
+    start = name.removeprefix("checkpoint-")
+    return total - int(start) if name.startswith("checkpoint-") and start.isdigit() else total
+
+
+def train_time(run: dict) -> str:
+    """run.json's training time as text, saying which steps it timed when resumed.
+
+    >>> train_time({"train_seconds": 700.0, "global_step": 80, "timed_steps": 70})
+    '700.0 s (steps 11-80: resumed)'
+    >>> train_time({"train_seconds": 800.0, "global_step": 80}), train_time({})
+    ('800.0 s', '—')
+    """
+    seconds, steps, total = run.get("train_seconds"), timed_steps(run), run.get("global_step")
+    if not isinstance(seconds, (int, float)):
+        return "—"
+    if steps is not None and isinstance(total, int) and steps < total:
+        return f"{seconds:.1f} s (steps {total - steps + 1}-{total}: resumed)"
+    return f"{seconds:.1f} s"
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -20,6 +20,7 @@ from stayaligned.reports import pooling
 from stayaligned.reports.pooling import Pooled
 from stayaligned.reports.study_files import ModelRun, Study
 from stayaligned.reports.tables import pareto_front, prefill_parts
+from stayaligned.runfiles import timed_steps
 
 REFERENCE_LABELS = ("seed", "aligned")
 
@@ -194,8 +195,8 @@ def cost_per_step(cell: dict, runs: list[ModelRun], sft_runs: list[ModelRun],
                 return f"×{ratio:.2f} ({entry.get('step_s_median', 0):.1f} s, {where})"
 
     def per_step(rs):
-        xs = [m.run["train_seconds"] / m.run["global_step"] for m in rs
-              if m.run and m.run.get("train_seconds") and m.run.get("global_step")]
+        xs = [m.run["train_seconds"] / timed_steps(m.run) for m in rs  # a resumed run timed
+              if m.run and m.run.get("train_seconds") and timed_steps(m.run)]  # fewer steps
         return sum(xs) / len(xs) if xs else None
 
     mine, sft = per_step(runs), per_step(sft_runs)

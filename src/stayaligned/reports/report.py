@@ -43,7 +43,7 @@ from stayaligned.reports.tables import (
     task_metric,
     task_score,
 )
-from stayaligned.runfiles import atomic_write, write_bytes
+from stayaligned.runfiles import atomic_write, train_time, write_bytes
 
 UTILITY = ("both", "accuracy", "loss", "auto")
 
@@ -282,10 +282,9 @@ def _training_row(model: ModelRun) -> tuple[str, ...]:
     if model.run is None:
         return (model.label, model.missing("train"), "—", "—", "—")
     losses = [row["loss"] for row in model.log if isinstance(row.get("loss"), (int, float))]
-    seconds = model.run.get("train_seconds")
     return (model.label, str(model.run.get("status", "—")),
             str(model.run.get("global_step", "—")), f"{losses[-1]:.4f}" if losses else "—",
-            f"{seconds:.1f}" if seconds is not None else "—")
+            train_time(model.run))
 
 
 def _training(study: Study) -> list[Block]:
@@ -303,7 +302,7 @@ def _training(study: Study) -> list[Block]:
         blocks.append(Image("training_norms.png", norms, "Gradient and probe norms the methods "
                             "log (not losses)"))
     rows = tuple(_training_row(m) for m in trained)
-    blocks.append(Table(("Run", "Status", "Steps", "Last logged loss", "Train time (s)"), rows))
+    blocks.append(Table(("Run", "Status", "Steps", "Last logged loss", "Train time"), rows))
     return blocks
 
 
@@ -339,7 +338,6 @@ def _cell_fields(model: ModelRun) -> Table:
         return _repair_fields(model)
     cell, run = model.cell or {}, model.run or {}
     templates = run.get("templates") or {}
-    seconds = run.get("train_seconds")
     fields = [
         ("methods", " + ".join(cell.get("methods") or ["sft"])),
         ("options", json.dumps(cell.get("options") or {}, sort_keys=True)),
@@ -348,7 +346,7 @@ def _cell_fields(model: ModelRun) -> Table:
         ("train template", str(templates.get("train", "—"))),
         ("eval template", str(templates.get("eval", "—"))),
         ("training examples", str(run.get("n_examples", "—"))),
-        ("train time", f"{seconds:.1f} s" if seconds is not None else "—"),
+        ("train time", train_time(run)),
     ]
     fields += [(f"{stage} stage", model.status(stage)) for stage in ("train", "eval", "depth")]
     return Table(("Field", "Value"), tuple(fields))

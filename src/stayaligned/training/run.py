@@ -318,6 +318,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
     if main:
         write_json(out / "run.json", manifest)
     started = time.time()
+    start_step = _checkpoint_step(checkpoint)
     result = trainer.train(resume_from_checkpoint=checkpoint)
     if main:
         try:
@@ -329,11 +330,25 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
         write_jsonl(out / "train_log.jsonl", trainer.state.log_history)
         manifest.update(status="complete", train_seconds=round(time.time() - started, 1),
                         train_metrics=result.metrics, global_step=trainer.state.global_step,
-                        resumed_from=checkpoint)
+                        resumed_from=checkpoint,
+                        # the steps train_seconds timed (a resumed run: those after checkpoint)
+                        timed_steps=trainer.state.global_step - start_step)
         write_json(out / "run.json", manifest)
         _publish(cfg, out)
     trainer.accelerator.wait_for_everyone()
     return out
+
+
+def _checkpoint_step(checkpoint: str | None) -> int:
+    """The global step a resumed run starts from (0 for a fresh run)."""
+    if not checkpoint:
+        return 0
+    state = read_json(Path(checkpoint) / "trainer_state.json") or {}
+    step = state.get("global_step")
+    if isinstance(step, int):
+        return step
+    digits = Path(checkpoint).name.removeprefix("checkpoint-")
+    return int(digits) if digits.isdigit() else 0
 
 
 def _save_outputs(trainer, tokenizer, cfg: TrainConfig, out: Path) -> None:
