@@ -56,10 +56,7 @@ def test_effect_v2_json_has_the_issue_keys(tmp_path):
 def test_best_recipe_target_counts_repair_cells(tmp_path):
     """A repair cell is a recipe whatever its name (v2's are sft+merge, sft+resta, ...)."""
     effect = load_effect_v2()
-    study = make_study(tmp_path / "study", repair=True)
-    out = tmp_path / "effect_v2.json"
-    assert effect.main([str(study), "--output", str(out), "--report", str(tmp_path / "r")]) == 0
-    data = json.loads(out.read_text())
+    data = effect.summarise(str(make_study(tmp_path / "study", repair=True)))  # no report
     assert data["sft+merge"]["repair"] == "merge" and data["sft"]["repair"] is None
     best = next(v for k, v in data["targets"].items() if k.startswith("best recipe"))
     aligned = round(REFUSAL["aligned"]["native"] * N_HARM)
