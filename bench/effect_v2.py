@@ -99,6 +99,8 @@ def per_template(study) -> dict:
                                                              roles["benign"]))[0],
                                 "task_loss": task_loss([aligned], t, judge, roles["task"])}
         for name, runs in cells.items():
+            if not any(m.view(t, judge) for m in runs):
+                continue  # not evaluated under t (cells[].eval_templates)
             k = kept(runs, aligned, t, judge, roles["harmful"]) if aligned else None
             d = (kept_vs(runs, cells[ref], aligned, t, judge, roles["harmful"])
                  if aligned and name != ref and ref in cells else None)

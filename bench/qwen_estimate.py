@@ -185,21 +185,51 @@ def eval_seconds(cfg: StudyConfig, inf: dict, templates: int) -> dict:
     return parts
 
 
-def estimate(cfg: StudyConfig, train_t: dict, inf: dict, templates: int, load_s: float) -> dict:
+def repair_seconds(cfg: StudyConfig, cell, inf: dict, load_s: float) -> int:
+    """A repair cell's sweep: the aligned model and each strength evaluated on the validation
+    set (the demo harmful requests' align split, 48 tokens, plus the task hold-out: 8 tokens
+    and its task loss), each a model load, each strength's weights also written once (counted
+    as another load)."""
+    from stayaligned.data.sources import load_source
+    from stayaligned.repair import repairs
+    from stayaligned.repair.sweep import DEFAULT_VALIDATION
+
+    size = inf["batch_size"]
+    harmful = DEFAULT_VALIDATION["benchmarks"][0]
+    n = len(load_source(harmful["source"], split=harmful["split"], data_dir=cfg.data_dir))
+    holdout = cell.repair.task_holdout
+    per_eval = (math.ceil(n / size) * inf["advbench_batch_s"]
+                + math.ceil(holdout / size) * inf["gsm8k_batch_s"] * 8 / inf["gsm8k_new_tokens"]
+                + math.ceil(holdout / size) * inf["forward_batch8_s"] * size / 8 + load_s)
+    strengths = len(cell.repair.strengths or repairs()[cell.repair.method].defaults)
+    return round((strengths + 1) * per_eval + strengths * load_s)
+
+
+def estimate(cfg: StudyConfig, train_t: dict, inf: dict, load_s: float) -> dict:
+    """Seconds per stage; each model is evaluated under its own templates (the study's
+    eval_templates, narrowed per cell by cells[].eval_templates), a stage (and a model load)
+    per template; a repair cell sweeps instead of training (`repair_seconds`)."""
+    from stayaligned.grid import cell_views, eval_views
     from stayaligned.study import cell_ids, cell_train_config
 
     overhead = read_json(OVERHEAD) or {}
     # this model's step time over the embedded model's (bench/results/overhead.json)
     scale = train_t["step_s"] / (overhead.get("sft", {}).get("step_s_median") or train_t["step_s"])
-    one_eval = eval_seconds(cfg, inf, templates)
-    stages = {"seed/eval": one_eval["total"] + load_s}
+    one_eval = eval_seconds(cfg, inf, 1)  # one template
+    stages = {f"seed/{folder}": one_eval["total"] + load_s
+              for _, folder in eval_views(cfg.eval_templates)}
     for run_id, cell, seed in cell_ids(cfg):
-        tcfg = cell_train_config(cfg, Path(tempfile.gettempdir()), run_id, cell, seed)
-        steps = tcfg.optim.max_steps
-        ratio, setup = _method_ratio(tuple(cell.methods), overhead)
-        setup_s = setup * scale  # STR's mining etc., scaled like a training step
-        stages[f"cells/{run_id}/train"] = round(steps * train_t["step_s"] * ratio + setup_s + load_s)
-        stages[f"cells/{run_id}/eval"] = one_eval["total"] + load_s
+        if cell.repair is not None:
+            stages[f"cells/{run_id}/repair"] = repair_seconds(cfg, cell, inf, load_s)
+        else:
+            tcfg = cell_train_config(cfg, Path(tempfile.gettempdir()), run_id, cell, seed)
+            steps = tcfg.optim.max_steps
+            ratio, setup = _method_ratio(tuple(cell.methods), overhead)
+            setup_s = setup * scale  # STR's mining etc., scaled like a training step
+            stages[f"cells/{run_id}/train"] = round(steps * train_t["step_s"] * ratio + setup_s
+                                                    + load_s)
+        for _, folder in cell_views(cfg, cell):
+            stages[f"cells/{run_id}/{folder}"] = one_eval["total"] + load_s
         if cfg.depth.enabled:
             batches = math.ceil(cfg.depth.limit / 8)
             stages[f"cells/{run_id}/depth"] = round(2 * batches * inf["forward_batch8_s"] + load_s)
@@ -213,8 +243,6 @@ def main(argv=None) -> None:
     parser.add_argument("--config", default=str(ROOT / "configs/study/qwen_coder_gsm8k.yaml"))
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--gsm8k-tokens", type=int, default=64)
-    parser.add_argument("--templates", type=int, default=2,
-                        help="eval templates per model (eval_templates: [native, native:safe])")
     parser.add_argument("--out", default=str(ROOT / "bench/results/qwen_coder_estimate.json"))
     parser.add_argument("--min-free-gb", type=float, default=16.0)
     parser.add_argument("--wait-s", type=float, default=1800.0)
@@ -226,7 +254,7 @@ def main(argv=None) -> None:
     wait_for_memory(args.min_free_gb, args.wait_s, "a LoRA step of the 1.5B model")
     result = {"model": cfg.model.name, "meta": {
             "command": f"python bench/qwen_estimate.py --steps {args.steps} "
-                       f"--gsm8k-tokens {args.gsm8k_tokens} --templates {args.templates}",
+                       f"--gsm8k-tokens {args.gsm8k_tokens}",
             "study": f"stayaligned study {Path(args.config).relative_to(ROOT)}",
             "device": "cpu (2 cores, shared with other jobs while measured)",
             "clock": "process CPU seconds / torch threads (see cpu_clock): the time on 2 "
@@ -235,15 +263,16 @@ def main(argv=None) -> None:
             "notes": "train stage = max_steps x sft step time x the method's time ratio on the "
                      "embedded model (bench/results/overhead.json) + setup + model load; eval = "
                      "generation batches x measured batch time (GSM8K scaled linearly from the "
-                     "timed tokens to max_new_tokens: a worst case) + task loss passes, times "
-                     "the number of eval templates; depth = 2 passes per batch of 8",
+                     "timed tokens to max_new_tokens: a worst case) + task loss passes, per "
+                     "eval template of the model (the config's eval_templates, narrowed per "
+                     "cell); depth = 2 passes per batch of 8",
     }}
     # each measurement is written as soon as it is done (a shared machine may not finish)
     result["training"] = time_training(cfg, args.steps)
     write_json(out, result)
     result["inference"] = time_inference(cfg, args.gsm8k_tokens, lambda inf: write_json(
         out, {**result, "inference": inf}))
-    result["estimate"] = estimate(cfg, result["training"], result["inference"], args.templates,
+    result["estimate"] = estimate(cfg, result["training"], result["inference"],
                                   result["inference"]["load_s"])
     write_json(out, result)
     print(json.dumps(result["estimate"], indent=2))

@@ -69,6 +69,33 @@ def test_no_ratio_across_templates_when_the_aligned_seed_lacks_one(tmp_path):
     assert ptst_line.split(" | ")[2] == "—"
 
 
+def test_a_cell_evaluated_under_fewer_templates_is_read_under_those(tmp_path):
+    """A cell with its own `eval_templates: [native]` has no native:safe views: its headline
+    row is read under native as before, its native:safe entries are absent (never filled from
+    another template), and the study's description says which cells were narrowed."""
+    import json
+
+    from stayaligned.reports.sections import study_words, template_blocks
+
+    root = make_study(tmp_path / "study", drop=tuple(
+        f"cells/str-seed{s}/eval-native-safe" for s in (0, 1, 2)))
+    manifest = json.loads((root / "study.json").read_text())
+    for cell in manifest["config"]["cells"]:
+        if cell["name"] == "str":
+            cell["eval_templates"] = ["native"]
+    (root / "study.json").write_text(json.dumps(manifest))
+    study = load_study(root)
+    row = {r.cell: r for r in headline_rows(study)}["str"]
+    assert row.template == "native" and row.kept.value == pytest.approx(
+        REFUSAL["str"]["native"] * N_HARM / round(REFUSAL["aligned"]["native"] * N_HARM))
+    tables = [b for b in template_blocks(study) if hasattr(b, "rows")][:2]  # native, safe
+    assert [[r[0] for r in t.rows] for t in tables] == [
+        ["aligned", "sft", "sft-safe", "ptst", "str"], ["aligned", "sft", "sft-safe", "ptst"]]
+    words = study_words(study)[0].text
+    assert "str (str: str with lam 0.1; evaluated under native only)" in words
+    assert "except str (under their own subset" in words
+
+
 def test_recommendation_names_the_pareto_fine_tunes(v2):
     text = recommendation(list(_rows(v2).values()))
     front = text.split("task loss are ", 1)[1].split(". ", 1)[0]

@@ -33,6 +33,25 @@ def test_eval_templates_get_their_own_directories_and_v1_keeps_eval(tmp_path):
         "cells/sft/eval-native-safe", "cells/sft/depth"]
 
 
+def test_a_cell_can_narrow_the_eval_templates(tmp_path):
+    """`cells[].eval_templates` evaluates a cell under a subset of the study's templates (the
+    Qwen study: native:safe only where PTST is read), folders keeping the study-wide names;
+    a template the study lacks, or a subset without the first template, is an error naming
+    the key."""
+    cells = ("cells=[{name: sft}, {name: ptst, methods: [ptst]}, "
+             "{name: str, methods: [str], eval_templates: [native]}]")
+    stages = [s.key for s in plan(_cfg(tmp_path, cells, "eval_templates=[native, native:safe]",
+                                       "depth.enabled=false"))]
+    assert [k for k in stages if k.startswith("cells/") and "/eval" in k] == [
+        "cells/sft/eval", "cells/sft/eval-native-safe", "cells/ptst/eval",
+        "cells/ptst/eval-native-safe", "cells/str/eval"]
+    for narrowed, message in (("[native:unsafe]", "'native:unsafe' is not one of the study's"),
+                              ("[native:safe]", "include the study's first eval template")):
+        bad = cells.replace("eval_templates: [native]", f"eval_templates: {narrowed}")
+        with pytest.raises(ConfigError, match=r"cells\.str\.eval_templates: " + message):
+            plan(_cfg(tmp_path, bad, "eval_templates=[native, native:safe]"))
+
+
 def test_v1_eval_config_is_unchanged_by_the_new_keys(tmp_path):
     from stayaligned.study import eval_config
 

@@ -238,6 +238,9 @@ class CellConfig:
     options: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
     repair: RepairConfig | None = None  # a post-hoc repair of another cell instead of training
+    # the study's eval_templates this cell is evaluated under (empty: all of them); the first
+    # of the study's must be among them (its eval/ folder holds the cell's main metrics)
+    eval_templates: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

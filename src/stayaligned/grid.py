@@ -39,6 +39,33 @@ def eval_views(templates) -> list[tuple[str | None, str]]:
     return [(t, template_dir(i, t)) for i, t in enumerate(templates)] or [(None, "eval")]
 
 
+def cell_views(cfg: StudyConfig, cell: CellConfig) -> list[tuple[str | None, str]]:
+    """The eval views of one cell: the study's, narrowed to the cell's own `eval_templates`
+    when it names some (each folder keeps the study-wide name, eval-native-safe for the second
+    template whatever the cell evaluates).
+
+    >>> cfg = StudyConfig(eval_templates=("native", "native:safe"))
+    >>> cell_views(cfg, CellConfig(name="str", eval_templates=("native",)))
+    [('native', 'eval')]
+    >>> cell_views(cfg, CellConfig(name="ptst"))
+    [('native', 'eval'), ('native:safe', 'eval-native-safe')]
+    """
+    views = eval_views(cfg.eval_templates)
+    if not cell.eval_templates:
+        return views
+    key = f"cells.{cell.name}.eval_templates"
+    unknown = [t for t in cell.eval_templates if t not in cfg.eval_templates]
+    if unknown:
+        raise ConfigError(f"{key}: {unknown[0]!r} is not one of the study's eval_templates "
+                          f"({', '.join(cfg.eval_templates) or 'none set'}); a cell can only "
+                          "narrow the study's list")
+    if cfg.eval_templates[0] not in cell.eval_templates:
+        raise ConfigError(f"{key}: include the study's first eval template "
+                          f"({cfg.eval_templates[0]!r}): its eval/ folder holds every model's "
+                          "main metrics")
+    return [(t, folder) for t, folder in views if t in cell.eval_templates]
+
+
 def judge_names(judges, eval_block: dict | None) -> list[str]:
     """The study's judges, the first being the one that judges in eval/."""
     return list(judges) or [str((eval_block or {}).get("judge", "keyword"))]

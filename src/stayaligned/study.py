@@ -376,7 +376,7 @@ def plan(cfg: StudyConfig) -> list[Stage]:
     out = Path(cfg.output_dir)
     stages: list[Stage] = []
 
-    from stayaligned.grid import eval_views, judge_names
+    from stayaligned.grid import cell_views, eval_views, judge_names
 
     judges = judge_names(cfg.judges, cfg.eval)
     dose_runs = {p.run_id for p in _dose_points(cfg) if p.extra}
@@ -387,8 +387,8 @@ def plan(cfg: StudyConfig) -> list[Stage]:
                    for run_id, cell, seed in cell_ids(cfg) if cell.repair is None}
         check_depth_disjoint(cfg, {k: (list(t.methods), t.options) for k, t in trained.items()})
 
-    def add_eval(key, title, model, cell=None):  # key: the model's directory
-        views = eval_views(cfg.eval_templates)
+    def add_eval(key, title, model, cell=None, views=None):  # key: the model's directory
+        views = views or eval_views(cfg.eval_templates)
         for template, folder in views[:1] if cell in dose_runs else views:
             ecfg = eval_config(cfg, model, out / key / folder, template,
                                judges[0] if cfg.judges else None)
@@ -419,7 +419,8 @@ def plan(cfg: StudyConfig) -> list[Stage]:
                                 lambda tcfg=tcfg: _run_train(tcfg),
                                 lambda tcfg=tcfg: _train_done(tcfg),
                                 tcfg, makes=tcfg.output_dir, uses=(tcfg.model.name,)))
-        add_eval(f"cells/{run_id}", f"{run_id}: evaluate", trained, cell=run_id)
+        add_eval(f"cells/{run_id}", f"{run_id}: evaluate", trained, cell=run_id,
+                 views=cell_views(cfg, cell))
         if cfg.depth.enabled:
             target = out / "cells" / run_id / "depth"
             stages.append(Stage(

@@ -115,6 +115,8 @@ def _cell_words(cell: dict) -> str:
     methods = " + ".join(cell.get("methods") or ["sft"])
     extra = [w for w in (_words(cell.get("options") or {}),
                          _value(cell.get("train")) if cell.get("train") else "") if w]
+    if cell.get("eval_templates"):
+        extra.append(f"evaluated under {', '.join(cell['eval_templates'])} only")
     return f"{cell.get('name')} ({methods}{': ' + '; '.join(extra) if extra else ''})"
 
 
@@ -149,9 +151,13 @@ def study_words(study: Study) -> list[Block]:
         text.append(f"Shared budget: {_budget_words(c['train'])}.")
     ts, js = templates(study), judges(study)
     if len(c.get("eval_templates") or []) > 1:
-        text.append(f"Every model is evaluated under {len(ts)} template(s) ({', '.join(ts)}) and "
-                    f"judged by {', '.join(js)}; kept shares and differences compare models under "
-                    f"one template and one judge, against the {study.reference_name} cell.")
+        narrowed = [x["name"] for x in cells if x.get("eval_templates")]
+        text.append(f"Every model is evaluated under {len(ts)} template(s) ({', '.join(ts)})"
+                    + (f", except {', '.join(narrowed)} (under their own subset, above)"
+                       if narrowed else "")
+                    + f", and judged by {', '.join(js)}; kept shares and differences compare "
+                    f"models under one template and one judge, against the "
+                    f"{study.reference_name} cell.")
     elif ts:
         text.append(f"Each model is evaluated once, under its run's own eval template "
                     f"({', '.join(ts)}), judged by {', '.join(js)}; a kept share is only computed "
@@ -238,6 +244,8 @@ def template_blocks(study: Study) -> list[Block]:
     for t in ts:
         rows = []
         for name, runs in cells.items():
+            if not any(m.view(t, judge) for m in runs):
+                continue  # a cell evaluated under fewer templates (cells[].eval_templates)
             k = kept(runs, aligned, t, judge, roles["harmful"]) if aligned else None
             d = (kept_vs(runs, cells.get(ref, []), aligned, t, judge, roles["harmful"])
                  if aligned and name != ref and cells.get(ref) else None)
