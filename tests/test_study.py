@@ -330,3 +330,26 @@ def test_stages_recorded_done_whose_outputs_are_gone_count_as_left(tmp_path, tin
     left = [s for s in stages if s.key in gone]
     assert progress.eta(left) == f"about {len(left):.0f} min left"  # their seconds still count
     assert Progress(out, stages, console).reconcile() == []  # nothing recorded done is gone now
+
+
+def test_a_stage_records_wall_and_cpu_seconds(tmp_path):
+    """progress.json keeps both clocks: a stage that computes for ~0.3 s and then waits
+    ~0.5 s (as it would for a shared CPU, or stopped) has cpu_seconds near the work only."""
+    import time
+
+    from rich.console import Console
+
+    from stayaligned.study import Progress, Stage, run_stage
+
+    def work():
+        end = time.process_time() + 0.3
+        while time.process_time() < end:
+            sum(range(1000))
+        time.sleep(0.5)
+
+    stage = Stage("cells/x/train", "train", "x", "x", work, lambda: False)
+    progress = Progress(tmp_path, [stage], Console(quiet=True))
+    assert run_stage(stage, progress)
+    entry = json.loads((tmp_path / "progress.json").read_text())["cells/x/train"]
+    assert entry["seconds"] >= 0.8
+    assert 0.25 <= entry["cpu_seconds"] <= 0.6

@@ -595,9 +595,17 @@ class Progress:
                            f"{self.eta(remaining, parallel)}[/dim]")
 
 
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process and its waited-for children: unlike the wall
+    clock, it does not count time the stage waited for a shared CPU or was stopped (SIGSTOP)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def run_stage(stage: Stage, progress: Progress) -> bool:
-    """Run one stage unless finished; True when it is (or already was) complete."""
-    started = time.time()
+    """Run one stage unless finished; True when it is (or already was) complete. Records its
+    wall-clock `seconds` and its `cpu_seconds` (all threads: up to threads x seconds)."""
+    started, cpu_started = time.time(), cpu_seconds()
     try:
         if stage.done():
             if progress.state.get(stage.key, {}).get("status") != "done":
@@ -613,8 +621,9 @@ def run_stage(stage: Stage, progress: Progress) -> bool:
         progress.console.print(f"[red]{stage.key} failed: {type(err).__name__}: {err}[/red]")
         return False
     seconds = round(time.time() - started, 1)
+    cpu = round(cpu_seconds() - cpu_started, 1)
     release_memory()
-    progress.record(stage, status="done", seconds=seconds, **memory_mb())
+    progress.record(stage, status="done", seconds=seconds, cpu_seconds=cpu, **memory_mb())
     return True
 
 

@@ -384,13 +384,16 @@ def _configuration(study: Study) -> list[Block]:
     rows = []
     for key in stages:
         entry = study.progress.get(key) or {}
-        seconds = entry.get("seconds")
+        seconds, cpu = entry.get("seconds"), entry.get("cpu_seconds")
         kind = entry.get("kind") or key.rsplit("/", 1)[-1]
         rows.append((key, str(kind), str(entry.get("status", "not run"))
                      + (" (reused)" if entry.get("reused") else ""),
                      f"{seconds:.1f}" if isinstance(seconds, (int, float)) else "—",
+                     f"{cpu:.1f}" if isinstance(cpu, (int, float)) else "—",
                      str(entry.get("error") or "")))
     return [Heading("Configuration"), Paragraph("The study's resolved config (study.json):"),
             Code(config), Heading("Package versions", 3), Table(("Package", "Version"), versions),
             Heading("Stages", 3),
-            Table(("Stage", "Kind", "Status", "Seconds", "Error"), tuple(rows))]
+            Table(("Stage", "Kind", "Status", "Seconds", "CPU seconds", "Error"), tuple(rows),
+                  note="Seconds: wall clock (it counts waiting for a shared CPU, or a pause); "
+                       "CPU seconds: the stage's process time over all its threads.")]
