@@ -229,6 +229,17 @@ def test_the_headline_judge_can_be_chosen_for_the_whole_report(tmp_path):
     assert keyword.kept_other_judge.value == pytest.approx(classifier.kept.value)
     sft0 = next(m for m in study.models if m.label == "sft-seed0")
     assert sft0.metrics["judge"] == "keyword"
+    # the plots' pooled rates (prefill curves, safety against utility) read the same judge as
+    # the single-run tables: they read the classifier's eval/ for pooled cells before
+    from stayaligned.reports.groups import group_rate, groups
+    from stayaligned.reports.headline import rate
+
+    sft = groups(study)["sft"]
+    for bench in ("harm", "harm [prefill k=3]"):
+        assert group_rate(sft, bench).value == pytest.approx(
+            rate(sft, "native", "keyword", bench).value)
+        assert group_rate(sft, bench).value != pytest.approx(
+            rate(sft, "native", "classifier", bench).value)
     write_report(root)
     assert "| Kept share [95% CI] (keyword) | Kept (classifier) |" in (root / "report.md").read_text()
 

@@ -12,7 +12,9 @@ from stayaligned.reports.tables import safety_rate, task_score
 
 
 def primary(model: ModelRun) -> View | None:
-    return next((v for v in model.views if v.folder == "eval"), None)
+    """The view the model's tables read (`model.metrics`): eval/, or its re-judgment by the
+    study's headline judge, so that pooled rates use the same judge as single-run ones."""
+    return next((v for v in model.views if v.folder == model.primary), None)
 
 
 def group_rate(runs: list[ModelRun], name: str | None):

@@ -45,6 +45,8 @@ class ModelRun:
     # every evaluation view: eval/, eval-<template>/ and their judge-<name>/ re-judgments
     views: list[View] = field(default_factory=list)
     dose: tuple[str, object] | None = None  # (the cell, the value) of a dose run
+    # the view `metrics` was read from: eval/, or its judge-<headline_judge>/ re-judgment
+    primary: str = "eval"
 
     @property
     def group(self) -> str:
@@ -136,7 +138,7 @@ def load_study(study_dir: str | Path) -> Study:
             mine = next((v for v in model.views if first and v.judge == headline
                          and v.template == first.template), None)
             if mine is not None:
-                model.metrics = mine.metrics
+                model.metrics, model.primary = mine.metrics, mine.folder
     return Study(root, manifest, progress, models, unreadable)
 
 
