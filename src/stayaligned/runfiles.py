@@ -101,6 +101,17 @@ def machine_info() -> dict:
     return info
 
 
+def checkpoint_step(checkpoint: str | None) -> int | None:
+    """The global step in a Trainer checkpoint's name (checkpoint-N), None if it has none.
+
+    >>> checkpoint_step("out/checkpoints/checkpoint-10"), checkpoint_step(None)
+    (10, None)
+    """
+    name = Path(str(checkpoint or "")).name
+    digits = name.removeprefix("checkpoint-")
+    return int(digits) if name.startswith("checkpoint-") and digits.isdigit() else None
+
+
 def timed_steps(run: dict) -> int | None:
     """How many optimiser steps run.json's `train_seconds` timed: a resumed run times only
     the steps after its checkpoint (`timed_steps`; records written before it existed: the
@@ -116,9 +127,7 @@ def timed_steps(run: dict) -> int | None:
     total = run.get("global_step")
     if not isinstance(total, int):
         return None
-    name = Path(str(run.get("resumed_from") or "")).name
-    start = name.removeprefix("checkpoint-")
-    return total - int(start) if name.startswith("checkpoint-") and start.isdigit() else total
+    return total - (checkpoint_step(run.get("resumed_from")) or 0)
 
 
 def train_time(run: dict) -> str:

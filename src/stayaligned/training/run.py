@@ -34,6 +34,7 @@ from stayaligned.templates.render import prompt_text, render_dataset, show_mask
 from stayaligned.training.collate import PadCollator, RenderedDataset
 from stayaligned.runlock import clear_dir, run_lock
 from stayaligned.runfiles import (
+    checkpoint_step,
     data_fingerprint,
     machine_info,
     recovery_fingerprint,
@@ -345,10 +346,7 @@ def _checkpoint_step(checkpoint: str | None) -> int:
         return 0
     state = read_json(Path(checkpoint) / "trainer_state.json") or {}
     step = state.get("global_step")
-    if isinstance(step, int):
-        return step
-    digits = Path(checkpoint).name.removeprefix("checkpoint-")
-    return int(digits) if digits.isdigit() else 0
+    return step if isinstance(step, int) else checkpoint_step(checkpoint) or 0
 
 
 def _save_outputs(trainer, tokenizer, cfg: TrainConfig, out: Path) -> None:
