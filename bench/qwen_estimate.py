@@ -163,8 +163,9 @@ def _method_ratio(methods: tuple[str, ...], overhead: dict) -> tuple[float, floa
     return entry.get("time_ratio", 1.0), entry.get("setup_s", 0.0)
 
 
-def eval_seconds(cfg: StudyConfig, inf: dict, templates: int) -> dict:
-    """One model's evaluation: generation batches per benchmark, plus task loss."""
+def eval_seconds(cfg: StudyConfig, inf: dict) -> dict:
+    """One model's evaluation under one template: generation batches per benchmark, plus task
+    loss."""
     from stayaligned.config import EvalConfig, build
 
     ecfg = build(EvalConfig, cfg.eval)
@@ -180,7 +181,7 @@ def eval_seconds(cfg: StudyConfig, inf: dict, templates: int) -> dict:
             loss = math.ceil(n / size) * inf["forward_batch8_s"] * size / 8 if bench.task_loss else 0
         else:
             per, loss = inf["advbench_batch_s"] * tokens / inf["advbench_new_tokens"], 0
-        parts[bench.name] = round(templates * (batches * per + loss))
+        parts[bench.name] = round(batches * per + loss)
     parts["total"] = sum(parts.values())
     return parts
 
@@ -215,7 +216,7 @@ def estimate(cfg: StudyConfig, train_t: dict, inf: dict, load_s: float) -> dict:
     overhead = read_json(OVERHEAD) or {}
     # this model's step time over the embedded model's (bench/results/overhead.json)
     scale = train_t["step_s"] / (overhead.get("sft", {}).get("step_s_median") or train_t["step_s"])
-    one_eval = eval_seconds(cfg, inf, 1)  # one template
+    one_eval = eval_seconds(cfg, inf)
     stages = {f"seed/{folder}": one_eval["total"] + load_s
               for _, folder in eval_views(cfg.eval_templates)}
     for run_id, cell, seed in cell_ids(cfg):
