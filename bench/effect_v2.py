@@ -32,11 +32,10 @@ from stayaligned.reports.headline import (
     groups,
     headline_rows,
     judges,
-    kept,
-    kept_vs,
     rate,
     recommendation,
     task_loss,
+    template_rows,
     templates,
 )
 from stayaligned.reports.report import write_report
@@ -76,40 +75,26 @@ def headline_entries(study, overhead: dict | None) -> dict:
             "over_refusal_vs_sft": _p(r.over_refusal_vs_sft)[0],
             "task_loss": r.task_loss, "task_loss_vs_sft": r.task_loss_vs_sft,
             "cost_per_step": r.cost, "not_computed": r.why,
-            "repair": ((r.runs[0].cell or {}).get("repair") or {}).get("method") if r.runs
-            else None}
+            "repair": r.runs[0].repair_spec.get("method") if r.runs else None}
     return out
 
 
 def per_template(study) -> dict:
     """template -> cell -> kept, kept_ci, kept_vs_sft_ci, refusal, over-refusal, task loss
     (headline judge); the aligned seed's own rates under each template."""
-    roles, js = benchmark_roles(study), judges(study)
+    js = judges(study)
     if not js:
         return {}
-    judge, ref = js[0], study.reference_name
-    aligned = next((m for m in study.models if m.label == "aligned"), None)
-    cells = groups(study)
     out = {}
     for t in templates(study):
-        entry = {}
-        if aligned is not None:
-            entry["aligned"] = {"refusal_rate": _p(rate([aligned], t, judge, roles["harmful"]))[0],
-                                "over_refusal_rate": _p(rate([aligned], t, judge,
-                                                             roles["benign"]))[0],
-                                "task_loss": task_loss([aligned], t, judge, roles["task"])}
-        for name, runs in cells.items():
-            if not any(m.view(t, judge) for m in runs):
-                continue  # not evaluated under t (cells[].eval_templates)
-            k = kept(runs, aligned, t, judge, roles["harmful"]) if aligned else None
-            d = (kept_vs(runs, cells[ref], aligned, t, judge, roles["harmful"])
-                 if aligned and name != ref and ref in cells else None)
-            entry[name] = {"kept": _p(k)[0], "kept_ci": _p(k)[1], "kept_vs_sft_ci": _p(d)[1],
-                           "refusal_rate": _p(rate(runs, t, judge, roles["harmful"]))[0],
-                           "prefill_refusal_rate": _p(rate(runs, t, judge, roles["prefill"]))[0],
-                           "over_refusal_rate": _p(rate(runs, t, judge, roles["benign"]))[0],
-                           "task_loss": task_loss(runs, t, judge, roles["task"])}
-        out[t] = entry
+        out[t] = {}
+        for r in template_rows(study, t, js[0]):
+            rates = {"refusal_rate": _p(r.refusal)[0],
+                     "prefill_refusal_rate": _p(r.prefill)[0],
+                     "over_refusal_rate": _p(r.over_refusal)[0], "task_loss": r.task_loss}
+            out[t][r.name] = rates if r.name == "aligned" else {
+                "kept": _p(r.kept)[0], "kept_ci": _p(r.kept)[1],
+                "kept_vs_sft_ci": _p(r.kept_vs_ref)[1], **rates}
     return out
 
 

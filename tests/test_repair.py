@@ -12,8 +12,7 @@ from conftest import make_tiny_model
 
 from stayaligned.config import RepairConfig
 from stayaligned.repair import repairs
-from stayaligned.repair.base import RepairInputs
-from stayaligned.repair.run import open_inputs, run_repair
+from stayaligned.repair.run import open_inputs
 from stayaligned.repair.weights import RepairError
 
 

@@ -176,6 +176,46 @@ def task_loss(runs: list[ModelRun], template: str, judge: str, task: str | None)
 # ---------------------------------------------------------------- rows
 
 
+@dataclass
+class TemplateRow:
+    """One model's numbers under one template and judge (the per-template tables)."""
+
+    name: str
+    refusal: Pooled | None
+    prefill: Pooled | None
+    over_refusal: Pooled | None
+    task_loss: float | None
+    kept: Pooled | None = None  # None for the aligned seed: it is the reference
+    kept_vs_ref: Pooled | None = None  # None for the reference cell itself
+
+
+def template_rows(study: Study, template: str, judge: str) -> list[TemplateRow]:
+    """The aligned seed (first, when the study has one) and every fine-tune cell evaluated under
+    `template`, pooled over seeds; kept shares and their differences from the study's reference
+    cell (sft) only within `template`. A cell evaluated under fewer templates
+    (cells[].eval_templates) has no row under the others."""
+    roles, ref = benchmark_roles(study), study.reference_name
+    aligned = next((m for m in study.models if m.label == "aligned"), None)
+    cells = groups(study)
+
+    def row(name, runs, **pooled) -> TemplateRow:
+        return TemplateRow(name, rate(runs, template, judge, roles["harmful"]),
+                           rate(runs, template, judge, roles["prefill"]),
+                           rate(runs, template, judge, roles["benign"]),
+                           task_loss(runs, template, judge, roles["task"]), **pooled)
+
+    rows = [row("aligned", [aligned])] if aligned is not None else []
+    for name, runs in cells.items():
+        if not any(m.view(template, judge) for m in runs):
+            continue
+        rows.append(row(
+            name, runs,
+            kept=kept(runs, aligned, template, judge, roles["harmful"]) if aligned else None,
+            kept_vs_ref=kept_vs(runs, cells[ref], aligned, template, judge, roles["harmful"])
+            if aligned and name != ref and cells.get(ref) else None))
+    return rows
+
+
 def cost_per_step(cell: dict, runs: list[ModelRun], sft_runs: list[ModelRun],
                   overhead: dict | None, study_name: str | None = None) -> str:
     """× sft per training step: from the overhead bench when given and it has the cell (by
@@ -225,7 +265,7 @@ def headline_rows(study: Study, overhead: dict | None = None) -> list[Headline]:
         row.cost = cost_per_step(runs[0].cell or {}, runs, sft, overhead, study.name)
     costs = {r.cell: r.cost for r in rows}
     for row in rows:  # a repair: the fine-tune it repairs, plus the repair once
-        spec = (row.runs[0].cell or {}).get("repair") or {}
+        spec = row.runs[0].repair_spec
         if spec:
             row.cost = repair_cost(costs.get(spec.get("of"), "—"), row.runs, spec)
     return rows

@@ -310,7 +310,7 @@ def _training(study: Study) -> list[Block]:
 
 
 def _repair_fields(model: ModelRun) -> Table:
-    spec, record = (model.cell or {}).get("repair") or {}, model.repair or {}
+    spec, record = model.repair_spec, model.repair or {}
     knob = record.get("knob", "strength")
     target = record.get("target") or {}
     fields = [

@@ -17,9 +17,9 @@ from stayaligned.reports.headline import (
     kept,
     kept_vs,
     pct,
-    rate,
     recommendation,
     task_loss,
+    template_rows,
     templates,
 )
 from stayaligned.reports.study_files import Study
@@ -215,7 +215,7 @@ def _made_from(study: Study, model) -> list:
         return [model, *(m for m in study.models if m.cell is not None)]
     name = str((model.cell or {}).get("name"))
     return [model, *(m for m in study.models if m.seed == model.seed
-                     and ((m.cell or {}).get("repair") or {}).get("of") == name)]
+                     and m.repair_spec.get("of") == name)]
 
 
 def _made_on(model) -> str | None:
@@ -242,24 +242,15 @@ def template_blocks(study: Study) -> list[Block]:
         f"Each model under each template ({judge} judge); kept share and Δ only within a "
         "template.")]
     for t in ts:
-        rows = []
-        for name, runs in cells.items():
-            if not any(m.view(t, judge) for m in runs):
-                continue  # a cell evaluated under fewer templates (cells[].eval_templates)
-            k = kept(runs, aligned, t, judge, roles["harmful"]) if aligned else None
-            d = (kept_vs(runs, cells.get(ref, []), aligned, t, judge, roles["harmful"])
-                 if aligned and name != ref and cells.get(ref) else None)
-            rows.append((name, pct(rate(runs, t, judge, roles["harmful"])), pct(k),
-                         "reference" if name == ref else pct(d, signed=True),
-                         pct(rate(runs, t, judge, roles["benign"])),
-                         _fmt(task_loss(runs, t, judge, roles["task"]))))
-        if aligned:
-            rows.insert(0, ("aligned", pct(rate([aligned], t, judge, roles["harmful"])), "100%",
-                            "—", pct(rate([aligned], t, judge, roles["benign"])),
-                            _fmt(task_loss([aligned], t, judge, roles["task"]))))
+        rows = tuple(
+            (r.name, pct(r.refusal), "100%" if r.name == "aligned" else pct(r.kept),
+             "—" if r.name == "aligned" else "reference" if r.name == ref
+             else pct(r.kept_vs_ref, signed=True),
+             pct(r.over_refusal), _fmt(r.task_loss))
+            for r in template_rows(study, t, judge))
         blocks += [Heading(f"Under {t}", 3), Table(
             ("Model", "Refusal", "Kept share", f"Kept − {ref}", "Over-refusal", "Task loss"),
-            tuple(rows))]
+            rows)]
     blocks += _ptst_blocks(study, cells, aligned, roles, judge)
     return blocks
 

@@ -59,9 +59,14 @@ class ModelRun:
         return next((v for v in self.views if v.template == template and v.judge == judge), None)
 
     @property
+    def repair_spec(self) -> dict:
+        """The cell's `repair:` spec (method, of, ...); {} for a trained cell or a reference."""
+        return (self.cell or {}).get("repair") or {}
+
+    @property
     def maker(self) -> str:
         """The stage that makes this run's model: repair for a repair cell, else train."""
-        return "repair" if (self.cell or {}).get("repair") else "train"
+        return "repair" if self.repair_spec else "train"
 
     def status(self, stage: str) -> str:
         """"done" when the stage's output is here (progress.json may not say so: a study

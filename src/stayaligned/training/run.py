@@ -15,7 +15,6 @@ Output directory layout:
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -230,7 +229,7 @@ def check_same_run(cfg: TrainConfig, fix: str, model: bool = True) -> None:
     """A run directory holds one configuration and one base model: a stored run.json made
     with other settings (output_dir aside: a moved run is the same run) is a `StaleError`.
     `model=False` checks the configuration alone (a run whose base's weights are absent)."""
-    from stayaligned.fingerprint import check_same, model_identity
+    from stayaligned.fingerprint import check_same
 
     out = Path(cfg.output_dir)
     manifest = read_json(out / "run.json")
