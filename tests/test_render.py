@@ -97,3 +97,78 @@ def test_show_mask_marks_trained_span(tokenizer):
 def test_unknown_template_lists_known():
     with pytest.raises(KeyError, match="known templates: .*chat:llama"):
         get_template("chat:nope")
+
+
+# Reduced from the models' own templates: Qwen3 (an empty thinking block on the answer after the
+# last user turn, none on earlier answers), Gemma (no system role) and Mistral v0.3 (the system
+# prompt only in a conversation that ends with a user turn).
+QWEN3_JINJA = (
+    "{%- set ns = namespace(last=-1) -%}{%- for m in messages -%}{%- if m.role == 'user' -%}"
+    "{%- set ns.last = loop.index0 -%}{%- endif -%}{%- endfor -%}"
+    "{%- for m in messages -%}{%- if m.role == 'assistant' and loop.index0 > ns.last -%}"
+    "{{- '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' + m.content + '<|im_end|>\\n' -}}"
+    "{%- else -%}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' -}}"
+    "{%- endif -%}{%- endfor -%}{%- if add_generation_prompt -%}"
+    "{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+GEMMA_JINJA = (
+    "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for m in messages %}{% set role = 'model' if m['role'] == 'assistant' "
+    "else m['role'] %}{{ '<start_of_turn>' + role + '\\n' + m['content'] | trim + "
+    "'<end_of_turn>\\n' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
+MISTRAL3_JINJA = (
+    "{%- if messages[0]['role'] == 'system' -%}{%- set system = messages[0]['content'] -%}"
+    "{%- set rest = messages[1:] -%}{%- else -%}{%- set rest = messages -%}{%- endif -%}"
+    "{{- bos_token -}}{%- for m in rest -%}{%- if m['role'] == 'user' -%}"
+    "{%- if loop.last and system is defined -%}{{- '[INST] ' + system + '\\n\\n' + m['content'] "
+    "+ '[/INST]' -}}{%- else -%}{{- '[INST] ' + m['content'] + '[/INST]' -}}{%- endif -%}"
+    "{%- else -%}{{- ' ' + m['content'] | trim + eos_token -}}{%- endif -%}{%- endfor -%}"
+)
+TWO_TURNS = Example("mt", ({"role": "user", "content": "Hi"},
+                           {"role": "assistant", "content": "Hello!"},
+                           {"role": "user", "content": "Bye"},
+                           {"role": "assistant", "content": "Goodbye."}))
+
+
+def _with_template(tokenizer, jinja):
+    tok = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    tok.chat_template = jinja
+    return tok
+
+
+def test_a_template_that_rewrites_earlier_turns_is_an_error_not_a_shifted_mask(tokenizer):
+    """Qwen3 renders an answer with an empty thinking block while it is the last turn and
+    without it once the conversation goes on: the spans of earlier turns, measured on the
+    conversation cut after them, would land on the wrong characters of the whole (here: the
+    next user turn). The old code trained on '<|im_start|>user\\nBye'."""
+    tok = _with_template(tokenizer, QWEN3_JINJA)
+    with pytest.raises(DataError, match=r"mt: .*turn 1 differently.*loss_on: each_turn"):
+        render_for_training(tok, TWO_TURNS, get_template("native"))
+    last = render_for_training(tok, TWO_TURNS, get_template("native"), loss_on="last_turn")
+    assert trained_text(tok, last) == "<think>\n\n</think>\n\nGoodbye.<|im_end|>\n"
+    single = render_for_training(tok, EX, get_template("native"))
+    assert trained_text(tok, single) == "<think>\n\n</think>\n\n2 + 3 = 5.\n#### 5<|im_end|>\n"
+
+
+def test_a_template_without_a_system_role_names_the_example_and_the_fix(tokenizer):
+    tok = _with_template(tokenizer, GEMMA_JINJA)
+    item = render_for_training(tok, EX, get_template("native"))
+    assert trained_text(tok, item) == "2 + 3 = 5.\n#### 5<end_of_turn>\n"
+    for render in (lambda t: render_for_training(tok, EX, t),
+                   lambda t: prompt_text(tok, EX, t)):
+        with pytest.raises(DataError, match=r"ex:1: .*refused the conversation "
+                                            r"\(system/user.*System role not supported.*native:nosys"):
+            render(get_template("native:safe"))
+
+
+def test_a_template_that_moves_the_system_prompt_is_an_error(tokenizer):
+    """Mistral v0.3 writes the system prompt only when the conversation ends with a user turn:
+    a training text would silently lose it (PTST's safety prompt, say) while prompts keep it."""
+    tok = _with_template(tokenizer, MISTRAL3_JINJA)
+    for loss_on in ("all_assistant_turns", "last_turn"):
+        with pytest.raises(DataError, match=r"ex:1: .*prefix of the turn.*native:nosys"):
+            render_for_training(tok, EX, get_template("native:safe"), loss_on=loss_on)
+    item = render_for_training(tok, TWO_TURNS, get_template("native"))
+    assert trained_text(tok, item) == " Hello!<|im_end|> Goodbye.<|im_end|>"

@@ -157,3 +157,30 @@ def test_hub_rows_in_trl_formats_are_read_the_same_way():
     first, second = examples_from_records(rows, Fields(), "org/chat (split train)")
     assert list(first.messages) == [SYSTEM, *TURNS]  # `messages` wins over a text `prompt`
     assert list(second.messages) == TURNS[:2]
+
+
+def test_each_turn_trains_every_answer_as_a_final_turn(tokenizer, tmp_path):
+    """`loss_on: each_turn`: a conversation with two answers becomes two training items, each cut
+    after its answer and trained on it alone, rendered as at generation time; the fix for
+    templates that rewrite earlier turns (Qwen3: an empty thinking block on the final answer
+    only), which all_assistant_turns refuses."""
+    from test_render import QWEN3_JINJA
+
+    from stayaligned.config import TrainConfig, load
+    from stayaligned.training.run import prepare
+
+    tok = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    tok.chat_template = QWEN3_JINJA
+    data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [SYSTEM, *TURNS]},
+                                                 {"messages": TURNS[:2]}])
+    cfg = load(TrainConfig, None, [f"data=[{{source: {data}}}]", "loss_on=each_turn"])
+    prep = prepare(cfg, tok)
+    assert [it.example_id for it in prep["items"]] == [
+        f"{data.name}:1#1", f"{data.name}:1#2", f"{data.name}:2"]
+    think = "<think>\n\n</think>\n\n"
+    assert [trained_runs(tok, it) for it in prep["items"]] == [
+        [f"{think}5.<|im_end|>\n"], [f"{think}20.<|im_end|>\n"], [f"{think}5.<|im_end|>\n"]]
+    assert prep["items"][1].text.startswith("<|im_start|>system\nYou answer briefly.")
+    assert "<|im_start|>assistant\n5.<|im_end|>" in prep["items"][1].text  # history as rendered
+    with pytest.raises(DataError, match=r"chat.jsonl:1: .*differently.*each_turn"):
+        prepare(load(TrainConfig, None, [f"data=[{{source: {data}}}]"]), tok)

@@ -101,7 +101,7 @@ class TrainConfig:
     logging_steps: int = 5
     merge: bool = False  # also write merged full weights (always on for `align`)
     output_dir: str = "runs/train"
-    loss_on: str = "all_assistant_turns"  # multi-turn data: or last_turn
+    loss_on: str = "all_assistant_turns"  # multi-turn data: or last_turn, or each_turn
     report_to: tuple[str, ...] = ("none",)  # trackers: tensorboard, wandb, trackio, mlflow
     run_name: str | None = None  # the trackers' name for the run
     torch_compile: bool = False

@@ -25,6 +25,30 @@ from stayaligned.data.types import DataError, Example
 PREFIX_KEY = "no_loss_prefix"
 
 
+def split_turns(examples: list[Example]) -> list[Example]:
+    """One example per assistant turn, the conversation cut after it (``loss_on: each_turn``):
+    every answer is then trained as a final turn, rendered as the model sees it when it
+    generates. For chat templates that render an answer differently once the conversation goes
+    on (Qwen3 drops the thinking block of earlier turns), where a single mask over the whole
+    conversation cannot be right. A conversation with one answer keeps its id; one with several
+    gives ``<id>#1``, ``<id>#2``, ...; one with none is kept as it is (rendering reports it).
+
+    >>> ex = Example("c", ({"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+    ...                    {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}))
+    >>> [(e.id, [m["content"] for m in e.messages]) for e in split_turns([ex])]
+    [('c#1', ['a', 'b']), ('c#2', ['a', 'b', 'c', 'd'])]
+    """
+    out = []
+    for ex in examples:
+        ends = [i + 1 for i, m in enumerate(ex.messages) if m["role"] == "assistant"]
+        if len(ends) < 2:
+            out.append(ex)
+            continue
+        out += [Example(f"{ex.id}#{n}", ex.messages[:end], dict(ex.meta))
+                for n, end in enumerate(ends, 1)]
+    return out
+
+
 def safety_recovery(triplets: list[Example], pieces: Callable[[str], list[str]], *, seed: int,
                     probability: float = 0.5, max_prefix_tokens: int = 100) -> list[Example]:
     """One training example per triplet (an Example with the prompt in its messages and

@@ -71,15 +71,27 @@ def _apply_system(messages: tuple[dict, ...], template: Template) -> list[dict]:
     return [{"role": "system", "content": template.system}, *rest]
 
 
-def _native_text(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
+def _native_text(tokenizer, messages: list[dict], generation_prompt: bool,
+                 example_id: str = "") -> str:
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(
             "the tokenizer has no chat template; choose a string template such as "
             "text:alpaca or chat:vanilla (template=...)"
         )
-    return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=generation_prompt
-    )
+    from jinja2.exceptions import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt
+        )
+    except TemplateError as err:  # the template's own raise_exception (roles, system prompts)
+        roles = "/".join(m["role"] for m in messages)
+        system = (" Some chat templates (Gemma, early Mistral) take no system message: use "
+                  "template native:nosys, or a string template, instead of one that adds a "
+                  "system prompt (native:safe).") if any(m["role"] == "system"
+                                                         for m in messages) else ""
+        raise DataError(f"{example_id or 'an example'}: the model's chat template refused "
+                        f"the conversation ({roles}): {err}.{system}") from err
 
 
 def _string_conversation(tokenizer, template: Template, example_id: str,
@@ -119,18 +131,22 @@ def prompt_text(tokenizer, example: Example, template: Template, prefill: str = 
         text, _ = _string_conversation(tokenizer, template, example.id, example.prompt_messages)
         return text + (template.separator + prefill if prefill else "")
     messages = _apply_system(example.prompt_messages, template)
-    return _native_text(tokenizer, messages, True) + prefill
+    return _native_text(tokenizer, messages, True, example.id) + prefill
 
 
-LOSS_ON = ("all_assistant_turns", "last_turn")
+# each_turn: training splits each conversation into one example per answer
+# (data.transforms.split_turns) and renders each like last_turn.
+LOSS_ON = ("all_assistant_turns", "last_turn", "each_turn")
 
 
 def training_text(tokenizer, example: Example, template: Template,
                   loss_on: str = "all_assistant_turns") -> tuple[str, list[tuple]]:
     """(full text, character spans of assistant text that get loss): every assistant turn, or
-    with ``loss_on="last_turn"`` only the final one."""
+    with ``loss_on="last_turn"`` (or ``each_turn``: examples already split) only the final one."""
     if loss_on not in LOSS_ON:
         raise DataError(f"loss_on={loss_on!r}: choose {' or '.join(LOSS_ON)}")
+    if loss_on == "each_turn":
+        loss_on = "last_turn"
     if template.kind == "string":
         if example.messages[-1]["role"] != "assistant":
             return prompt_text(tokenizer, example, template), []
@@ -139,21 +155,33 @@ def training_text(tokenizer, example: Example, template: Template,
         text, spans = _string_conversation(tokenizer, template, example.id, example.messages)
         return text, spans[-1:] if loss_on == "last_turn" else spans
     messages = _apply_system(example.messages, template)
+    full = _native_text(tokenizer, messages, False, example.id)
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if loss_on == "last_turn":  # the final turn only, and only if the conversation ends on it
+        turns = turns[-1:] if messages and messages[-1]["role"] == "assistant" else []
     spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = _native_text(tokenizer, messages[:i], True)
-        through = _native_text(tokenizer, messages[: i + 1], False)
+    for i in turns:
+        # The turn's characters: what rendering the conversation through it adds to rendering
+        # it up to the turn's generation prompt. Valid in `full` only if `full` goes on from it.
+        before = _native_text(tokenizer, messages[:i], True, example.id)
+        through = _native_text(tokenizer, messages[: i + 1], False, example.id)
         if not through.startswith(before):
             raise DataError(
                 f"{example.id}: the chat template does not render the conversation up to turn "
-                f"{i} as a prefix of the turn; choose a string template instead"
+                f"{i} as a prefix of the turn (as Mistral v0.3's writes the system prompt only "
+                "into a conversation that ends with a user turn): drop the system prompt "
+                "(template native:nosys) or choose a string template"
+            )
+        if not full.startswith(through):
+            raise DataError(
+                f"{example.id}: the chat template renders assistant turn {i} differently once "
+                "the conversation goes on (as Qwen3's drops the thinking block of earlier "
+                "turns), so a loss mask for it cannot be placed in the whole conversation; "
+                "train with loss_on: each_turn (one example per answer, each rendered as at "
+                "generation time) or loss_on: last_turn (the final answer only)"
             )
         spans.append((len(before), len(through)))
-    if loss_on == "last_turn" and messages[-1]["role"] != "assistant":
-        spans = []
-    return _native_text(tokenizer, messages, False), spans[-1:] if loss_on == "last_turn" else spans
+    return full, spans
 
 
 # ---------------------------------------------------------------- token rendering

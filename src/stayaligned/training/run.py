@@ -23,6 +23,7 @@ from pathlib import Path
 from stayaligned.config import ConfigError, TrainConfig, to_dict
 from stayaligned.data.sources import load_source
 from stayaligned.data.types import DataError, Example
+from stayaligned.data.transforms import split_turns
 from stayaligned.methods import METHODS
 from stayaligned.methods.base import Method, build_methods
 from stayaligned.models import add_lora, load_model, pick_device
@@ -104,6 +105,8 @@ def prepare(cfg: TrainConfig, tokenizer) -> dict:
     for method in methods:
         method.attach(tokenizer, cfg)
     task_examples = load_task_examples(cfg) + load_recovery_examples(cfg, tokenizer)
+    if cfg.loss_on == "each_turn":  # one example per answer, before any method's transform
+        task_examples = split_turns(task_examples)
     examples = apply_transforms(task_examples, methods)
     if not examples:
         raise DataError("the training data is empty: check data.*.source and limits")
