@@ -44,3 +44,28 @@ def test_device_choice():
     assert pick_device("auto", "pure_bf16").dtype == torch.bfloat16
     with pytest.raises(ConfigError, match="model.dtype 'float13'"):
         pick_device("float13")
+
+
+def test_chat_template_kwargs_come_from_the_config_else_the_run_directory(tmp_path,
+                                                                         tiny_model_dir):
+    """A fine-tune is evaluated (and repaired, and tuned again) with the chat_template_kwargs
+    it was trained with: run.json records them and loading the run directory reads them back,
+    unless the config sets its own."""
+    import shutil
+
+    from stayaligned.models import chat_template_kwargs, load_tokenizer
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_model_dir, run / "model")
+    assert chat_template_kwargs(ModelConfig(name=str(run))) == {}
+    (run / "run.json").write_text(json.dumps(
+        {"templates": {"train": "native", "eval": "native",
+                       "chat_template_kwargs": {"enable_thinking": False}}}))
+    assert load_tokenizer(ModelConfig(name=str(run))).stayaligned_chat_kwargs == {
+        "enable_thinking": False}
+    assert chat_template_kwargs(ModelConfig(name=str(run), chat_template_kwargs={})) == {}
+    assert chat_template_kwargs(ModelConfig(name="org/model",
+                                            chat_template_kwargs={"a": 1})) == {"a": 1}
+    (run / "run.json").write_text("{not json")
+    with pytest.raises(ModelError, match=r"run.json: unreadable.*chat_template_kwargs"):
+        chat_template_kwargs(ModelConfig(name=str(run)))

@@ -109,7 +109,8 @@ QWEN3_JINJA = (
     "{{- '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' + m.content + '<|im_end|>\\n' -}}"
     "{%- else -%}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' -}}"
     "{%- endif -%}{%- endfor -%}{%- if add_generation_prompt -%}"
-    "{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+    "{{- '<|im_start|>assistant\\n' -}}{%- if enable_thinking is defined and enable_thinking "
+    "is false -%}{{- '<think>\\n\\n</think>\\n\\n' -}}{%- endif -%}{%- endif -%}"
 )
 GEMMA_JINJA = (
     "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
@@ -172,3 +173,18 @@ def test_a_template_that_moves_the_system_prompt_is_an_error(tokenizer):
             render_for_training(tok, EX, get_template("native:safe"), loss_on=loss_on)
     item = render_for_training(tok, TWO_TURNS, get_template("native"))
     assert trained_text(tok, item) == " Hello!<|im_end|> Goodbye.<|im_end|>"
+
+
+def test_chat_template_kwargs_reach_prompts_and_training_texts_alike(tokenizer):
+    """model.chat_template_kwargs (here Qwen3's enable_thinking: false, set on the tokenizer by
+    models.load_tokenizer) go into every rendering: the empty thinking block is then part of
+    the prompt the model is asked, and only the answer is trained."""
+    tok = _with_template(tokenizer, QWEN3_JINJA)
+    tok.stayaligned_chat_kwargs = {"enable_thinking": False}
+    prompt = prompt_text(tok, EX, get_template("native"))
+    assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    item = render_for_training(tok, EX, get_template("native"))
+    assert item.text.startswith(prompt)
+    assert trained_text(tok, item) == "2 + 3 = 5.\n#### 5<|im_end|>\n"
+    tok.stayaligned_chat_kwargs = {}
+    assert prompt_text(tok, EX, get_template("native")).endswith("<|im_start|>assistant\n")

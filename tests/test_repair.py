@@ -483,3 +483,15 @@ def test_a_sweep_in_a_reused_directory_evaluates_a_changed_candidate_again(model
     second = record["curve"][0]["task_loss"]["value"]
     assert second == pytest.approx(record["aligned"]["task_loss"]["value"], rel=1e-5)
     assert second != pytest.approx(first, rel=1e-3)
+
+
+def test_validation_asks_every_model_of_the_curve_with_the_finetunes_chat_kwargs(tmp_path):
+    """The aligned model and each candidate are evaluated with the fine-tune's recorded eval
+    template and chat_template_kwargs (Qwen3's enable_thinking: false), not each its own."""
+    from stayaligned.repair.sweep import validation_config
+
+    cfg = RepairConfig(method="merge", model="ft", aligned="al")
+    ecfg = validation_config(cfg, "al", tmp_path, None, "native:safe", {"enable_thinking": False})
+    assert ecfg.template == "native:safe"
+    assert ecfg.model.name == "al" and ecfg.model.chat_template_kwargs == {"enable_thinking": False}
+    assert validation_config(cfg, "al", tmp_path, None).model.chat_template_kwargs is None

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stayaligned.config import TrainConfig, load
+from stayaligned.config import ModelConfig, TrainConfig, load
 from stayaligned.training.run import is_complete, train
 from stayaligned.training.trainer import NonFiniteLossError
 
@@ -67,11 +67,18 @@ def test_lora_training_changes_adapter_and_lowers_loss(tmp_path, tiny_model_dir)
 def test_full_finetuning_changes_base_weights(tmp_path, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    out = train(config(tmp_path, tiny_model_dir, "lora.enabled=false", "optim.lr=1e-3"))
+    from stayaligned.models import chat_template_kwargs
+
+    out = train(config(tmp_path, tiny_model_dir, "lora.enabled=false", "optim.lr=1e-3",
+                       "model.chat_template_kwargs={enable_thinking: false}"))
     before = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
     after = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert any("q_proj" in k for k in changed) and any("embed_tokens" in k for k in changed)
+    # the run records its chat_template_kwargs; loading it as a model reads them back
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["templates"]["chat_template_kwargs"] == {"enable_thinking": False}
+    assert chat_template_kwargs(ModelConfig(name=str(out))) == {"enable_thinking": False}
 
 
 def test_resume_after_stop_matches_uninterrupted_run(tmp_path, tiny_model_dir, monkeypatch):

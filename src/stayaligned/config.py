@@ -38,6 +38,9 @@ class ModelConfig:
     precision: str = "auto"  # auto | fp32 | bf16 (fp32 weights + bf16 autocast) | pure_bf16
     cache_dir: str | None = None  # embedded conversion cache; default ~/.cache/stayaligned
     attn_implementation: str | None = None  # e.g. sdpa, flash_attention_2, eager; None: default
+    # variables for the chat template, e.g. {enable_thinking: false} (Qwen3: answer without a
+    # thinking block); None: those a stayaligned run directory recorded, else none
+    chat_template_kwargs: dict | None = None
 
 
 @dataclass(frozen=True)

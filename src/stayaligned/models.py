@@ -138,7 +138,27 @@ def _fields(cfg: ModelConfig) -> dict:
 # ---------------------------------------------------------------- loading
 
 
+def chat_template_kwargs(cfg: ModelConfig) -> dict:
+    """The chat template's extra variables: `model.chat_template_kwargs` when set (Qwen3's
+    {enable_thinking: false}), else those a stayaligned run or repair directory recorded in its
+    run.json (`templates.chat_template_kwargs`), so that a fine-tune is evaluated, repaired and
+    fine-tuned again as it was trained; else none."""
+    if cfg.chat_template_kwargs is not None:
+        return dict(cfg.chat_template_kwargs)
+    manifest = Path(cfg.name).expanduser() / "run.json"
+    if cfg.name == "embedded" or not manifest.is_file():
+        return {}
+    try:
+        recorded = (json.loads(manifest.read_text()).get("templates") or {})
+    except (ValueError, AttributeError) as err:
+        raise ModelError(f"{manifest}: unreadable ({err}); set model.chat_template_kwargs "
+                         "explicitly or restore the file") from err
+    return dict(recorded.get("chat_template_kwargs") or {})
+
+
 def load_tokenizer(cfg: ModelConfig):
+    """The model's tokenizer, with `chat_template_kwargs(cfg)` as its
+    `stayaligned_chat_kwargs` (every chat-template rendering passes them on)."""
     from transformers import AutoTokenizer
 
     base, gguf, adapter = resolve(cfg)
@@ -153,6 +173,7 @@ def load_tokenizer(cfg: ModelConfig):
         # Padding positions are masked out of attention and labels, so reusing EOS is safe
         # and avoids resizing the embeddings.
         tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.stayaligned_chat_kwargs = chat_template_kwargs(cfg)
     return tokenizer
 
 

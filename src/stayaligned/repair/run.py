@@ -124,9 +124,11 @@ def _sweep(cfg, method, state, inputs, sweep, out: Path, log) -> dict:
         run = inputs.finetune.run_dir
         train_cfg = (read_json(run / "run.json") or {}).get("config", {}) if run else {}
         holdout = task_holdout(train_cfg, cfg.task_holdout, out / "sweep", cfg.data_dir)
-    template = (templates(inputs) or {}).get("eval")
+    recorded = templates(inputs) or {}
+    template, chat_kwargs = recorded.get("eval"), recorded.get("chat_template_kwargs")
     aligned_cfg = validation_config(cfg, str(inputs.aligned.config_dir),
-                                    out / "sweep" / "aligned" / "eval", holdout, template)
+                                    out / "sweep" / "aligned" / "eval", holdout, template,
+                                    chat_kwargs)
     log("[repair] evaluating the aligned model on the validation config")
     aligned = point(evaluate_model(aligned_cfg))
     target = cfg.target_refusal
@@ -139,7 +141,8 @@ def _sweep(cfg, method, state, inputs, sweep, out: Path, log) -> dict:
         save(method.apply(state, s), cand / "candidate", str(inputs.aligned.config_dir.resolve()))
         seconds = round(time.time() - started, 1)
         log(f"[repair] {method.knob}={_label(s)}: evaluating")
-        ecfg = validation_config(cfg, str(cand / "candidate"), cand / "eval", holdout, template)
+        ecfg = validation_config(cfg, str(cand / "candidate"), cand / "eval", holdout, template,
+                                 chat_kwargs)
         p = {"strength": s, **point(evaluate_model(ecfg)), "apply_seconds": seconds}
         curve.append(p)
         if kept is None and target is not None and (p["refusal_rate"]["value"] or 0) >= target:

@@ -28,18 +28,21 @@ class TargetNotMet(RuntimeError):
 
 
 def validation_config(cfg: RepairConfig, model: str, out: Path, holdout: dict | None,
-                      template: str | None = None) -> EvalConfig:
+                      template: str | None = None,
+                      chat_kwargs: dict | None = None) -> EvalConfig:
     """The EvalConfig each candidate (and the aligned model) is evaluated with
     (`validation: {config: PATH, ...}` starts from an eval YAML), plus the task hold-out
     benchmark if any; `template` (the fine-tune's eval template) unless the validation sets one,
-    so that every model of the curve is asked the same way."""
+    and `chat_kwargs` (the fine-tune's chat_template_kwargs, when it has any), so that every
+    model of the curve is asked the same way."""
     block = dict(cfg.validation or {})
     path = block.pop("config", None)
     layers = [to_dict(load(EvalConfig, path))] if path else [DEFAULT_VALIDATION]
     layers.append(block)
     if template and not any(layer.get("template") for layer in layers):
         layers.append({"template": template})
-    ecfg = build(EvalConfig, *layers, {"model": {"name": model}, "output_dir": str(out),
+    kwargs = {"chat_template_kwargs": dict(chat_kwargs)} if chat_kwargs else {}
+    ecfg = build(EvalConfig, *layers, {"model": {"name": model, **kwargs}, "output_dir": str(out),
                                        "data_dir": cfg.data_dir}, where="validation")
     if holdout:
         ecfg = build(EvalConfig, to_dict(ecfg),

@@ -81,8 +81,9 @@ def _native_text(tokenizer, messages: list[dict], generation_prompt: bool,
     from jinja2.exceptions import TemplateError
 
     try:
-        return tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=generation_prompt
+        return tokenizer.apply_chat_template(  # the model config's chat_template_kwargs
+            messages, tokenize=False, add_generation_prompt=generation_prompt,
+            **(getattr(tokenizer, "stayaligned_chat_kwargs", None) or {}),
         )
     except TemplateError as err:  # the template's own raise_exception (roles, system prompts)
         roles = "/".join(m["role"] for m in messages)

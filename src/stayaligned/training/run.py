@@ -141,7 +141,10 @@ def _manifest(cfg: TrainConfig, prep: dict, tokenizer) -> dict:
         **({"recovery": recovery} if (recovery := recovery_fingerprint(cfg)) else {}),
         "n_examples": len(prep["examples"]),
         "render_report": prep["report"].to_dict(),
-        "templates": {"train": prep["train_template"], "eval": prep["eval_template"]},
+        "templates": {"train": prep["train_template"], "eval": prep["eval_template"],
+                      **({"chat_template_kwargs": kwargs}
+                         if (kwargs := getattr(tokenizer, "stayaligned_chat_kwargs", None))
+                         else {})},
         "train_prompt_example": prompt_text(
             tokenizer, Example(trained.id, trained.prompt_messages),
             get_template(prep["train_template"])),
