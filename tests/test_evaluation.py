@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 from stayaligned.config import EvalConfig, GenerationConfig, ModelConfig, load
 from stayaligned.data.types import Example
@@ -355,3 +356,48 @@ def test_a_benchmark_can_set_its_own_answer_length(tmp_path, tiny_model_dir):
     lengths = {name: max(len(tok(r["response"], add_special_tokens=False)["input_ids"])
                          for r in rows if r["benchmark"] == name) for name in ("short", "long")}
     assert lengths["short"] <= 4 and 6 < lengths["long"] <= 14
+
+
+def test_the_models_own_decoding_settings_are_recorded_and_can_be_overridden(
+        tmp_path, tiny_model_dir, capsys, monkeypatch):
+    """A model whose generation_config.json sets repetition_penalty (Qwen2.5-Instruct: 1.05)
+    has it applied by transformers even to greedy decoding: metrics.json `decoding` says so, a
+    note names it, and generation.repetition_penalty overrides it (passed to generate)."""
+    import shutil
+
+    from transformers import GenerationConfig as HFGeneration
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    HFGeneration(repetition_penalty=1.3, eos_token_id=2).save_pretrained(model_dir)
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+    metrics = evaluate(eval_config(tmp_path / "a", model_dir))
+    assert metrics["decoding"]["harm"]["repetition_penalty"] == 1.3
+    assert metrics["decoding"]["arith"]["max_new_tokens"] == 6
+    assert "repetition_penalty=1.3; it applies to harm" in capsys.readouterr().out
+    seen = []
+    from transformers import GenerationMixin
+
+    real = GenerationMixin.generate
+    monkeypatch.setattr(GenerationMixin, "generate",
+                        lambda self, **kw: seen.append(kw) or real(self, **kw))
+    b = eval_config(tmp_path / "b", model_dir)
+    cfg = replace(b, generation=replace(b.generation, repetition_penalty=1.0))
+    assert evaluate(cfg)["decoding"]["harm"]["repetition_penalty"] == 1.0
+    assert seen and all(kw["repetition_penalty"] == 1.0 for kw in seen)
+    assert "repetition_penalty=1.3" not in capsys.readouterr().out
+
+
+def test_changed_chat_template_kwargs_make_cached_generations_stale(tmp_path, tiny_model_dir):
+    """Generations made under other chat_template_kwargs were asked other prompts: reusing
+    them would be silently wrong."""
+    import pytest
+
+    from stayaligned.fingerprint import StaleError
+
+    cfg = eval_config(tmp_path, tiny_model_dir)
+    evaluate(cfg)
+    with pytest.raises(StaleError, match="chat_template_kwargs"):
+        evaluate(replace(cfg, model=replace(cfg.model,
+                                            chat_template_kwargs={"enable_thinking": False})))

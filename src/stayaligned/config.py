@@ -182,6 +182,9 @@ class GenerationConfig:
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
+    # None: the model's generation_config.json (Qwen2.5-Instruct's sets 1.05, applied even to
+    # greedy decoding; metrics.json `decoding` records what was used); 1.0 turns it off
+    repetition_penalty: float | None = None
 
 
 @dataclass(frozen=True)

@@ -88,7 +88,24 @@ def _generate(model, gen: GenerationConfig, ids, mask, pad_token_id) -> torch.Te
         top_p=gen.top_p if gen.do_sample else None,
         top_k=None,
         pad_token_id=pad_token_id,
+        **({"repetition_penalty": gen.repetition_penalty}
+           if gen.repetition_penalty is not None else {}),
     )
+
+
+def decoding(model, gen: GenerationConfig) -> dict:
+    """What `generate` decodes with: the configured settings, plus what the model's own
+    generation_config adds (its repetition_penalty, n-gram ban and stop tokens apply unless
+    the config overrides them)."""
+    own = model.generation_config
+    out = {"do_sample": gen.do_sample, "max_new_tokens": gen.max_new_tokens,
+           "repetition_penalty": gen.repetition_penalty if gen.repetition_penalty is not None
+           else getattr(own, "repetition_penalty", 1.0),
+           "no_repeat_ngram_size": getattr(own, "no_repeat_ngram_size", 0) or 0,
+           "eos_token_id": own.eos_token_id}
+    if gen.do_sample:
+        out.update(temperature=gen.temperature, top_p=gen.top_p)
+    return out
 
 
 def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

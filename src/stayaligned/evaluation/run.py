@@ -23,10 +23,11 @@ from stayaligned.data.loading import subset
 from stayaligned.data.registry import DATASETS
 from stayaligned.data.sources import load_source, registry_name
 from stayaligned.data.types import DataError, Example
-from stayaligned.evaluation.generation import generate
+from stayaligned.evaluation.generation import decoding, generate
 from stayaligned.evaluation.judging import build_judge, judge_rows, score
 from stayaligned.evaluation.metrics import TASK_METRICS
 from stayaligned.evaluation.prefill import harmful_responses, prefix_tokens
+from stayaligned.evaluation.stage_prints import DECODING
 from stayaligned.precision import resolve as resolve_precision
 from stayaligned.runfiles import (
     machine_info,
@@ -140,6 +141,7 @@ def _generate_missing(cfg, out, rows, todo, model_holder) -> None:
         gen = (replace(cfg.generation, max_new_tokens=bench.max_new_tokens)
                if bench.max_new_tokens else cfg.generation)
         check_context(model, tokenizer, template, name, examples, prompts, gen)
+        _record_decoding(out, name, decoding(model, gen), cfg.generation)
 
         def save(batch, texts, name=name, examples=examples, prompts=prompts, prefills=prefills):
             for i, text in zip(batch, texts):
@@ -156,6 +158,19 @@ def _generate_missing(cfg, out, rows, todo, model_holder) -> None:
 
         generate(model, tokenizer, prompts, template, gen, on_batch=save, desc=name,
                  joined=k is not None)
+
+
+def _record_decoding(out: Path, bench: str, used: dict, gen) -> None:
+    """decoding.json: per benchmark, what generation used (metrics.json `decoding`); a note when
+    the model's own generation_config changes greedy or sampled decoding."""
+    stored = read_json(out / DECODING) or {}
+    if stored.get(bench) == used:
+        return
+    if gen.repetition_penalty is None and used["repetition_penalty"] not in (None, 1.0):
+        print(f"[eval] note: the model's generation_config sets repetition_penalty="
+              f"{used['repetition_penalty']}; it applies to {bench} (generation."
+              "repetition_penalty=1.0 turns it off)")
+    write_json(out / DECODING, {**stored, bench: used})
 
 
 def _generator(gen):
@@ -311,6 +326,7 @@ def _evaluate(cfg: EvalConfig, model, tokenizer, overwrite: bool) -> dict:
         "config": to_dict(cfg), "seconds": round(time.time() - started, 1),
         "precision": resolve_precision(cfg.model.precision, cfg.model.dtype).to_dict(),
         "benchmarks": scores,
+        "decoding": {k: v for k, v in (read_json(out / DECODING) or {}).items() if k in scores},
         "versions": package_versions(), "machine": machine_info(), **provenance(),
     }
     write_json(out / "metrics.json", metrics)

@@ -22,8 +22,9 @@ from stayaligned.fingerprint import StaleError, check_same, model_identity, run_
 from stayaligned.runfiles import read_json, write_json
 
 FILE = "fingerprint.json"
+DECODING = "decoding.json"  # per benchmark, what generation decoded with (evaluation.run)
 STAGE_FILES = ("generations.jsonl", "judgments.jsonl", "judgments.cache.jsonl", "task_loss.json",
-               "metrics.json", FILE)
+               "metrics.json", DECODING, FILE)
 SELECTION = ("name", "limit", "seed", "where", "task_loss")  # rows are reused per item
 SECRET_WORDS = ("key", "token", "secret", "password")
 
@@ -38,6 +39,10 @@ def fingerprint(cfg: EvalConfig, benches: dict, templates: dict) -> dict:
     """What the stage files depend on; `benches` as from `expand_benchmarks`, `templates`
     the template name each benchmark is rendered with."""
     generation = {k: v for k, v in to_dict(cfg.generation).items() if k != "batch_size"}
+    from stayaligned.models import chat_template_kwargs
+
+    if kwargs := chat_template_kwargs(cfg.model):  # they change the prompts (absent: none)
+        generation["chat_template_kwargs"] = kwargs
     m = cfg.model
     model = model_identity(m.name, m.revision, m.gguf_file)
     record = run_record(m.name)  # a stayaligned run or repair remade in place differs here
