@@ -188,3 +188,12 @@ def test_chat_template_kwargs_reach_prompts_and_training_texts_alike(tokenizer):
     assert trained_text(tok, item) == "2 + 3 = 5.\n#### 5<|im_end|>\n"
     tok.stayaligned_chat_kwargs = {}
     assert prompt_text(tok, EX, get_template("native")).endswith("<|im_start|>assistant\n")
+
+
+def test_a_python_tokenizer_is_an_error_naming_the_fix(tokenizer, monkeypatch):
+    """Offsets (and so exact masks) need a fast tokenizer: a slow one is a named error, not a
+    NotImplementedError from deep inside transformers."""
+    tok = _with_template(tokenizer, tokenizer.chat_template)
+    monkeypatch.setattr(type(tok), "is_fast", property(lambda self: False))
+    with pytest.raises(DataError, match=r"ex:1: .*fast \(Rust\) tokenizer.*tokenizer.json"):
+        render_for_training(tok, EX, get_template("native"))

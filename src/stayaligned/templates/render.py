@@ -201,6 +201,12 @@ def render_for_training(tokenizer, example: Example, template: Template,
     with ``meta["no_loss_prefix"]`` (a safety-recovery example, `data.transforms`) has no loss
     on that start of its last assistant turn, and is tokenised in two parts cut at its end."""
     text, spans = training_text(tokenizer, example, template, loss_on)
+    if not getattr(tokenizer, "is_fast", True):
+        raise DataError(
+            f"{example.id}: the loss mask is placed by character offsets, which only a fast "
+            f"(Rust) tokenizer gives; {type(tokenizer).__name__} is a Python one: use a model "
+            "with a tokenizer.json, or convert its tokenizer (transformers' convert_slow_tokenizer "
+            "/ AutoTokenizer.from_pretrained(..., use_fast=True)) and save it with the model")
     cut = _prefix_end(example, text, spans)
     if cut is None:
         enc = encode(tokenizer, text, template, return_offsets_mapping=True)
