@@ -163,6 +163,9 @@ def test_a_repair_cell_is_reported_with_its_choice_and_its_cost(tmp_path):
     assert "aligned model itself" not in lines[0] + lines[1]
     training = markdown.split("\n## Training\n", 1)[1].split("\n## ", 1)[0]
     assert "sft+merge" not in training and "| sft-seed0 |" in training
+    # the study's description says what the cell is: a repair of sft, not a training of sft
+    assert ("sft+merge (merge repair of sft: the weakest of the method's default strengths "
+            "keeping >= 95% of the aligned refusal rate on validation data)") in markdown
     cell = markdown.split("\n### sft+merge-seed2\n", 1)[1].split("\n### ", 1)[0]
     assert "| chosen alpha | 1 |" in cell and "| target met | no (the best strength kept" in cell
     assert "| repair stage | done |" in cell and "| eval stage | done |" in cell

@@ -111,7 +111,40 @@ def _value(v) -> str:
     return str(v)
 
 
+def _repair_words(spec: dict) -> str:
+    """A repair cell's spec in words: what it repairs and how its strength is chosen.
+
+    >>> _repair_words({"method": "resta", "of": "sft", "strengths": [0, 0.5, 1],
+    ...                "target_kept": 0.95, "on_miss": "best", "reference": "base",
+    ...                "task_holdout": 100})
+    'resta repair of sft (reference base): the weakest of strengths 0, 0.5, 1 keeping >= 95% of the aligned refusal rate on validation data, else the best; task hold-out 100'
+    """
+    method = spec.get("method", "merge")
+    head = f"{method} repair of {spec.get('of')}"
+    if method == "resta":
+        head += f" (reference {spec.get('reference', 'base')}" + (
+            f", DARE p {spec['dare_p']}" if spec.get("dare_p") else "") + ")"
+    sweep = (f"strengths {_value(spec['strengths'])}" if spec.get("strengths")
+             else "the method's default strengths")
+    if spec.get("target_kept") is not None:
+        rule = (f"the weakest of {sweep} keeping >= {spec['target_kept']:.0%} of the aligned "
+                "refusal rate on validation data")
+    elif spec.get("target_refusal") is not None:
+        rule = (f"the weakest of {sweep} refusing >= {spec['target_refusal']:.0%} on "
+                "validation data")
+    else:
+        rule = f"strength {spec.get('strength', 'the default')}"
+    if rule.startswith("the weakest") and spec.get("on_miss") == "best":
+        rule += ", else the best"
+    tail = f"; task hold-out {spec['task_holdout']}" if spec.get("task_holdout") else ""
+    return f"{head}: {rule}{tail}"
+
+
 def _cell_words(cell: dict) -> str:
+    if cell.get("repair"):
+        extra = (f"; evaluated under {', '.join(cell['eval_templates'])} only"
+                 if cell.get("eval_templates") else "")
+        return f"{cell.get('name')} ({_repair_words(cell['repair'])}{extra})"
     methods = " + ".join(cell.get("methods") or ["sft"])
     extra = [w for w in (_words(cell.get("options") or {}),
                          _value(cell.get("train")) if cell.get("train") else "") if w]
