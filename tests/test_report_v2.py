@@ -163,6 +163,8 @@ def test_a_repair_cell_is_reported_with_its_choice_and_its_cost(tmp_path):
     assert "aligned model itself" not in lines[0] + lines[1]
     training = markdown.split("\n## Training\n", 1)[1].split("\n## ", 1)[0]
     assert "sft+merge" not in training and "| sft-seed0 |" in training
+    # per-seed rows are compared with the same seed's sft run, and the tables say so
+    assert "Δ: points (x 100) against the same seed's sft run" in markdown
     # the study's description says what the cell is: a repair of sft, not a training of sft
     assert ("sft+merge (merge repair of sft: the weakest of the method's default strengths "
             "keeping >= 95% of the aligned refusal rate on validation data)") in markdown

@@ -250,7 +250,11 @@ def results_table(study: Study, name: str, kind: str) -> Table:
         diff = Cell("reference") if reference is model else difference_cell(mine, theirs)
         rows.append((model.label, str(entry.get("n", "—")), _fmt_score(mine), diff,
                      *(show(entry) for _, show in extra)))
-    note = (f"Δ: points (x 100) against the {study.reference_name} cell with a 95% interval "
+    seeds = {m.seed for m in study.cells if m.cell.get("name") == study.reference_name}
+    against = (f"the same seed's {study.reference_name} run (the first seed's for a row without "
+               "a seed of its own: the seed and the aligned model)" if len(seeds) > 1
+               else f"the {study.reference_name} cell")
+    note = (f"Δ: points (x 100) against {against} with a 95% interval "
             "(Newcombe's for rates, MOVER from the bootstrap intervals for means); bold where "
             "the interval excludes 0.")
     if any(h.startswith("Task loss") for h, _ in extra):
