@@ -1,7 +1,7 @@
 """The methods' effect on the embedded default: bench/results/effect.json and the committed report.
 
     stayaligned study configs/study/embedded_gsm8k.yaml     # hours on 2 CPU cores, resumable
-    python bench/effect.py runs/study/embedded_gsm8k        # this script: JSON + report
+    python bench/effect.py bench/studies/embedded_gsm8k     # this script: JSON + report
 
 Reads only the study's stage files (through stayaligned.reports). Writes
 bench/results/effect.json: per model (seed, aligned, each cell) refusal_rate, refusal_ci,
@@ -97,7 +97,7 @@ def headline(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("study_dir", nargs="?", default="runs/study/embedded_gsm8k")
+    parser.add_argument("study_dir", nargs="?", default="bench/studies/embedded_gsm8k")
     parser.add_argument("--output", default="bench/results/effect.json")
     parser.add_argument("--report", default="bench/results/embedded_gsm8k")
     parser.add_argument("--notes", default="bench/results/embedded_gsm8k/findings.md",
