@@ -118,9 +118,13 @@ def _body(run: Path, manifest: dict) -> list[str]:
             else "defaults"
         lines.append(f"- `{method}`: {shown}")
     templates = manifest.get("templates", {})
+    kwargs = templates.get("chat_template_kwargs")
     lines += ["", f"Train template `{templates.get('train')}`, evaluation template "
-              f"`{templates.get('eval')}` (what `stayaligned eval` uses by default); loss on "
-              f"{config.get('loss_on', 'all_assistant_turns').replace('_', ' ')}.", ""]
+              f"`{templates.get('eval')}` (what `stayaligned eval` uses by default)"
+              + (f", chat template variables `{json.dumps(kwargs, ensure_ascii=False)}` (pass "
+                 "them to `apply_chat_template` when you prompt this model)" if kwargs else "")
+              + f"; loss on {config.get('loss_on', 'all_assistant_turns').replace('_', ' ')}.",
+              ""]
     lines += _data_lines(manifest) + _budget_lines(manifest) + _eval_lines(run)
     lines += _usage_lines(config) + _provenance_lines(manifest)
     return lines
