@@ -141,13 +141,14 @@ def test_card_of_an_embedded_run_says_the_weights_were_dequantised(tmp_path):
 
     manifest = {"config": {"model": {"name": "embedded"}, "methods": ["sft", "str"],
                            "options": {"str": {"lam": 0.1}}, "lora": {"enabled": True, "r": 8},
-                           "optim": {"lr": 1e-4}},
+                           "optim": {"lr": 1e-4}, "loss_on": "each_turn"},
                 "templates": {"train": "native", "eval": "native",
                               "chat_template_kwargs": {"enable_thinking": False}},
                 "global_step": 5}
     (tmp_path / "run.json").write_text(json.dumps(manifest))
     card = write_card(tmp_path).read_text()
     assert 'chat template variables `{"enable_thinking": false}` (pass them' in card
+    assert "loss on each answer, as the last turn of its own example." in card
     assert 'base_model: "HuggingFaceTB/SmolLM2-135M-Instruct"' in card
     assert "de-quantised to float32 from the Q4_1 GGUF" in card
     assert '- `str`: {"lam": 0.1}' in card and "- stayaligned" in card

@@ -16,6 +16,9 @@ from pathlib import Path
 
 from stayaligned.runfiles import atomic_write, read_json, train_time, write_json
 
+LOSS_WORDS = {"all_assistant_turns": "all assistant turns", "last_turn": "the last turn",
+              "each_turn": "each answer, as the last turn of its own example"}
+
 CARD = "README.md"
 EVALUATIONS = "evaluations.json"
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -123,7 +126,7 @@ def _body(run: Path, manifest: dict) -> list[str]:
               f"`{templates.get('eval')}` (what `stayaligned eval` uses by default)"
               + (f", chat template variables `{json.dumps(kwargs, ensure_ascii=False)}` (pass "
                  "them to `apply_chat_template` when you prompt this model)" if kwargs else "")
-              + f"; loss on {config.get('loss_on', 'all_assistant_turns').replace('_', ' ')}.",
+              + f"; loss on {LOSS_WORDS.get(config.get('loss_on'), 'all assistant turns')}.",
               ""]
     lines += _data_lines(manifest) + _budget_lines(manifest) + _eval_lines(run)
     lines += _usage_lines(config) + _provenance_lines(manifest)
