@@ -160,8 +160,29 @@ def test_a_template_without_a_system_role_names_the_example_and_the_fix(tokenize
     for render in (lambda t: render_for_training(tok, EX, t),
                    lambda t: prompt_text(tok, EX, t)):
         with pytest.raises(DataError, match=r"ex:1: .*refused the conversation "
-                                            r"\(system/user.*System role not supported.*native:nosys"):
+                                            r"\(system/user.*System role not supported"
+                                            r".*native:safe@user.*native:nosys"):
             render(get_template("native:safe"))
+    # @user writes the safety prompt at the start of the first user turn (Gemma 3's own way)
+    safe = render_for_training(tok, EX, get_template("native:safe@user"))
+    assert safe.text.startswith("<start_of_turn>user\nYou are a helpful, respectful and honest")
+    assert "answer.\n\nWhat is 2 + 3?<end_of_turn>" in safe.text.replace(
+        "don't share false information.", "answer.")
+    assert trained_text(tok, safe) == "2 + 3 = 5.\n#### 5<end_of_turn>\n"
+    prompt = prompt_text(tok, EX, get_template("native:safe@user"))
+    assert safe.text.startswith(prompt) and prompt.endswith("<start_of_turn>model\n")
+    own = Example("own", ({"role": "system", "content": "Be brief."}, *EX.messages))
+    assert prompt_text(tok, own, get_template("native@user")).startswith(
+        "<start_of_turn>user\nBe brief.\n\nWhat is 2 + 3?")
+
+
+def test_in_user_applies_to_native_templates_only():
+    assert get_template("native:safe@user").has_safety_prompt
+    for bad, match in (("chat:llama@user", "chat:llama is a string template"),
+                       ("nope@user", "unknown template 'nope'"),
+                       ("native:safe@user@user", "native:safe@user is a native template")):
+        with pytest.raises(KeyError, match=match):
+            get_template(bad)
 
 
 def test_a_template_that_moves_the_system_prompt_is_an_error(tokenizer):
@@ -169,8 +190,12 @@ def test_a_template_that_moves_the_system_prompt_is_an_error(tokenizer):
     a training text would silently lose it (PTST's safety prompt, say) while prompts keep it."""
     tok = _with_template(tokenizer, MISTRAL3_JINJA)
     for loss_on in ("all_assistant_turns", "last_turn"):
-        with pytest.raises(DataError, match=r"ex:1: .*prefix of the turn.*native:nosys"):
+        with pytest.raises(DataError, match=r"ex:1: .*prefix of the turn.*native:safe@user"):
             render_for_training(tok, EX, get_template("native:safe"), loss_on=loss_on)
+    # @user: the safety prompt in the first user turn, in training texts and prompts alike
+    safe = render_for_training(tok, EX, get_template("native:safe@user"))
+    assert safe.text.startswith(tok.bos_token + "[INST] You are a helpful, respectful and honest")
+    assert "honest assistant." in prompt_text(tok, EX, get_template("native:safe@user"))
     item = render_for_training(tok, TWO_TURNS, get_template("native"))
     assert trained_text(tok, item) == " Hello!<|im_end|> Goodbye.<|im_end|>"
 

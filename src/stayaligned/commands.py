@@ -137,7 +137,7 @@ def data_list() -> None:
 
 
 def data_templates() -> None:
-    from stayaligned.templates.library import TEMPLATES
+    from stayaligned.templates.library import IN_USER, TEMPLATES
 
     table = Table(title="templates")
     for column in ("name", "kind", "description"):
@@ -145,6 +145,9 @@ def data_templates() -> None:
     for t in TEMPLATES.values():
         table.add_row(t.name, t.kind, t.description)
     console.print(table)
+    console.print(f"A native template's name + {IN_USER} (e.g. native:safe{IN_USER}) writes its "
+                  "system prompt into the first user turn, for chat templates without a system "
+                  "role (Gemma 2, Mistral v0.1/v0.2) or that move it (Mistral v0.3).")
 
 
 def quickstart(output: str, fresh: bool = False, overrides: list[str] | tuple = ()) -> dict:

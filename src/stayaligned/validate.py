@@ -53,7 +53,7 @@ def _number(key: str, value, *, low: float | None = None, strict: bool = True,
 def check_train(cfg: TrainConfig, model: bool = True) -> None:
     """Every value of a training config that can be checked without a model."""
     from stayaligned.methods import METHODS
-    from stayaligned.templates.library import TEMPLATES
+    from stayaligned.templates.library import TEMPLATES, is_template
 
     o = cfg.optim
     _number("optim.lr", o.lr, low=0)
@@ -84,7 +84,7 @@ def check_train(cfg: TrainConfig, model: bool = True) -> None:
 
     build_methods(cfg.methods, cfg.options, cfg.seed, METHODS)  # options and stacking
     for key in ("template", "eval_template"):
-        if getattr(cfg, key) not in TEMPLATES:
+        if not is_template(getattr(cfg, key)):
             raise unknown(key, getattr(cfg, key), TEMPLATES, "template")
     if not cfg.data:
         raise ConfigError("data: no data source given; add at least one, e.g. "
@@ -109,7 +109,7 @@ def _scheduler(name: str) -> None:
 def check_eval(cfg: EvalConfig, model: bool = True) -> None:
     """Every value of an evaluation config that can be checked without a model."""
     from stayaligned.evaluation.metrics import TASK_METRICS
-    from stayaligned.templates.library import TEMPLATES
+    from stayaligned.templates.library import TEMPLATES, is_template
 
     g = cfg.generation
     _number("generation.max_new_tokens", g.max_new_tokens, low=1, strict=False)
@@ -131,7 +131,7 @@ def check_eval(cfg: EvalConfig, model: bool = True) -> None:
         if any(k < 0 for k in bench.prefill_k):
             raise ConfigError(f"{key}.prefill_k={list(bench.prefill_k)}: values must be >= 0")
         for template in (bench.template, cfg.template):
-            if template is not None and template not in TEMPLATES:
+            if template is not None and not is_template(template):
                 raise unknown(f"{key}.template" if template == bench.template else "template",
                               template, TEMPLATES, "template")
         check_source(f"{key}.source" if bench.source else f"{key}.name",

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 from stayaligned.config import ConfigError
 from stayaligned.methods.base import Method
-from stayaligned.templates.library import TEMPLATES, Template
+from stayaligned.templates.library import Template, get_template
 
 
 @dataclass(frozen=True)
@@ -68,12 +68,10 @@ class Ptst(Method):
 
 
 def _lookup(name: str, field: str) -> Template:
-    if name not in TEMPLATES:
-        raise ConfigError(
-            f"options.ptst.{field}: unknown template {name!r}; known templates: "
-            f"{', '.join(sorted(TEMPLATES))}"
-        )
-    return TEMPLATES[name]
+    try:
+        return get_template(name)
+    except KeyError as err:
+        raise ConfigError(f"options.ptst.{field}: {err.args[0]}") from None
 
 
 def check_pure_train_safe_test(train: Template, evaluate: Template) -> None:

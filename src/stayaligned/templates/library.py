@@ -25,7 +25,7 @@ formats are ours.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 LLAMA2_SYSTEM_PROMPT = (
     "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, "
@@ -73,6 +73,7 @@ class Template:
     separator: str = ""
     description: str = ""
     turn: str = ""  # string: a later user turn, with {user} and {bos}; "" = single-turn only
+    system_in_user: bool = False  # native: the system prompt goes into the first user turn
 
     @property
     def has_safety_prompt(self) -> bool:
@@ -161,11 +162,40 @@ TEMPLATES: dict[str, Template] = {
 }
 
 
+# A native template's name + IN_USER: its system prompt (the template's or the example's) is
+# written at the start of the first user turn, then a blank line, as Gemma 3's own template does,
+# for chat templates that take no system role (Gemma 2, Mistral v0.1/v0.2) or move it (Mistral
+# v0.3): e.g. native:safe@user, PTST's safety prompt on such a model.
+IN_USER = "@user"
+
+
 def get_template(name: str) -> Template:
-    """The template called `name`; an unknown name lists the known ones."""
+    """The template called `name` (a native one may end with IN_USER); an unknown name lists
+    the known ones.
+
+    >>> get_template("native:safe@user").system_in_user
+    True
+    """
+    if name.endswith(IN_USER) and name != IN_USER:
+        base = get_template(name[: -len(IN_USER)])
+        if base.kind != "native" or base.system_in_user:
+            raise KeyError(f"template {name!r}: {IN_USER} moves the system prompt of a native "
+                           f"template into the first user turn; {base.name} is a {base.kind} "
+                           "template with its own layout")
+        return replace(base, name=name, system_in_user=True,
+                       description=f"{base.description}, system prompt in the first user turn")
     try:
         return TEMPLATES[name]
     except KeyError:
         raise KeyError(
-            f"unknown template {name!r}; known templates: {', '.join(sorted(TEMPLATES))}"
+            f"unknown template {name!r}; known templates: {', '.join(sorted(TEMPLATES))} "
+            f"(a native one may end with {IN_USER})"
         ) from None
+
+
+def is_template(name: str) -> bool:
+    try:
+        get_template(name)
+    except KeyError:
+        return False
+    return True

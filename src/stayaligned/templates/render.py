@@ -65,10 +65,24 @@ class RenderReport:
 def _apply_system(messages: tuple[dict, ...], template: Template) -> list[dict]:
     rest = [m for m in messages if m["role"] != "system"]
     if template.system == KEEP:
-        return list(messages)
-    if template.system is None:
-        return rest
-    return [{"role": "system", "content": template.system}, *rest]
+        out = list(messages)
+    elif template.system is None:
+        out = rest
+    else:
+        out = [{"role": "system", "content": template.system}, *rest]
+    return _system_in_user(out) if template.system_in_user else out
+
+
+def _system_in_user(messages: list[dict]) -> list[dict]:
+    """The leading system message written at the start of the first user turn, then a blank
+    line (Gemma 3's own convention), for templates that take no system role."""
+    if not messages or messages[0]["role"] != "system":
+        return messages
+    system, rest = messages[0]["content"], messages[1:]
+    for i, m in enumerate(rest):
+        if m["role"] == "user":
+            return [*rest[:i], {**m, "content": f"{system}\n\n{m['content']}"}, *rest[i + 1:]]
+    return messages
 
 
 def _native_text(tokenizer, messages: list[dict], generation_prompt: bool,
@@ -87,10 +101,10 @@ def _native_text(tokenizer, messages: list[dict], generation_prompt: bool,
         )
     except TemplateError as err:  # the template's own raise_exception (roles, system prompts)
         roles = "/".join(m["role"] for m in messages)
-        system = (" Some chat templates (Gemma, early Mistral) take no system message: use "
-                  "template native:nosys, or a string template, instead of one that adds a "
-                  "system prompt (native:safe).") if any(m["role"] == "system"
-                                                         for m in messages) else ""
+        system = (" Some chat templates (Gemma 2, early Mistral) take no system message: "
+                  "write it into the first user turn (the template's name + @user, e.g. "
+                  "native:safe@user) or drop it (native:nosys).") if any(
+                      m["role"] == "system" for m in messages) else ""
         raise DataError(f"{example_id or 'an example'}: the model's chat template refused "
                         f"the conversation ({roles}): {err}.{system}") from err
 
@@ -170,8 +184,9 @@ def training_text(tokenizer, example: Example, template: Template,
             raise DataError(
                 f"{example.id}: the chat template does not render the conversation up to turn "
                 f"{i} as a prefix of the turn (as Mistral v0.3's writes the system prompt only "
-                "into a conversation that ends with a user turn): drop the system prompt "
-                "(template native:nosys) or choose a string template"
+                "into a conversation that ends with a user turn): write it into the first user "
+                "turn (the template's name + @user, e.g. native:safe@user), drop it "
+                "(native:nosys) or choose a string template"
             )
         if not full.startswith(through):
             raise DataError(
