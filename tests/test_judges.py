@@ -271,6 +271,17 @@ def test_guard_judge_reports_garbage_from_the_tiny_model(tiny_model_dir):
         assert j["error"].startswith("unparseable guard answer")
 
 
+def test_guard_prompt_uses_the_guard_models_chat_template_kwargs(tokenizer):
+    """A guard model's own model.chat_template_kwargs reach its classification prompt."""
+    tok = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if policy is defined %}policy: {{ policy }}{% endif %}")
+    judge = GuardJudge(ModelConfig(name="guard"))
+    assert "policy" not in judge.classifier_prompt(tok, "q", "a")
+    tok.stayaligned_chat_kwargs = {"policy": "S1"}
+    assert judge.classifier_prompt(tok, "q", "a").endswith("assistant: a\npolicy: S1")
+
+
 # ---------------------------------------------------------------- cache
 
 
