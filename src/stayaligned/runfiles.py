@@ -59,6 +59,13 @@ def read_json(path: Path) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def recorded_templates(model_dir: str | Path) -> dict:
+    """The `templates` a stayaligned run or repair directory recorded in its run.json (train
+    and eval template names, chat_template_kwargs); {} for any other model (a Hub id, a plain
+    model directory). A run.json that is not JSON raises ValueError."""
+    return (read_json(Path(model_dir).expanduser() / "run.json") or {}).get("templates") or {}
+
+
 def read_jsonl(path: Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():

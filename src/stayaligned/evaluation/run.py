@@ -35,6 +35,7 @@ from stayaligned.runfiles import (
     provenance,
     read_json,
     read_jsonl,
+    recorded_templates,
     write_json,
     write_jsonl,
 )
@@ -117,8 +118,7 @@ def eval_template_name(cfg: EvalConfig) -> str:
     safe testing), else the model's own chat template."""
     if cfg.template:
         return cfg.template
-    manifest = read_json(Path(cfg.model.name) / "run.json") if Path(cfg.model.name).is_dir() else None
-    return (manifest or {}).get("templates", {}).get("eval", "native")
+    return recorded_templates(cfg.model.name).get("eval", "native")
 
 
 def _generate_missing(cfg, out, rows, todo, model_holder) -> None:

@@ -26,7 +26,7 @@ from stayaligned.repair.weights import (
     save_shards,
     write_index,
 )
-from stayaligned.runfiles import atomic_write, read_json, write_json
+from stayaligned.runfiles import atomic_write, recorded_templates, write_json
 
 
 @dataclass
@@ -111,7 +111,7 @@ def templates(inputs: RepairInputs) -> dict | None:
     """The fine-tune's recorded train/eval templates (a stayaligned run), so that evaluating
     the repaired model uses the same eval template as evaluating the fine-tune."""
     run = inputs.finetune.run_dir
-    return (read_json(run / "run.json") or {}).get("templates") if run else None
+    return (recorded_templates(run) or None) if run else None
 
 
 def save(weights: Weights, out: Path, aligned_path: str) -> Path:
