@@ -8,7 +8,7 @@ template and each item's content. A stored fingerprint that differs in any of th
 error naming the keys; a benchmark's item *selection* (limit, seed, where) may change, since
 rows are reused per item, but an item whose content changed is an error. The judge and its
 options are recorded (judgments are recomputed from the generations on every run, through a
-cache keyed by the judge's name).
+cache keyed by the judge's name, options and model: evaluation.judging.judge_cache_name).
 """
 
 from __future__ import annotations

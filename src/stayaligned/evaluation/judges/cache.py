@@ -1,7 +1,7 @@
 """Judgment cache: a JSONL file of judge verdicts, so an expensive judge runs once per answer.
 
 Each line is ``{"key": sha256, "judgment": {...}}``; the key hashes (benchmark, item id, prompt,
-response, judge name), so a changed response or a different judge never reuses a verdict. New
+response, judge name and setup), so a changed response or a different judge never reuses a verdict. New
 entries are appended and fsync'ed on `flush()`; a later line for the same key wins. A crash can
 only leave a partial last line: it is ignored with a warning and cut off before the next
 append. One process should write a cache at a time.
@@ -138,7 +138,9 @@ def judge_with_cache(
     its benchmark and id; `judge.judge_batch` runs only on items without a good cached
     judgment, in chunks of `chunk_size`, and the cache is flushed after every chunk."""
     items = [JudgeItem(*item) for item in items]
-    keys = [judgment_key(it.benchmark, it.id, it.prompt, it.response, judge.name) for it in items]
+    # a judge's `cache_name` (evaluation.judging) covers its options and model; else its name
+    cache_name = getattr(judge, "cache_name", judge.name)
+    keys = [judgment_key(it.benchmark, it.id, it.prompt, it.response, cache_name) for it in items]
     todo = [i for i, key in enumerate(keys) if _needs_judging(cache.get(key))]
     if todo:
         log.info("%s: judging %d of %d item(s), the rest cached", judge.name, len(todo), len(items))
