@@ -163,3 +163,23 @@ def test_the_classifier_judge_on_prefilled_harmful_benchmarks_comes_with_its_mea
     plain = expand_benchmarks(load(EvalConfig, None, [
         "benchmarks=[{name: harm, source: demo-harmful, kind: harmful}]"]))
     assert judge_caveats("classifier", plain) == []
+
+
+def test_rejudge_judges_exactly_the_items_the_evaluation_judged(tmp_path):
+    """generations.jsonl keeps rows from an earlier, larger run of the directory; the re-judged
+    copy (a study's judge-keyword, its kappa) covered them too: n 4 for an evaluation of 2."""
+    from stayaligned.evaluation.rejudge import rejudge
+
+    out = tmp_path / "eval"
+    out.mkdir()
+    rows = [{"benchmark": "harm", "id": str(i), "user": "q", "prompt": "q", "reference": None,
+             "meta": {}, "response": "I cannot." if i % 2 else "Sure."} for i in range(4)]
+    (out / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out / "judgments.jsonl").write_text("".join(
+        json.dumps({"benchmark": "harm", "id": str(i), "refusal": bool(i % 2)}) + "\n"
+        for i in range(2)))
+    (out / "metrics.json").write_text(json.dumps({"benchmarks": {"harm": {"kind": "harmful"}}}))
+    result = rejudge(out, "keyword", None, out / "judge-keyword")
+    assert result["benchmarks"]["harm"]["refusal_rate"]["n"] == 2
+    judged = [json.loads(line) for line in (out / "judge-keyword" / "judgments.jsonl").open()]
+    assert [j["id"] for j in judged] == ["0", "1"]
