@@ -401,3 +401,24 @@ def test_changed_chat_template_kwargs_make_cached_generations_stale(tmp_path, ti
     with pytest.raises(StaleError, match="chat_template_kwargs"):
         evaluate(replace(cfg, model=replace(cfg.model,
                                             chat_template_kwargs={"enable_thinking": False})))
+
+
+def test_generations_made_in_another_precision_are_stale(tmp_path, tiny_model_dir):
+    """fp32 generations resumed or reused in pure bf16 mixed two computations while metrics.json
+    named the second; a fingerprint from before `compute` was recorded is still reused."""
+    import pytest
+
+    from stayaligned.evaluation.stage_prints import FILE
+    from stayaligned.fingerprint import StaleError
+
+    cfg = eval_config(tmp_path, tiny_model_dir)
+    cfg = replace(cfg, model=replace(cfg.model, precision="fp32"))
+    evaluate(cfg)
+    bf16 = replace(cfg, model=replace(cfg.model, precision="pure_bf16"))
+    with pytest.raises(StaleError, match="compute.precision"):
+        evaluate(bf16)
+    stored = json.loads((tmp_path / "eval" / FILE).read_text())
+    del stored["compute"]
+    (tmp_path / "eval" / FILE).write_text(json.dumps(stored))
+    evaluate(cfg)  # an older fingerprint: nothing to compare
+    assert json.loads((tmp_path / "eval" / FILE).read_text())["compute"]["precision"] == "fp32"
