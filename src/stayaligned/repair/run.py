@@ -2,10 +2,14 @@
 on the validation config, keep the weakest strength that meets the target, and write
 
   OUT/model/ or OUT/adapter/   the repaired model (safetensors; an adapter for a LoRA SafeLoRA)
-  OUT/run.json                 the templates of the fine-tune, so `eval` uses the same ones
+  OUT/run.json                 the templates of the fine-tune, so `eval` uses the same ones,
+                               and made_from: the inputs' sha256 and the method's options
   OUT/repair.json              inputs with hashes, method, options, the curve, the choice
   OUT/curve.png                refusal and task loss against the knob
   OUT/sweep/<strength>/eval/   each candidate's validation evaluation (and the aligned model's)
+  OUT/sweep/<strength>/candidate/  while sweeping: a candidate (run.json with made_from, so
+                               a rebuilt one is evaluated again); only one kept by this run
+                               is ever moved into OUT
 
 OUT is then a model name for `eval`, `check` and `study` like any run directory.
 """

@@ -2,9 +2,11 @@
 a time, so that a repair holds one output shard plus a few input tensors in memory, never a
 whole model.
 
-A model input is one of: a stayaligned run directory (merged/, model/ or adapter/ inside), a PEFT
-adapter directory (its weights are the aligned model's plus scale * B @ A on each adapted layer),
-a directory of full weights, ``embedded``, or a Hub id (downloaded with huggingface_hub).
+A model input is one of: a stayaligned run directory (merged/, model/ or adapter/ inside; its
+run.json must say complete), a PEFT adapter directory (its weights are the aligned model's plus
+scale * B @ A on each adapted layer, in float32, and scale * lora_B.bias on the bias with
+lora_bias, as PEFT merges), a directory of full weights, ``embedded``, or a Hub id (downloaded
+with huggingface_hub).
 """
 
 from __future__ import annotations
