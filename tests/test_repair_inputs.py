@@ -107,7 +107,7 @@ def test_lora_bias_is_added_as_peft_merges_it_and_unknown_keys_fail(tokenizer_di
     extra = {k: v for k, v in tensors.items() if not k.endswith("bias")}
     extra[f"base_model.model.{Q}.lora_A.bias"] = torch.zeros(2)
     save_file(extra, str(tmp_path / "a" / "adapter_model.safetensors"))
-    with pytest.raises(RepairError, match=r"adapter_model.safetensors: adapter tensor .*lora_A.bias"):
+    with pytest.raises(RepairError, match=r"safetensors: adapter tensor .*lora_A.bias"):
         LoraSource(TensorSource(aligned), tmp_path / "a")
 
 
@@ -127,7 +127,7 @@ def test_a_lora_finetune_keeps_the_exact_float32_sum_over_a_bf16_base(models, tm
     assert lora.get("model.norm.weight").dtype == torch.bfloat16  # not adapted: as stored
 
 
-# ---------------------------------------------------------------- inputs that are refused or flagged
+# ---------------------------------------------------------------- inputs refused or flagged
 
 
 def test_an_unfinished_run_is_refused_naming_its_run_json(models, tmp_path):

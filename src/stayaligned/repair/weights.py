@@ -270,8 +270,8 @@ def open_model(name: str, aligned: TensorSource | None = None) -> ModelInput:
     status = (read_json(path / "run.json") or {}).get("status") if run_dir else None
     if status not in (None, "complete"):
         raise RepairError(f"{path / 'run.json'}: status {status!r}, not a finished run (still "
-                          "training, or killed); let it finish (rerun its command to resume), "
-                          "or pass the weights directory inside it if you mean those")
+                          "training, killed or failed); let it finish (rerun its command to "
+                          "resume), or pass the weights directory inside it if you mean those")
     for sub in ("merged", "model"):
         if (path / sub / "config.json").is_file():
             return ModelInput(name, "full", TensorSource(path / sub), path / sub, run_dir=run_dir)
