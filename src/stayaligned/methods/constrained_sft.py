@@ -14,7 +14,9 @@ term, logged as loss/constrained_sft; plain CE is still logged as loss/ce).
 
 As in the reference code (methods.md 5.1): per-token loss -w_t log pi(y_t) with the weight
 w_t = max(2 (1 - sigmoid(beta_t Delta_t)), min_weight) detached, mean over all response tokens
-of the (micro-)batch, the same beta_t schedule (`beta_schedule`), and reference log-probs
+of the batch (the optimiser step's: under gradient accumulation and data parallelism the token
+sum is divided by the step's loss-token count, as transformers does for cross-entropy, so that
+beta = 0 is exactly plain SFT), the same beta_t schedule (`beta_schedule`), and reference log-probs
 precomputed with the initial model. Alignment convention of the `ref_logprobs` column: it is
 aligned with the labels, i.e. the value at position t is log pi_ref(token t | tokens < t), and
 0.0 where token t is not a response token.
@@ -116,7 +118,7 @@ class ConstrainedSft(Method):
             dataset.add_column(COLUMN, values)
         self.ready = True
 
-    def task_loss(self, model, batch: dict, outputs) -> torch.Tensor:
+    def task_loss(self, model, batch: dict, outputs, num_items_in_batch=None):
         if not self.ready:
             raise RuntimeError("constrained_sft: setup() must run before training (it "
                                "computes the reference log-probs)")
@@ -129,6 +131,6 @@ class ConstrainedSft(Method):
         loss, nll = constrained_sft_loss(
             outputs.logits, labels, ref_logp, beta=o.beta, bias_length=o.bias_length,
             bias_factor=o.bias_factor, first_token_bias_factor=o.first_token_bias_factor,
-            min_weight=o.min_weight, return_nll=True,
+            min_weight=o.min_weight, return_nll=True, num_items=num_items_in_batch,
         )
         return loss, {"ce": nll}
