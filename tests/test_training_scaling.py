@@ -132,3 +132,23 @@ def test_constrained_sft_with_beta_zero_is_plain_sft_under_gradient_accumulation
     constrained = grads("csft", 2, "methods=[constrained_sft]", ZERO_BETA)
     rel = float((constrained - sft).norm() / sft.norm())
     assert rel < 1e-5  # before: 0.38, a mean of micro-batch means
+
+
+def test_precomputed_reference_runs_under_the_runs_autocast(tmp_path, tiny_model_dir):
+    # model.precision bf16: the trained log-probs are bf16-autocast ones, so the reference's
+    # must be too, or the weights at step 0 (model == reference) are not 1
+    from stayaligned.methods.constrained_sft import COLUMN
+    from stayaligned.training.collate import AUX
+    from stayaligned.training.losses import label_logprobs
+
+    cfg = config(tmp_path, tiny_model_dir, "model.precision=bf16", "methods=[constrained_sft]")
+    trainer, model, tok = build(cfg, tmp_path)
+    assert trainer.precision.autocast == torch.bfloat16
+    # the first per-device batch: the same rows and padding as the precomputation's first chunk
+    batch = PadCollator(tok.pad_token_id)([trainer.train_dataset[i] for i in range(2)])
+    with torch.no_grad(), trainer.compute_loss_context_manager():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logp = label_logprobs(logits, batch["labels"])
+    mask = batch["labels"] != -100
+    delta = (logp - batch[AUX + COLUMN])[mask]
+    assert float(delta.abs().max()) == 0.0  # float32 reference: about 0.07 off

@@ -47,6 +47,7 @@ import torch
 from stayaligned.config import ConfigError
 from stayaligned.methods.base import Method
 from stayaligned.methods.reference import Reference, as_initial
+from stayaligned.precision import autocast
 from stayaligned.training.collate import AUX, PadCollator
 from stayaligned.training.losses import constrained_sft_loss, label_logprobs
 
@@ -111,9 +112,13 @@ class ConstrainedSft(Method):
             self.reference = Reference(model)
         else:
             dataset = trainer.train_dataset
+            # the trainer's own autocast (model.precision), under which the trained log-probs
+            # are computed: the accelerator's is a no-op (TrainingArguments(bf16=False)), and
+            # float32 reference log-probs would make Delta_t != 0 and w_t != 1 at step 0
             values = reference_logprobs(
                 model, dataset.items, ctx["tokenizer"].pad_token_id,
-                trainer.args.per_device_train_batch_size, trainer.accelerator.autocast,
+                trainer.args.per_device_train_batch_size,
+                lambda: autocast(getattr(trainer, "precision", None)),
             )
             dataset.add_column(COLUMN, values)
         self.ready = True
