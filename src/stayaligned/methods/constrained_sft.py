@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import torch
 
 from stayaligned.config import ConfigError
+from stayaligned.methods.answer_start import warn_template_prefix
 from stayaligned.methods.base import Method
 from stayaligned.methods.reference import Reference, as_initial
 from stayaligned.precision import autocast
@@ -108,6 +109,11 @@ class ConstrainedSft(Method):
 
     def setup(self, ctx: dict) -> None:
         model, trainer = ctx["model"], ctx["trainer"]
+        if self.options.bias_length:
+            warn_template_prefix(
+                self.name, f"the large beta_t of the first {self.options.bias_length} answer "
+                "tokens", ctx["tokenizer"], trainer.train_dataset.items,
+                ctx.get("train_examples", ()), trainer.is_world_process_zero())
         if not self.options.precompute:
             self.reference = Reference(model)
         else:

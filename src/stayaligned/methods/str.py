@@ -48,6 +48,7 @@ from stayaligned.data.sources import load_source
 from stayaligned.data.types import DataError, Example
 from stayaligned.evaluation.generation import generate
 from stayaligned.evaluation.judges.keyword import is_refusal
+from stayaligned.methods.answer_start import warn_template_prefix
 from stayaligned.methods.base import Method
 from stayaligned.methods.reference import Reference, unwrap
 from stayaligned.runfiles import write_json
@@ -285,6 +286,13 @@ class SafetyTokenRegularization(Method):
 
     def setup(self, ctx: dict) -> None:
         model, tokenizer, trainer = ctx["model"], ctx["tokenizer"], ctx.get("trainer")
+        items = getattr(getattr(trainer, "train_dataset", None), "items", None)
+        if items is not None:
+            first = self.options.first_positions
+            warn_template_prefix(
+                self.name, "the anchor at the last prompt position" + (
+                    f" and the first {first} response positions" if first else ""),
+                tokenizer, items, ctx.get("train_examples", ()), _is_main(trainer))
         self.reference = Reference(model)
         payload = None
         if _is_main(trainer):
