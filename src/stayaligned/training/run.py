@@ -292,6 +292,19 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
         return _train(cfg, resume, overwrite)
 
 
+def bind_local_device(device: str) -> None:
+    """A data-parallel process on GPUs makes its own GPU (LOCAL_RANK) the current CUDA device
+    before the model is loaded: load_model's ``.to("cuda")`` means the current device, and the
+    Trainer's arguments, which set it, come later; without this every rank's copy lands on
+    GPU 0 first."""
+    import torch
+
+    local = os.environ.get("LOCAL_RANK")
+    if device != "cuda" or local is None or not torch.cuda.is_available():
+        return
+    torch.cuda.set_device(int(local))
+
+
 def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
     from transformers import set_seed
 
@@ -303,6 +316,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
     set_seed(cfg.seed)
     precision = resolve_precision(cfg.model.precision, cfg.model.dtype)
     warn_pure(precision, full_fine_tuning=not cfg.lora.enabled)
+    bind_local_device(precision.device)
     model, tokenizer = load_model(cfg.model, quantization=quantization_config(cfg.lora))
     prep = prepare(cfg, tokenizer)
     for line in prep["report"].summary():
