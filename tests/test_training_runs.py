@@ -40,3 +40,19 @@ def test_the_device_is_bound_before_the_model_is_loaded(tmp_path, tiny_model_dir
     with pytest.raises(Loaded):
         run.train(config(tmp_path, tiny_model_dir))
     assert order == [("bind", "cpu"), "load"]
+
+
+def test_resume_refuses_a_changed_data_file_naming_it_and_the_fix(tmp_path, tiny_model_dir):
+    from test_training_scaling import config
+
+    from stayaligned.fingerprint import StaleError
+
+    cfg = config(tmp_path, tiny_model_dir, "save_steps=1")
+    run.train(cfg)
+    data = tmp_path / "task.jsonl"
+    data.write_text(data.read_text().replace("Add 0 and 1.", "Add 0 and 2."))
+    with pytest.raises(StaleError, match=r"data\.0\.files_sha256\.task\.jsonl.*--overwrite"):
+        run.train(cfg, resume=True)
+    # the data the run started on resumes (a moved file of the same name and content too)
+    data.write_text(data.read_text().replace("Add 0 and 2.", "Add 0 and 1."))
+    run.train(cfg, resume=True)

@@ -250,6 +250,43 @@ def check_same_run(cfg: TrainConfig, fix: str, model: bool = True) -> None:
         check_same(f"{out}/run.json", {"model": stored}, {"model": _model_identity(cfg)}, fix=fix)
 
 
+def check_same_data(cfg: TrainConfig) -> None:
+    """--resume: the data files are the ones the run started on (run.json's `data` and
+    `recovery` fingerprints); a file edited after the kill would otherwise be resumed with the
+    old optimiser state and the old count of batches to skip. A `StaleError` names the source
+    and what changed. Files compare by name and digest, so a moved checkout is the same data."""
+    from stayaligned.fingerprint import StaleError, differences
+
+    out = Path(cfg.output_dir)
+    manifest = read_json(out / "run.json")
+    if not manifest or manifest.get("data") is None:
+        return
+    old = {"data": manifest["data"], "recovery": manifest.get("recovery")}
+    new = {"data": [data_fingerprint(s, cfg.data_dir) for s in cfg.data],
+           "recovery": recovery_fingerprint(cfg)}
+    changed = differences(_data_identity(old), _data_identity(new))
+    if changed:
+        shown = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
+        sources = [s.source for s in cfg.data] + ([cfg.recovery.source] if new["recovery"] else [])
+        raise StaleError(
+            f"{out}/run.json: the training data changed since this run started (changed: "
+            f"{shown}; sources: {', '.join(sources)}), so its checkpoint cannot be resumed "
+            "on it; restore the data files the run started on, or run without --resume and "
+            "with --overwrite to start over on the new data")
+
+
+def _data_identity(fingerprints: dict) -> dict:
+    """Data fingerprints keyed for `differences`: sources by index, files by name."""
+    def entry(fp):
+        if not isinstance(fp, dict):
+            return fp
+        files = {Path(k).name: v for k, v in (fp.get("files_sha256") or {}).items()}
+        return {**{k: v for k, v in fp.items() if k != "files_sha256"}, "files_sha256": files}
+
+    return {"data": {str(i): entry(fp) for i, fp in enumerate(fingerprints["data"] or [])},
+            "recovery": entry(fingerprints["recovery"])}
+
+
 def _model_identity(cfg: TrainConfig) -> dict:
     from stayaligned.fingerprint import model_identity
 
@@ -264,6 +301,7 @@ def _check_output_dir(out: Path, resume: bool, overwrite: bool, cfg: TrainConfig
         if cfg is not None:
             check_same_run(cfg, "run without --resume and with --overwrite to start over, or "
                                 "restore the run's config")
+            check_same_data(cfg)
         last = last_complete_checkpoint(ckpt_dir)
         if last is None:
             print(f"--resume: no checkpoint in {ckpt_dir}; starting from step 0")
