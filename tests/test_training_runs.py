@@ -56,3 +56,47 @@ def test_resume_refuses_a_changed_data_file_naming_it_and_the_fix(tmp_path, tiny
     # the data the run started on resumes (a moved file of the same name and content too)
     data.write_text(data.read_text().replace("Add 0 and 2.", "Add 0 and 1."))
     run.train(cfg, resume=True)
+
+
+def test_only_the_main_process_clears_the_output_dir_and_staging(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    staging = out / "checkpoints" / ".staging"
+    (staging / "checkpoint-4").mkdir(parents=True)
+    done = out / "checkpoints" / "checkpoint-2"
+    done.mkdir()
+    (done / "trainer_state.json").write_text("{}")
+    (out / "run.json").write_text("{}")
+    monkeypatch.setenv("RANK", "1")  # another data-parallel process: it leaves both alone
+    assert run.last_complete_checkpoint(out / "checkpoints") == str(done)
+    assert staging.is_dir()
+    assert run._check_output_dir(out, resume=False, overwrite=True) is None
+    assert (out / "run.json").is_file()
+    monkeypatch.setenv("RANK", "0")
+    assert run.last_complete_checkpoint(out / "checkpoints") == str(done)
+    assert not staging.exists()
+    run._check_output_dir(out, resume=False, overwrite=True)
+    assert not (out / "run.json").exists()
+
+
+def test_checkpoint_staging_waits_for_every_process(tmp_path, tiny_model_dir, monkeypatch):
+    # rank 0 clears staging, then all ranks write, then rank 0 renames: a barrier between each
+    from transformers import Trainer
+
+    from test_training_scaling import build, config
+
+    cfg = config(tmp_path, tiny_model_dir, "save_steps=1")
+    trainer, model, tok = build(cfg, tmp_path)
+    events = []
+    monkeypatch.setattr(trainer.accelerator, "wait_for_everyone", lambda: events.append("barrier"))
+    real_save = Trainer._save_checkpoint
+
+    def save(self, *args, **kwargs):
+        events.append("write")
+        return real_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", save)
+    trainer.create_optimizer_and_scheduler(num_training_steps=2)
+    trainer.state.global_step = 1
+    trainer._save_checkpoint(model, None)
+    assert events == ["barrier", "write", "barrier"]
+    assert (tmp_path / "run" / "checkpoints" / "checkpoint-1" / "trainer_state.json").is_file()

@@ -219,9 +219,9 @@ def last_complete_checkpoint(ckpt_dir: Path) -> str | None:
 
     if not ckpt_dir.is_dir():
         return None
-    if (ckpt_dir / STAGING).exists():
+    if (ckpt_dir / STAGING).exists() and _main_process():  # one process deletes
         print(f"--resume: removing {ckpt_dir / STAGING}, a checkpoint write that was interrupted")
-        shutil.rmtree(ckpt_dir / STAGING)
+        shutil.rmtree(ckpt_dir / STAGING, ignore_errors=True)
     steps = sorted((int(p.name.split("-")[1]), p) for p in ckpt_dir.glob("checkpoint-*")
                    if p.is_dir() and p.name.split("-")[1].isdigit())
     for _, path in reversed(steps):
@@ -307,13 +307,19 @@ def _check_output_dir(out: Path, resume: bool, overwrite: bool, cfg: TrainConfig
             print(f"--resume: no checkpoint in {ckpt_dir}; starting from step 0")
         return last
     if overwrite and out.exists():
-        clear_dir(out)
+        if _main_process():  # the others wait for it once the trainer is built (_train)
+            clear_dir(out)
     elif (out / "run.json").exists():
         raise ConfigError(
             f"{out} already holds a run; pass --resume to continue it, --overwrite to replace "
             "it, or choose another output_dir"
         )
     return None
+
+
+def _main_process() -> bool:
+    """The data-parallel main process (RANK 0, or no launcher), before any process group."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
@@ -324,7 +330,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
 
     check_train(cfg)
     check_training_options(cfg)  # trackers, trainer_args, push_to_hub: before anything is written
-    if int(os.environ.get("RANK", "0")) != 0:  # one lock per run: the main process holds it
+    if not _main_process():  # one lock per run: the main process holds it
         return _train(cfg, resume, overwrite)
     with run_lock(Path(cfg.output_dir)):
         return _train(cfg, resume, overwrite)
@@ -366,6 +372,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
         data_collator=PadCollator(tokenizer.pad_token_id), methods=prep["methods"],
         precision=precision,
     )
+    trainer.accelerator.wait_for_everyone()  # the main process has cleared the output dir
     main = trainer.is_world_process_zero()
     manifest = _manifest(cfg, prep, tokenizer)
     manifest["world_size"] = trainer.args.world_size

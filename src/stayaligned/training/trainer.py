@@ -184,11 +184,16 @@ class StayTrainer(Trainer):
         staging = os.path.join(run_dir, STAGING)
         if self.args.should_save:
             shutil.rmtree(staging, ignore_errors=True)
+        # data parallel: every rank writes its own files (rng_state_<rank>.pth) into staging,
+        # so none may start before the main process has cleared it, nor the main process rename
+        # it before all have finished (transformers puts no barrier here)
+        self.accelerator.wait_for_everyone()
         self._staging = staging
         try:
             super()._save_checkpoint(model, trial)
         finally:
             self._staging = None
+        self.accelerator.wait_for_everyone()
         if not self.args.should_save:
             return
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
