@@ -119,9 +119,13 @@ def record(out: Path, new: dict) -> None:
 
 
 def clear_stage_files(out: Path) -> None:
-    """--overwrite: delete every stage file of an evaluation directory."""
+    """--overwrite: delete every stage file of an evaluation directory, and the answers that
+    `prefill_source: model:NAME` generated (prefill_cache/)."""
+    import shutil
+
     for name in STAGE_FILES:
         (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / "prefill_cache", ignore_errors=True)
 
 
 __all__ = ["fingerprint", "check_reuse", "record", "clear_stage_files", "StaleError", "FILE"]
