@@ -45,9 +45,10 @@ class _Batched:
 
     def __init__(self, judge):
         self.inner, self.name = judge, judge.name
+        self.sees_prefill = getattr(judge, "sees_prefill", False)
 
     def judge_batch(self, items):
-        return [self.inner.judge(p, r) for p, r in items]
+        return [self.inner.judge(*item) for item in items]
 
 
 class _Keyed:
@@ -59,6 +60,7 @@ class _Keyed:
     def __init__(self, judge, options: dict, model: str | None = None):
         self.inner, self.name = judge, judge.name
         self.cache_name = judge_cache_name(judge.name, options, model)
+        self.sees_prefill = getattr(judge, "sees_prefill", False)
 
     def judge_batch(self, items):
         return self.inner.judge_batch(items)
@@ -170,7 +172,8 @@ def judge_rows(rows: list[dict], kinds: dict[str, str], judge, cache_dir: Path |
     cache = JudgmentCache(Path(cache_dir) / CACHE_FILE if cache_dir else None)
     safety = [r for r in rows if kinds[r["benchmark"]] != "task"]
     judged = judge_with_cache(
-        judge, [(r["benchmark"], r["id"], r["user"], r["response"]) for r in safety], cache)
+        judge, [(r["benchmark"], r["id"], r["user"], r["response"], r.get("prefill") or "")
+                for r in safety], cache)
     verdicts = {(j["benchmark"], j["id"]): j for j in judged}
     task_metrics = task_metrics or {}
     tasks = [r for r in rows if kinds[r["benchmark"]] == "task"]
