@@ -422,3 +422,24 @@ def test_generations_made_in_another_precision_are_stale(tmp_path, tiny_model_di
     (tmp_path / "eval" / FILE).write_text(json.dumps(stored))
     evaluate(cfg)  # an older fingerprint: nothing to compare
     assert json.loads((tmp_path / "eval" / FILE).read_text())["compute"]["precision"] == "fp32"
+
+
+def test_the_tokenizers_end_token_also_stops_generation(tmp_path, tiny_model_dir, monkeypatch):
+    """A generation_config made for the base model lacks the chat's end-of-turn token: the
+    answer ran past it into invented turns, hidden from the judge by skip_special_tokens."""
+    import shutil
+
+    from transformers import AutoTokenizer, GenerationMixin
+    from transformers import GenerationConfig as HFGeneration
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    end = AutoTokenizer.from_pretrained(model_dir).eos_token_id
+    HFGeneration(eos_token_id=0).save_pretrained(model_dir)  # not the tokenizer's end token
+    seen = []
+    real = GenerationMixin.generate
+    monkeypatch.setattr(GenerationMixin, "generate",
+                        lambda self, **kw: seen.append(kw) or real(self, **kw))
+    metrics = evaluate(eval_config(tmp_path, model_dir))
+    assert seen and all(kw["eos_token_id"] == [0, end] for kw in seen)
+    assert metrics["decoding"]["harm"]["eos_token_id"] == [0, end]

@@ -12,7 +12,8 @@ Where the harmful response comes from (`prefill_source` of a benchmark):
 
 The prefix is `tokenizer(response, add_special_tokens=False)[:k]` decoded with the evaluated
 model's tokenizer, as in the reference code (no BOS). The judged response is the whole
-assistant turn: the prefix followed by the model's continuation.
+assistant turn: the prefix followed by the model's continuation; the keyword judge counts only
+refusal phrases that reach past the prefix (a long prefix can restate "... illegal ...").
 """
 
 from __future__ import annotations

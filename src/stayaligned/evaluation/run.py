@@ -166,7 +166,7 @@ def _generate_missing(cfg, out, rows, todo, model_holder, aside=()) -> None:
         gen = (replace(cfg.generation, max_new_tokens=bench.max_new_tokens)
                if bench.max_new_tokens else cfg.generation)
         check_context(model, tokenizer, template, name, examples, prompts, gen)
-        _record_decoding(out, name, decoding(model, gen), cfg.generation)
+        _record_decoding(out, name, decoding(model, gen, tokenizer), cfg.generation)
 
         def save(batch, texts, name=name, examples=examples, prompts=prompts, prefills=prefills):
             for i, text in zip(batch, texts):
