@@ -341,3 +341,20 @@ def test_a_sweep_interrupted_under_the_old_code_resumes(models, validation, tmp_
     ft = state_of(models["full"])
     assert all(torch.equal(v, ft[k]) for k, v in state_of(out / "model").items())
     assert "made_from" in json.loads((out / "run.json").read_text())
+
+
+def test_safe_delta_says_when_its_calibration_prompts_are_its_validation_prompts(tmp_path):
+    """By default both are the demo requests' align split: the strength is chosen on the
+    prompts the compensation was fitted to. Said in the log and repair.json, not refused."""
+    from stayaligned.config import RepairConfig
+    from stayaligned.repair.run import calibration_overlap
+    from stayaligned.repair.sweep import validation_config
+
+    cfg = RepairConfig(method="safe_delta")
+    (warning,) = calibration_overlap(cfg, validation_config(cfg, "m", tmp_path, None))
+    assert "110 of the validation's 110 harmful prompts" in warning
+    held_out = RepairConfig(method="safe_delta", validation={"benchmarks": [
+        {"name": "held-out", "source": "demo-harmful", "split": "validation", "kind": "harmful"}]})
+    assert calibration_overlap(held_out, validation_config(held_out, "m", tmp_path, None)) == []
+    merge = RepairConfig(method="merge")
+    assert calibration_overlap(merge, validation_config(merge, "m", tmp_path, None)) == []

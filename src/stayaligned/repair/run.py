@@ -191,6 +191,9 @@ def _sweep(cfg, method, state, inputs, sweep, out: Path, log, provenance: dict
         raise RepairError(f"{key}: the validation config has no harmful benchmark, so there is "
                           "no refusal rate to meet a target with; add one (kind: harmful) to "
                           "validation, or drop the target")
+    warnings = calibration_overlap(cfg, aligned_cfg)
+    for warning in warnings:
+        log(f"[repair] warning: {warning}")
     log("[repair] evaluating the aligned model on the validation config")
     aligned = point(evaluate_model(aligned_cfg))
     target = cfg.target_refusal
@@ -221,8 +224,34 @@ def _sweep(cfg, method, state, inputs, sweep, out: Path, log, provenance: dict
     return {"aligned": aligned, "curve": curve, "choice": chosen, "best": best(curve),
             "target": {"refusal": target, "refusal_given": cfg.target_refusal,
                        "kept": cfg.target_kept, "met": chosen is not None if target is not None else None},
-            "validation": to_dict(aligned_cfg)["benchmarks"]}, (
+            "validation": to_dict(aligned_cfg)["benchmarks"],
+            **({"validation_warnings": warnings} if warnings else {})}, (
                 kept if kept is not None else kept_fixed)
+
+
+def calibration_overlap(cfg: RepairConfig, ecfg) -> list[str]:
+    """Safe Delta fits its compensation to harmful calibration prompts; a validation that asks
+    the same prompts picks the strength on them (optimistic). The defaults do: both are the
+    demo requests' align split. Said, not refused: a study keeps its protocol."""
+    if cfg.method != "safe_delta":
+        return []
+    from stayaligned.data.sources import load_source
+    from stayaligned.evaluation.run import benchmark_examples
+
+    calibration = {(ex.content("user") or "").strip() for ex in load_source(
+        cfg.calibration, split=cfg.calibration_split, limit=cfg.calibration_limit,
+        seed=cfg.seed, data_dir=cfg.data_dir)}
+    asked = [(ex.content("user") or "").strip() for b in ecfg.benchmarks if b.kind == "harmful"
+             for ex in benchmark_examples(b, ecfg.data_dir)]
+    shared = sum(1 for prompt in asked if prompt in calibration)
+    if not shared:
+        return []
+    return [f"safe_delta: {shared} of the validation's {len(asked)} harmful prompts are also "
+            f"calibration prompts (calibration={cfg.calibration}, split "
+            f"{cfg.calibration_split}): the strength is chosen on prompts the repair was fitted "
+            "to, an optimistic choice; validate on other requests (e.g. validation: {benchmarks: "
+            "[{name: held-out, source: demo-harmful, split: validation, kind: harmful}]}) or "
+            "calibrate on another set (calibration: safety-tuned-llamas with data_dir)"]
 
 
 def _place(method, state, inputs, strength: float, out: Path, log, provenance: dict,
