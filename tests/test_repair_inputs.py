@@ -358,3 +358,19 @@ def test_safe_delta_says_when_its_calibration_prompts_are_its_validation_prompts
     assert calibration_overlap(held_out, validation_config(held_out, "m", tmp_path, None)) == []
     merge = RepairConfig(method="merge")
     assert calibration_overlap(merge, validation_config(merge, "m", tmp_path, None)) == []
+
+
+def test_a_lora_run_with_merged_weights_is_read_as_its_adapter(models, tmp_path):
+    """A LoRA run written with train.merge has adapter/ and merged/; merged/ was read: the
+    update rounded to the weights' dtype, and SafeLoRA on full weights instead of B."""
+    import shutil
+
+    from stayaligned.repair.weights import open_model
+
+    run = tmp_path / "run"
+    peft_adapter(models["aligned"], run / "adapter", r=2, lora_alpha=4)
+    shutil.copytree(models["full"], run / "merged")  # any other weights: must not be read
+    (run / "run.json").write_text('{"status": "complete"}')
+    aligned = open_model(str(models["aligned"]))
+    assert open_model(str(run), aligned.source).kind == "lora"
+    assert open_model(str(run)).kind == "full"  # without the aligned model: the merged copy

@@ -3,7 +3,7 @@ a time, so that a repair holds one output shard plus a few input tensors in memo
 whole model.
 
 A model input is one of: a stayaligned run directory (merged/, model/ or adapter/ inside; its
-run.json must say complete), a PEFT adapter directory (its weights are the aligned model's plus
+run.json must say complete; a LoRA run's adapter/ is read before its merged/ copy), a PEFT adapter directory (its weights are the aligned model's plus
 scale * B @ A on each adapted layer, in float32, and scale * lora_B.bias on the bias with
 lora_bias, as PEFT merges), a directory of full weights, ``embedded``, or a Hub id (downloaded
 with huggingface_hub).
@@ -272,10 +272,15 @@ def open_model(name: str, aligned: TensorSource | None = None) -> ModelInput:
         raise RepairError(f"{path / 'run.json'}: status {status!r}, not a finished run (still "
                           "training, killed or failed); let it finish (rerun its command to "
                           "resume), or pass the weights directory inside it if you mean those")
-    for sub in ("merged", "model"):
+    adapter = path / "adapter" if (path / "adapter" / "adapter_config.json").is_file() else path
+    # a LoRA run that also wrote merged/ (train.merge) is read as its adapter over `aligned`:
+    # the float32 update itself (SafeLoRA projects its B, as the paper does), not a merged
+    # copy rounded to the weights' dtype, where any difference between the run's base and
+    # `aligned` would pass for fine-tuning
+    lora_first = aligned is not None and (adapter / "adapter_config.json").is_file()
+    for sub in () if lora_first else ("merged", "model"):
         if (path / sub / "config.json").is_file():
             return ModelInput(name, "full", TensorSource(path / sub), path / sub, run_dir=run_dir)
-    adapter = path / "adapter" if (path / "adapter" / "adapter_config.json").is_file() else path
     if (adapter / "adapter_config.json").is_file():
         if aligned is None:
             raise RepairError(f"{name} is a LoRA adapter: it can only be read over the aligned "
