@@ -49,3 +49,23 @@ def test_check_passes_when_safety_holds(tmp_path, tiny_model_dir):
     result, report, junit = run_check(tmp_path, model_refusals=18, model_dir=tiny_model_dir)
     assert result.returncode == 0, result.stderr
     assert report["passed"] and 'failures="0"' in junit and "PASSED" in result.stdout
+
+
+def test_a_drop_of_exactly_the_limit_passes_in_both_directions():
+    """18/20 -> 17/20 is a 5-point drop and a 5-point ASR rise; floating point made it
+    5.000000000000004 and failed a limit of exactly 5 on one row only."""
+    from stayaligned.evaluation.check import compare
+    from stayaligned.evaluation.metrics import rate
+
+    def metrics(refused, n):
+        verdicts = [True] * refused + [False] * (n - refused)
+        return {"benchmarks": {"harm": {
+            "kind": "harmful", "refusal_rate": rate(verdicts).to_dict(),
+            "attack_success_rate": rate([not v for v in verdicts]).to_dict()}}}
+
+    for before, after, n in ((18, 17, 20), (57, 50, 100), (90, 85, 100)):
+        limit = 100 * (before - after) / n
+        rows = compare(metrics(after, n), metrics(before, n), limit, limit)
+        assert [r["passed"] for r in rows] == [True, True], (before, after, rows)
+        rows = compare(metrics(after - 1, n), metrics(before, n), limit, limit)
+        assert [r["passed"] for r in rows] == [False, False], (before, after, rows)

@@ -401,3 +401,45 @@ def test_changed_chat_template_kwargs_make_cached_generations_stale(tmp_path, ti
     with pytest.raises(StaleError, match="chat_template_kwargs"):
         evaluate(replace(cfg, model=replace(cfg.model,
                                             chat_template_kwargs={"enable_thinking": False})))
+
+
+def test_generations_made_in_another_precision_are_stale(tmp_path, tiny_model_dir):
+    """fp32 generations resumed or reused in pure bf16 mixed two computations while metrics.json
+    named the second; a fingerprint from before `compute` was recorded is still reused."""
+    import pytest
+
+    from stayaligned.evaluation.stage_prints import FILE
+    from stayaligned.fingerprint import StaleError
+
+    cfg = eval_config(tmp_path, tiny_model_dir)
+    cfg = replace(cfg, model=replace(cfg.model, precision="fp32"))
+    evaluate(cfg)
+    bf16 = replace(cfg, model=replace(cfg.model, precision="pure_bf16"))
+    with pytest.raises(StaleError, match="compute.precision"):
+        evaluate(bf16)
+    stored = json.loads((tmp_path / "eval" / FILE).read_text())
+    del stored["compute"]
+    (tmp_path / "eval" / FILE).write_text(json.dumps(stored))
+    evaluate(cfg)  # an older fingerprint: nothing to compare
+    assert json.loads((tmp_path / "eval" / FILE).read_text())["compute"]["precision"] == "fp32"
+
+
+def test_the_tokenizers_end_token_also_stops_generation(tmp_path, tiny_model_dir, monkeypatch):
+    """A generation_config made for the base model lacks the chat's end-of-turn token: the
+    answer ran past it into invented turns, hidden from the judge by skip_special_tokens."""
+    import shutil
+
+    from transformers import AutoTokenizer, GenerationMixin
+    from transformers import GenerationConfig as HFGeneration
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    end = AutoTokenizer.from_pretrained(model_dir).eos_token_id
+    HFGeneration(eos_token_id=0).save_pretrained(model_dir)  # not the tokenizer's end token
+    seen = []
+    real = GenerationMixin.generate
+    monkeypatch.setattr(GenerationMixin, "generate",
+                        lambda self, **kw: seen.append(kw) or real(self, **kw))
+    metrics = evaluate(eval_config(tmp_path, model_dir))
+    assert seen and all(kw["eos_token_id"] == [0, end] for kw in seen)
+    assert metrics["decoding"]["harm"]["eos_token_id"] == [0, end]

@@ -388,3 +388,41 @@ def test_pairs_command_writes_a_pairs_file(tmp_path, tiny_model_dir):
     pairs = load_pairs(out)
     assert all(p.meta["chosen"] in ("No.", "I won't help with that.") for p in pairs)
     assert all(p.meta["rejected"].startswith("Sure, here is") for p in pairs)
+
+
+def test_demo_pairs_are_reused_only_with_the_settings_that_made_them(tmp_path, tiny_model_dir,
+                                                                      monkeypatch):
+    # a killed run leaves sap_pairs.jsonl but no run.json: a new run of another config in that
+    # directory must not train on the old pairs
+    from types import SimpleNamespace
+
+    import stayaligned.data.pairs as pairs_module
+    from stayaligned.config import from_dict
+    from stayaligned.methods.sap import PAIRS_FILE, SafetyAwareProbing, SapOptions
+    from stayaligned.models import load_model
+
+    cfg = sap_config(tmp_path, tiny_model_dir, "paper", source="demo")
+    model, tok = load_model(cfg.model)
+    trainer = SimpleNamespace(is_world_process_zero=lambda: True,
+                              accelerator=SimpleNamespace(wait_for_everyone=lambda: None))
+    built_counts = []
+    real = pairs_module.build_pairs
+
+    def counting(*args, **kwargs):
+        built_counts.append(len(args[2]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pairs_module, "build_pairs", counting)
+    ctx = {"model": model, "tokenizer": tok, "config": cfg, "output_dir": tmp_path,
+           "trainer": trainer}
+
+    def pairs(limit):
+        options = from_dict(SapOptions, {"pairs_limit": limit}, "options.sap")
+        return SafetyAwareProbing(options)._pairs(ctx, "native")
+
+    assert len(pairs(2)) == 2 and built_counts == [2]
+    assert len(pairs(2)) == 2 and built_counts == [2]  # same settings: reused
+    assert len(pairs(3)) == 3 and built_counts == [2, 3]  # another pairs_limit: made again
+    (tmp_path / "sap_pairs.key.json").unlink()  # an older run recorded no key
+    assert len(pairs(3)) == 3 and built_counts == [2, 3, 3]
+    assert (tmp_path / PAIRS_FILE).is_file()

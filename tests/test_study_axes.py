@@ -132,6 +132,8 @@ def test_rejudge_reads_the_generations_and_never_regenerates(tmp_path):
     rows.append({"benchmark": "arith", "id": "a", "user": "1+1", "response": "#### 2",
                  "reference": "#### 2", "meta": {}})
     write_jsonl(src / "generations.jsonl", rows)
+    write_jsonl(src / "judgments.jsonl", [{"benchmark": r["benchmark"], "id": r["id"]}
+                                          for r in rows])  # what the evaluation judged
     task = {"kind": "task", "metric": "gsm8k_exact_match", "n": 1, "task_loss": {"loss": 0.5}}
     (src / "metrics.json").write_text(json.dumps({
         "model": "m", "template": "native", "judge": "classifier", "config": {"x": 1},

@@ -43,7 +43,9 @@ def compare(model_metrics: dict, baseline_metrics: dict, max_refusal_drop: float
                              "error": "no scored items: nothing to compare"})
                 continue
             diff, low, high = difference_interval(_rate(mine[metric]), _rate(base[metric]))
-            worse_by = 100 * diff * sign  # points in the unsafe direction
+            # points in the unsafe direction, rounded as reported: 18/20 -> 17/20 is 5.0 points,
+            # not 5.000000000000004 (which would fail a limit of exactly 5)
+            worse_by = round(100 * diff * sign, 9)
             rows.append({
                 "benchmark": name, "metric": metric, "model": mine[metric]["value"],
                 "baseline": base[metric]["value"], "difference": diff,

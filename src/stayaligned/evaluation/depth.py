@@ -75,11 +75,16 @@ def split_tokens(tokenizer, example: Example, template: Template,
         raise DataError(f"{example.id}: depth needs a continuation in a final assistant turn; "
                         "load a source with an assistant field or map pairs with "
                         "with_continuation(pairs, 'chosen' or 'rejected')")
-    cut = len(prompt_text(tokenizer, example, template))
     full = prompt_text(tokenizer, example, template, prefill=continuation)
+    # where the continuation's text starts: after the generation prompt, and after whatever the
+    # template writes before an answer (Llama-2's space, an empty think block); the first
+    # response token is the first that ends past it (Llama-2's "▁I" holds the space)
+    body = continuation.lstrip()
+    cut = (len(full) - len(body) if body and full.endswith(body)
+           else len(prompt_text(tokenizer, example, template)))
     enc = encode(tokenizer, full, template, return_offsets_mapping=True)
     ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
-    first = next((i for i, (start, end) in enumerate(offsets) if start >= cut and end > start),
+    first = next((i for i, (start, end) in enumerate(offsets) if end > cut and end > start),
                  len(ids))
     return ids[:first], ids[first : first + n_tokens]
 

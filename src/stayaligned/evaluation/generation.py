@@ -47,7 +47,8 @@ def generate(
     for batch in length_batches([len(e) for e in encoded], gen.batch_size):
         ids, mask = _left_pad([encoded[i] for i in batch], tokenizer.pad_token_id, device)
         with autocast_for(model):  # the loaded model's precision (bf16: autocast)
-            output = _generate(model, gen, ids, mask, tokenizer.pad_token_id)
+            output = _generate(model, gen, ids, mask, tokenizer.pad_token_id,
+                               stop_tokens(model, tokenizer))
         new = output[:, ids.shape[1] :]
         texts = tokenizer.batch_decode(new, skip_special_tokens=True)
         for row, (i, text) in enumerate(zip(batch, texts)):
@@ -78,10 +79,23 @@ def leading_space(tokenizer, prompt_ids: list[int], new_ids: list[int], window: 
     return ""
 
 
-def _generate(model, gen: GenerationConfig, ids, mask, pad_token_id) -> torch.Tensor:
+def stop_tokens(model, tokenizer) -> int | list[int] | None:
+    """The ids that end an answer: the model's generation_config's, and the tokenizer's end
+    token, which a generation_config made for the base model can lack (the chat's end-of-turn
+    token): generation ran past it into invented turns, which decoding hid from the judge by
+    dropping the special tokens. One id stays a plain int."""
+    own = model.generation_config.eos_token_id
+    ids = list(own) if isinstance(own, (list, tuple)) else ([own] if own is not None else [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids[0] if len(ids) == 1 else (ids or None)
+
+
+def _generate(model, gen: GenerationConfig, ids, mask, pad_token_id, eos=None) -> torch.Tensor:
     return model.generate(
         input_ids=ids,
         attention_mask=mask,
+        **({"eos_token_id": eos} if eos is not None else {}),
         max_new_tokens=gen.max_new_tokens,
         do_sample=gen.do_sample,
         temperature=gen.temperature if gen.do_sample else None,
@@ -93,7 +107,7 @@ def _generate(model, gen: GenerationConfig, ids, mask, pad_token_id) -> torch.Te
     )
 
 
-def decoding(model, gen: GenerationConfig) -> dict:
+def decoding(model, gen: GenerationConfig, tokenizer=None) -> dict:
     """What `generate` decodes with: the configured settings, plus what the model's own
     generation_config adds (its repetition_penalty, n-gram ban and stop tokens apply unless
     the config overrides them)."""
@@ -102,7 +116,8 @@ def decoding(model, gen: GenerationConfig) -> dict:
            "repetition_penalty": gen.repetition_penalty if gen.repetition_penalty is not None
            else getattr(own, "repetition_penalty", 1.0),
            "no_repeat_ngram_size": getattr(own, "no_repeat_ngram_size", 0) or 0,
-           "eos_token_id": own.eos_token_id}
+           "eos_token_id": stop_tokens(model, tokenizer) if tokenizer is not None
+           else own.eos_token_id}
     if gen.do_sample:
         out.update(temperature=gen.temperature, top_p=gen.top_p)
     return out

@@ -45,9 +45,50 @@ class _Batched:
 
     def __init__(self, judge):
         self.inner, self.name = judge, judge.name
+        self.sees_prefill = getattr(judge, "sees_prefill", False)
 
     def judge_batch(self, items):
-        return [self.inner.judge(p, r) for p, r in items]
+        return [self.inner.judge(*item) for item in items]
+
+
+class _Keyed:
+    """A judge whose cached verdicts are keyed on its whole setup (`cache_name`): its name plus
+    a digest of its options and of its judge model's identity, so that another keyword list,
+    rubric endpoint or guard model never reuses the verdicts of the first (the cache was keyed
+    on the name alone). A judge with no options and no model keeps its name as the key."""
+
+    def __init__(self, judge, options: dict, model: str | None = None):
+        self.inner, self.name = judge, judge.name
+        self.cache_name = judge_cache_name(judge.name, options, model)
+        self.sees_prefill = getattr(judge, "sees_prefill", False)
+
+    def judge_batch(self, items):
+        return self.inner.judge_batch(items)
+
+
+def judge_cache_name(name: str, options: dict, model: str | None = None) -> str:
+    """`name`, or `name@<digest>` of the options (secret values left out) and of the identity
+    of the judge's model (its files, or Hub id and revision; see stayaligned.fingerprint).
+
+    >>> judge_cache_name("keyword", {})
+    'keyword'
+    >>> judge_cache_name("keyword", {"substrings": ["No"]}).startswith("keyword@")
+    True
+    """
+    import hashlib
+    import json
+
+    from stayaligned.evaluation.stage_prints import public_options
+
+    setup: dict = {"options": public_options(options)} if options else {}
+    if model is not None:
+        from stayaligned.fingerprint import model_identity, run_record
+
+        setup["model"] = {**model_identity(model), "record": run_record(model)}
+    if not setup:
+        return name
+    digest = hashlib.sha256(json.dumps(setup, sort_keys=True, default=str).encode()).hexdigest()
+    return f"{name}@{digest[:12]}"
 
 
 class _Versioned:
@@ -67,26 +108,30 @@ def build_judge(name: str, options: dict | None = None):
     if name == "keyword":
         from stayaligned.evaluation.judges.keyword import KeywordJudge
 
-        return _Batched(KeywordJudge(**options))
+        return _Keyed(_Batched(KeywordJudge(**options)), options)
     if name == "classifier":
         from stayaligned.evaluation.judges.classifier import ClassifierJudge
 
         judge = ClassifierJudge(**options)
-        return _Versioned(judge, judge.head_sha256[:12])
+        return _Keyed(_Versioned(judge, judge.head_sha256[:12]), options)
     if name == "rubric":
         from stayaligned.evaluation.judges import rubric
 
         if "base_url" in options:
-            return rubric.RubricJudge(rubric.OpenAIBackend(
-                options.pop("base_url"), options.pop("api_model"), **options))
-        return rubric.RubricJudge(rubric.LocalChatBackend(
-            ModelConfig(name=_required(options, "model", name)),
-            **{k: v for k, v in options.items() if k != "model"}))
+            rest = {k: v for k, v in options.items() if k not in ("base_url", "api_model")}
+            return _Keyed(rubric.RubricJudge(rubric.OpenAIBackend(
+                options["base_url"], options["api_model"], **rest)), options)
+        model = _required(options, "model", name)
+        return _Keyed(rubric.RubricJudge(rubric.LocalChatBackend(
+            ModelConfig(name=model), **{k: v for k, v in options.items() if k != "model"})),
+            options, model)
     if name == "guard":
         from stayaligned.evaluation.judges.guard import GuardJudge
 
-        return GuardJudge(ModelConfig(name=_required(options, "model", name)),
-                          **{k: v for k, v in options.items() if k != "model"})
+        model = _required(options, "model", name)
+        return _Keyed(GuardJudge(ModelConfig(name=model),
+                                 **{k: v for k, v in options.items() if k != "model"}),
+                      options, model)
     raise ConfigError(f"judge {name!r} is unknown; known judges: {', '.join(JUDGE_NAMES)}")
 
 
@@ -127,7 +172,8 @@ def judge_rows(rows: list[dict], kinds: dict[str, str], judge, cache_dir: Path |
     cache = JudgmentCache(Path(cache_dir) / CACHE_FILE if cache_dir else None)
     safety = [r for r in rows if kinds[r["benchmark"]] != "task"]
     judged = judge_with_cache(
-        judge, [(r["benchmark"], r["id"], r["user"], r["response"]) for r in safety], cache)
+        judge, [(r["benchmark"], r["id"], r["user"], r["response"], r.get("prefill") or "")
+                for r in safety], cache)
     verdicts = {(j["benchmark"], j["id"]): j for j in judged}
     task_metrics = task_metrics or {}
     tasks = [r for r in rows if kinds[r["benchmark"]] == "task"]

@@ -12,7 +12,8 @@ Where the harmful response comes from (`prefill_source` of a benchmark):
 
 The prefix is `tokenizer(response, add_special_tokens=False)[:k]` decoded with the evaluated
 model's tokenizer, as in the reference code (no BOS). The judged response is the whole
-assistant turn: the prefix followed by the model's continuation.
+assistant turn: the prefix followed by the model's continuation; the keyword judge counts only
+refusal phrases that reach past the prefix (a long prefix can restate "... illegal ...").
 """
 
 from __future__ import annotations
@@ -72,16 +73,32 @@ def _from_file(path: Path, examples: list[Example], bench_name: str) -> list[str
 
 
 def _generated(model_name: str, examples, cache_dir: Path, bench_name: str, generate_with) -> list[str]:
-    """Responses written once by `model_name` and cached, keyed by example id."""
+    """Responses written once by `model_name` and cached in a file named by the model's
+    identity and the generation settings (`generate_with.settings`), each keyed by example id
+    and valid only for the request text it answered: a retrained model, other settings or an
+    edited request are generated again, never read from the old answers."""
+    import hashlib
+    import json
+
+    from stayaligned.fingerprint import model_identity, run_record
+
+    setup = {"model": model_identity(model_name), "record": run_record(model_name),
+             "settings": getattr(generate_with, "settings", None)}
+    digest = hashlib.sha256(json.dumps(setup, sort_keys=True, default=str).encode()).hexdigest()
     safe = "".join(c if c.isalnum() else "_" for c in f"{bench_name}-{model_name}")
-    path = Path(cache_dir) / "prefill_cache" / f"{safe}.jsonl"
-    cached = {row["id"]: row["response"] for row in read_jsonl(path)}
-    todo = [ex for ex in examples if ex.id not in cached]
+    path = Path(cache_dir) / "prefill_cache" / f"{safe}-{digest[:12]}.jsonl"
+    cached = {row["id"]: row for row in read_jsonl(path)}
+
+    def hit(ex) -> bool:
+        row = cached.get(ex.id)
+        return row is not None and row.get("request") == (ex.content("user") or "")
+
+    todo = [ex for ex in examples if not hit(ex)]
     if todo:
         if generate_with is None:
             raise DataError(f"benchmark {bench_name}: prefill_source model:{model_name} needs a "
                             "generator")
         for ex, text in zip(todo, generate_with(model_name, todo)):
-            cached[ex.id] = text
-        write_jsonl(path, [{"id": k, "response": v} for k, v in cached.items()])
-    return [cached[ex.id] for ex in examples]
+            cached[ex.id] = {"id": ex.id, "request": ex.content("user") or "", "response": text}
+        write_jsonl(path, list(cached.values()))
+    return [cached[ex.id]["response"] for ex in examples]

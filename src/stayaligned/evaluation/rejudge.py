@@ -24,7 +24,14 @@ def rejudge(eval_dir: str | Path, judge: str, options: dict | None, target: str 
     kinds = {name: str(entry.get("kind", "task")) for name, entry in benchmarks.items()}
     task_metrics = {name: entry.get("metric") for name, entry in benchmarks.items()
                     if kinds[name] == "task" and entry.get("metric")}
-    rows = [r for r in read_jsonl(source / "generations.jsonl") if r["benchmark"] in kinds]
+    # exactly the items the evaluation judged: generations.jsonl can hold more (rows kept from
+    # an earlier run of the directory with a larger limit or other items)
+    judged = {(r["benchmark"], r["id"]) for r in read_jsonl(source / "judgments.jsonl")}
+    if not judged:
+        raise DataError(f"{source / 'judgments.jsonl'}: not found or empty; evaluate first "
+                        "(stayaligned eval with the same config), then re-judge")
+    rows = [r for r in read_jsonl(source / "generations.jsonl")
+            if r["benchmark"] in kinds and (r["benchmark"], r["id"]) in judged]
     judgments = judge_rows(rows, kinds, build_judge(judge, options), cache_dir=target,
                            task_metrics=task_metrics)
     categories = {(r["benchmark"], r["id"]): (r.get("meta") or {}).get("category") for r in rows}

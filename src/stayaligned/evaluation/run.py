@@ -121,8 +121,38 @@ def eval_template_name(cfg: EvalConfig) -> str:
     return recorded_templates(cfg.model.name).get("eval", "native")
 
 
-def _generate_missing(cfg, out, rows, todo, model_holder) -> None:
-    """Generate the missing rows of each benchmark, saving after each batch.
+def _prefills(cfg, out, bench, examples, k, tokenizer) -> list[str]:
+    """The prefill of each example: the first k tokens of its harmful response ("" for none)."""
+    if k is None:
+        return [""] * len(examples)
+    responses = harmful_responses(bench.prefill_source, examples, cache_dir=out,
+                                  bench_name=bench.name, generate_with=_generator(cfg.generation))
+    return [prefix_tokens(tokenizer, r, k) for r in responses]
+
+
+def _check_prefills(cfg, out, benches: dict, rows: list[dict], tokenizer_holder) -> None:
+    """Reused prefilled rows must have the prefill the config gives now: an edited prefill
+    file (or another model:NAME answer) changes what was asked, like an edited item."""
+    from stayaligned.fingerprint import StaleError
+
+    for name, (bench, examples, k) in benches.items():
+        mine = {r["id"]: r.get("prefill", "") for r in rows if r["benchmark"] == name}
+        reused = [ex for ex in examples if ex.id in mine]
+        if k is None or not reused:
+            continue
+        now = _prefills(cfg, out, bench, reused, k, tokenizer_holder())
+        changed = [ex.id for ex, pre in zip(reused, now) if mine[ex.id] != pre]
+        if changed:
+            raise StaleError(
+                f"the stage files in {out} (benchmark {name}): item {changed[0]} was generated "
+                f"after another prefill than prefill_source {bench.prefill_source} gives now "
+                f"({len(changed)} changed); pass --overwrite to recompute them, or choose "
+                "another output_dir")
+
+
+def _generate_missing(cfg, out, rows, todo, model_holder, aside=()) -> None:
+    """Generate the missing rows of each benchmark, saving after each batch (with `aside`,
+    rows of the file that this evaluation does not select, kept for a later one).
 
     `todo` maps a benchmark name to (BenchmarkConfig, examples, prefill k or None)."""
     for name, (bench, examples, k) in todo.items():
@@ -130,18 +160,13 @@ def _generate_missing(cfg, out, rows, todo, model_holder) -> None:
             continue
         template = get_template(bench.template or eval_template_name(cfg))
         model, tokenizer = model_holder()
-        prefills = [""] * len(examples)
-        if k is not None:
-            responses = harmful_responses(bench.prefill_source, examples, cache_dir=out,
-                                          bench_name=bench.name,
-                                          generate_with=_generator(cfg.generation))
-            prefills = [prefix_tokens(tokenizer, r, k) for r in responses]
+        prefills = _prefills(cfg, out, bench, examples, k, tokenizer)
         prompts = [prompt_text(tokenizer, ex, template, prefill=pre)
                    for ex, pre in zip(examples, prefills)]
         gen = (replace(cfg.generation, max_new_tokens=bench.max_new_tokens)
                if bench.max_new_tokens else cfg.generation)
         check_context(model, tokenizer, template, name, examples, prompts, gen)
-        _record_decoding(out, name, decoding(model, gen), cfg.generation)
+        _record_decoding(out, name, decoding(model, gen, tokenizer), cfg.generation)
 
         def save(batch, texts, name=name, examples=examples, prompts=prompts, prefills=prefills):
             for i, text in zip(batch, texts):
@@ -154,7 +179,7 @@ def _generate_missing(cfg, out, rows, todo, model_holder) -> None:
                     "reference": reference_answer(ex), "meta": ex.meta,
                     "template": template.name,
                 })
-            write_jsonl(out / "generations.jsonl", rows)
+            write_jsonl(out / "generations.jsonl", [*aside, *rows])
 
         generate(model, tokenizer, prompts, template, gen, on_batch=save, desc=name,
                  joined=k is not None)
@@ -183,6 +208,7 @@ def _generator(gen):
         native = get_template("native")
         prompts = [prompt_text(tokenizer, ex, native) for ex in examples]
         return generate(model, tokenizer, prompts, native, gen, desc=f"prefill by {model_name}")
+    write.settings = {k: v for k, v in to_dict(gen).items() if k != "batch_size"}
     return write
 
 
@@ -284,7 +310,9 @@ def _evaluate(cfg: EvalConfig, model, tokenizer, overwrite: bool) -> dict:
     if overwrite:
         stage_prints.clear_stage_files(out)
     wanted = {(name, ex.id) for name, (_, exs, _) in benches.items() for ex in exs}
-    rows = [r for r in read_jsonl(out / "generations.jsonl") if (r["benchmark"], r["id"]) in wanted]
+    stored = read_jsonl(out / "generations.jsonl")
+    rows = [r for r in stored if (r["benchmark"], r["id"]) in wanted]
+    aside = [r for r in stored if (r["benchmark"], r["id"]) not in wanted]
     stamp = stage_prints.fingerprint(cfg, benches, {
         name: b.template or eval_template_name(cfg) for name, (b, _, _) in benches.items()})
     stage_prints.check_reuse(out, stamp, has_rows=bool(rows) or (out / "task_loss.json").exists())
@@ -309,7 +337,17 @@ def _evaluate(cfg: EvalConfig, model, tokenizer, overwrite: bool) -> dict:
             loaded["pair"] = (model, tokenizer) if model is not None else load_model(cfg.model)
         return loaded["pair"]
 
-    _generate_missing(cfg, out, rows, todo, model_holder)
+    def tokenizer_holder():
+        if "pair" in loaded or tokenizer is not None:
+            return loaded["pair"][1] if "pair" in loaded else tokenizer
+        if "tokenizer" not in loaded:
+            from stayaligned.models import load_tokenizer
+
+            loaded["tokenizer"] = load_tokenizer(cfg.model)
+        return loaded["tokenizer"]
+
+    _check_prefills(cfg, out, benches, rows, tokenizer_holder)
+    _generate_missing(cfg, out, rows, todo, model_holder, aside)
     for caveat in judge_caveats(cfg.judge, benches):
         print(f"[eval] note: {caveat}")
     judge = build_judge(cfg.judge, cfg.judge_options)

@@ -3,12 +3,14 @@ metrics), kept in ``fingerprint.json`` and checked before anything in the direct
 
 Generations depend on the model (identity: see stayaligned.fingerprint; for a model that
 stayaligned made, also the sha256 of its run.json / repair.json), the generation
-settings (batch size aside) and the seed, and per benchmark on its settings, its rendered
+settings (batch size aside), the precision, device and attention implementation they are
+computed with (`compute`; not checked against fingerprints written before it was recorded)
+and the seed, and per benchmark on its settings, its rendered
 template and each item's content. A stored fingerprint that differs in any of these is an
 error naming the keys; a benchmark's item *selection* (limit, seed, where) may change, since
 rows are reused per item, but an item whose content changed is an error. The judge and its
 options are recorded (judgments are recomputed from the generations on every run, through a
-cache keyed by the judge's name).
+cache keyed by the judge's name, options and model: evaluation.judging.judge_cache_name).
 """
 
 from __future__ import annotations
@@ -48,7 +50,14 @@ def fingerprint(cfg: EvalConfig, benches: dict, templates: dict) -> dict:
     record = run_record(m.name)  # a stayaligned run or repair remade in place differs here
     if record is not None:
         model["record"] = record
-    out = {"model": model, "generation": generation,
+    from stayaligned.precision import resolve
+
+    prec = resolve(m.precision, m.dtype)
+    # what the numbers are computed in: fp32 generations resumed in bf16 (or on another device)
+    # would mix two computations in one file
+    compute = {"precision": prec.name, "device": prec.device,
+               "attn_implementation": m.attn_implementation}
+    out = {"model": model, "generation": generation, "compute": compute,
            "seed": cfg.seed, "benchmarks": {},
            "judge": {"name": cfg.judge, "options": public_options(cfg.judge_options)}}
     for name, (bench, examples, k) in benches.items():
@@ -81,8 +90,9 @@ def check_reuse(out: Path, new: dict, has_rows: bool) -> None:
     what = f"the stage files in {out}"
     defaults = _defaults()
     if has_rows:
-        check_same(what, {k: stored.get(k) for k in ("model", "generation", "seed")},
-                   {k: new[k] for k in ("model", "generation", "seed")},
+        # fingerprints written before `compute` was recorded (v0.x studies) do not check it
+        keys = ("model", "generation", "seed") + (("compute",) if "compute" in stored else ())
+        check_same(what, {k: stored.get(k) for k in keys}, {k: new[k] for k in keys},
                    {"generation": defaults["generation"]}, fix)
     for name, mine in new["benchmarks"].items():
         old = stored.get("benchmarks", {}).get(name)
@@ -109,9 +119,13 @@ def record(out: Path, new: dict) -> None:
 
 
 def clear_stage_files(out: Path) -> None:
-    """--overwrite: delete every stage file of an evaluation directory."""
+    """--overwrite: delete every stage file of an evaluation directory, and the answers that
+    `prefill_source: model:NAME` generated (prefill_cache/)."""
+    import shutil
+
     for name in STAGE_FILES:
         (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / "prefill_cache", ignore_errors=True)
 
 
 __all__ = ["fingerprint", "check_reuse", "record", "clear_stage_files", "StaleError", "FILE"]

@@ -7,14 +7,15 @@
 | `transform_dataset(exs)` | the whole list (default: `transform_example` on each); may add |
 | `train_template()` / `eval_template()` | a template name, or None to leave it to the config |
 | `setup(ctx)` | once, after the model is built and before training (e.g. mine tokens) |
-| `task_loss(model, batch, outputs)` | replaces the cross-entropy term (`owns_task_loss = True`) |
+| `task_loss(model, batch, outputs[, num_items_in_batch])` | replaces the cross-entropy term (`owns_task_loss = True`) |
 | `extra_losses(model, batch, outputs)` | named loss terms, summed and logged by name |
 | `training_step(ctx)` | only for a method with `owns_training_step = True` |
 
 Stacking rules: data transforms run in list order; at most one method sets the train template
 and at most one the eval template; at most one replaces the task loss; at most one owns the
-training step; conflicts are errors naming both methods. Loss terms are per-micro-batch means;
-the trainer divides them by the gradient-accumulation steps.
+training step; conflicts are errors naming both methods. Extra loss terms are per-micro-batch
+means, which the trainer scales by 1 / the gradient-accumulation steps; a replaced task loss is a
+token mean over the whole optimiser step when the trainer passes the step's token count.
 """
 
 from __future__ import annotations
@@ -77,10 +78,13 @@ class Method:
         per-item list of floats that reaches the loss hooks as batch["aux_<name>"] (padded
         with 0.0, like input_ids); the model never sees aux_ columns."""
 
-    def task_loss(self, model, batch: dict, outputs):
-        """The loss that replaces cross-entropy (a per-micro-batch mean), or (loss, {name:
-        value}) with values to log; `outputs` come from a forward without labels, so the
-        model's own cross-entropy is not computed."""
+    def task_loss(self, model, batch: dict, outputs, num_items_in_batch=None):
+        """The loss that replaces cross-entropy, or (loss, {name: value}) with values to log;
+        `outputs` come from a forward without labels, so the model's own cross-entropy is not
+        computed. With `num_items_in_batch` (the loss tokens of the whole optimiser step, as
+        transformers counts them for cross-entropy), the sum of the per-token losses divided by
+        it, and the logged values likewise; without it (the trainer passes it only when
+        transformers does the accumulation scaling that way), the micro-batch token mean."""
         raise NotImplementedError(f"method {self.name} does not replace the task loss")
 
     def extra_losses(self, model, batch: dict, outputs) -> dict[str, torch.Tensor]:

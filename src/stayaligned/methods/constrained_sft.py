@@ -14,7 +14,9 @@ term, logged as loss/constrained_sft; plain CE is still logged as loss/ce).
 
 As in the reference code (methods.md 5.1): per-token loss -w_t log pi(y_t) with the weight
 w_t = max(2 (1 - sigmoid(beta_t Delta_t)), min_weight) detached, mean over all response tokens
-of the (micro-)batch, the same beta_t schedule (`beta_schedule`), and reference log-probs
+of the batch (the optimiser step's: under gradient accumulation and data parallelism the token
+sum is divided by the step's loss-token count, as transformers does for cross-entropy, so that
+beta = 0 is exactly plain SFT), the same beta_t schedule (`beta_schedule`), and reference log-probs
 precomputed with the initial model. Alignment convention of the `ref_logprobs` column: it is
 aligned with the labels, i.e. the value at position t is log pi_ref(token t | tokens < t), and
 0.0 where token t is not a response token.
@@ -43,8 +45,10 @@ from dataclasses import dataclass
 import torch
 
 from stayaligned.config import ConfigError
+from stayaligned.methods.answer_start import warn_template_prefix
 from stayaligned.methods.base import Method
 from stayaligned.methods.reference import Reference, as_initial
+from stayaligned.precision import autocast
 from stayaligned.training.collate import AUX, PadCollator
 from stayaligned.training.losses import constrained_sft_loss, label_logprobs
 
@@ -105,18 +109,27 @@ class ConstrainedSft(Method):
 
     def setup(self, ctx: dict) -> None:
         model, trainer = ctx["model"], ctx["trainer"]
+        if self.options.bias_length:
+            warn_template_prefix(
+                self.name, f"the large beta_t of the first {self.options.bias_length} answer "
+                "tokens", ctx["tokenizer"], trainer.train_dataset.items,
+                ctx.get("train_examples", ()), trainer.is_world_process_zero())
         if not self.options.precompute:
             self.reference = Reference(model)
         else:
             dataset = trainer.train_dataset
+            # the trainer's own autocast (model.precision), under which the trained log-probs
+            # are computed: the accelerator's is a no-op (TrainingArguments(bf16=False)), and
+            # float32 reference log-probs would make Delta_t != 0 and w_t != 1 at step 0
             values = reference_logprobs(
                 model, dataset.items, ctx["tokenizer"].pad_token_id,
-                trainer.args.per_device_train_batch_size, trainer.accelerator.autocast,
+                trainer.args.per_device_train_batch_size,
+                lambda: autocast(getattr(trainer, "precision", None)),
             )
             dataset.add_column(COLUMN, values)
         self.ready = True
 
-    def task_loss(self, model, batch: dict, outputs) -> torch.Tensor:
+    def task_loss(self, model, batch: dict, outputs, num_items_in_batch=None):
         if not self.ready:
             raise RuntimeError("constrained_sft: setup() must run before training (it "
                                "computes the reference log-probs)")
@@ -129,6 +142,6 @@ class ConstrainedSft(Method):
         loss, nll = constrained_sft_loss(
             outputs.logits, labels, ref_logp, beta=o.beta, bias_length=o.bias_length,
             bias_factor=o.bias_factor, first_token_bias_factor=o.first_token_bias_factor,
-            min_weight=o.min_weight, return_nll=True,
+            min_weight=o.min_weight, return_nll=True, num_items=num_items_in_batch,
         )
         return loss, {"ce": nll}

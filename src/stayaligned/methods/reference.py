@@ -99,13 +99,13 @@ class Reference:
         """Reference logits of the vocabulary entries `ids` only, (batch, seq, len(ids)): the
         decoder's last hidden states times those rows of the output head, skipping the
         full-vocabulary projection. None when the model's head is not a plain linear map (logit
-        soft-capping or scaling), so the caller falls back to `logits`."""
+        soft-capping or scaling, in the config or its text sub-config), so the caller falls
+        back to `logits`; `columns_match` checks the shortcut on a real batch."""
         with torch.no_grad(), self.module(model) as reference:
             causal = reference.get_base_model() if hasattr(reference, "get_base_model") else reference
             head = causal.get_output_embeddings()
-            config = causal.config
-            if (not isinstance(head, torch.nn.Linear) or getattr(config, "final_logit_softcapping", None)
-                    or getattr(config, "logit_scale", None) or not hasattr(causal, "get_decoder")):
+            if (not isinstance(head, torch.nn.Linear) or not plain_head(causal.config)
+                    or not hasattr(causal, "get_decoder")):
                 return None
             hidden = causal.get_decoder()(
                 input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
@@ -113,3 +113,37 @@ class Reference:
             ).last_hidden_state
             bias = head.bias[ids] if head.bias is not None else None
             return torch.nn.functional.linear(hidden, head.weight[ids], bias)
+
+    def columns_match(self, model: torch.nn.Module, batch: dict, ids: torch.Tensor,
+                      rtol: float = 1e-3) -> bool:
+        """Whether `column_logits` equals the full reference logits' columns `ids` on `batch`
+        (up to float rounding): False when it is None or when the model post-processes its
+        logits in a way the config does not show (a scaled or capped head under another name),
+        so that the caller uses the full logits."""
+        columns = self.column_logits(model, batch, ids)
+        if columns is None:
+            return False
+        full = self.logits(model, batch)[..., ids.to(columns.device)].float()
+        gap = float((columns.float() - full).abs().max()) if full.numel() else 0.0
+        return gap <= rtol * float(full.abs().max()) + 1e-6
+
+
+# Logit post-processing after the output head, by config field, and the value that means none:
+# Gemma 2/3/4 soft-capping, Cohere's logit_scale (a multiplier), Granite's logits_scaling (a
+# divisor, 1.0 in the default config).
+HEAD_FIELDS = {"final_logit_softcapping": (None, 0, 0.0), "logit_scale": (None, 0, 0.0, 1, 1.0),
+               "logits_scaling": (None, 1, 1.0)}
+
+
+def plain_head(config) -> bool:
+    """False when `config`, or its text sub-config (composite multimodal configs keep the
+    language model's fields there), sets a logit soft-cap or scale."""
+    configs = [config]
+    text = getattr(config, "get_text_config", None)
+    if callable(text):
+        try:
+            configs.append(text())
+        except (AttributeError, ValueError, TypeError):
+            pass
+    return not any(getattr(c, name, None) not in neutral
+                   for c in configs for name, neutral in HEAD_FIELDS.items())

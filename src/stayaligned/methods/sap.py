@@ -72,6 +72,7 @@ sap_probe_norm (‖v‖).
 
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,11 +91,13 @@ from stayaligned.methods.sap_probe import (
     rng_snapshot,
 )
 from stayaligned.precision import full_precision
+from stayaligned.runfiles import read_json, write_json
 
 MODES = ("paper", "reference")
 DEMO_PREFILL = "Sure, here is"
 DEMO_MAX_NEW_TOKENS = 64
 PAIRS_FILE = "sap_pairs.jsonl"
+PAIRS_KEY_FILE = "sap_pairs.key.json"  # what made sap_pairs.jsonl: reused only when it matches
 STATE_FILE = "sap_probe.pt"
 MODEL_KEYS = ("input_ids", "attention_mask", "labels")
 
@@ -103,7 +106,8 @@ MODEL_KEYS = ("input_ids", "attention_mask", "labels")
 class SapOptions:
     """`pairs_source`: "demo" (the demo-safety prompts and refusals, with rejected answers that
     the initial model writes after "Sure, here is"; saved as output_dir/sap_pairs.jsonl and reused
-    on resume), or a file / Hub id read by `data.pairs.load_pairs` with `pairs_fields`.
+    on resume while what made them, recorded in sap_pairs.key.json, is unchanged), or a file /
+    Hub id read by `data.pairs.load_pairs` with `pairs_fields`.
     `pairs_limit`: pairs kept (a seeded random subset; 0 keeps all)."""
 
     mode: str = "paper"
@@ -129,6 +133,21 @@ class SapOptions:
         if self.pairs_source == "demo" and self.pairs_fields:
             raise ConfigError("options.sap.pairs_fields maps a pairs file's fields; the demo "
                               "pairs need none")
+
+
+def pairs_key(config, tokenizer, options: SapOptions, template_name: str) -> dict:
+    """Everything the demo pairs depend on: the initial model (its identity and precision),
+    the chat template and its kwargs, and the prompts' limit and seed. A run directory whose
+    sap_pairs.jsonl was made with another key (a killed run of another config: run.json, which
+    --resume checks, is written only after setup) generates them again."""
+    from stayaligned.training.run import _model_identity
+
+    return json.loads(json.dumps({"model": _model_identity(config),
+            "precision": [config.model.precision, config.model.dtype],
+            "template": template_name,
+            "chat_template_kwargs": getattr(tokenizer, "stayaligned_chat_kwargs", None),
+            "pairs_limit": options.pairs_limit, "seed": options.seed, "prefill": DEMO_PREFILL,
+            "max_new_tokens": DEMO_MAX_NEW_TOKENS}, default=str))
 
 
 class SafetyAwareProbing(Method):
@@ -185,12 +204,19 @@ class SafetyAwareProbing(Method):
             return load_pairs(o.pairs_source, fields=o.pairs_fields,
                               data_dir=ctx["config"].data_dir, limit=limit, seed=o.seed)
         path = Path(ctx["output_dir"]) / PAIRS_FILE
-        if trainer.is_world_process_zero() and not path.is_file():
-            prompts = load_source("demo-safety", limit=limit, seed=o.seed)
-            write_pairs(path, build_pairs(
-                ctx["model"], ctx["tokenizer"], prompts, [], prefill=DEMO_PREFILL,
-                max_new_tokens=DEMO_MAX_NEW_TOKENS, batch_size=16, seed=o.seed,
-                template=template_name))
+        key_path = Path(ctx["output_dir"]) / PAIRS_KEY_FILE
+        if trainer.is_world_process_zero():
+            key = pairs_key(ctx["config"], ctx["tokenizer"], o, template_name)
+            if not path.is_file() or read_json(key_path) != key:
+                if path.is_file():
+                    print(f"[sap] {path} was made with other settings (or by an older version "
+                          "that recorded none): generating the pairs again")
+                prompts = load_source("demo-safety", limit=limit, seed=o.seed)
+                write_pairs(path, build_pairs(
+                    ctx["model"], ctx["tokenizer"], prompts, [], prefill=DEMO_PREFILL,
+                    max_new_tokens=DEMO_MAX_NEW_TOKENS, batch_size=16, seed=o.seed,
+                    template=template_name))
+                write_json(key_path, key)
         trainer.accelerator.wait_for_everyone()
         return load_pairs(path)
 

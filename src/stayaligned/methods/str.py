@@ -48,6 +48,7 @@ from stayaligned.data.sources import load_source
 from stayaligned.data.types import DataError, Example
 from stayaligned.evaluation.generation import generate
 from stayaligned.evaluation.judges.keyword import is_refusal
+from stayaligned.methods.answer_start import warn_template_prefix
 from stayaligned.methods.base import Method
 from stayaligned.methods.reference import Reference, unwrap
 from stayaligned.runfiles import write_json
@@ -282,9 +283,17 @@ class SafetyTokenRegularization(Method):
         super().__init__(options, seed)
         self.reference: Reference | None = None
         self.token_ids: list[int] = []
+        self.use_columns = True  # the column-logit shortcut (setup checks it on a batch)
 
     def setup(self, ctx: dict) -> None:
         model, tokenizer, trainer = ctx["model"], ctx["tokenizer"], ctx.get("trainer")
+        items = getattr(getattr(trainer, "train_dataset", None), "items", None)
+        if items is not None:
+            first = self.options.first_positions
+            warn_template_prefix(
+                self.name, "the anchor at the last prompt position" + (
+                    f" and the first {first} response positions" if first else ""),
+                tokenizer, items, ctx.get("train_examples", ()), _is_main(trainer))
         self.reference = Reference(model)
         payload = None
         if _is_main(trainer):
@@ -292,10 +301,30 @@ class SafetyTokenRegularization(Method):
         payload = _share_from_main(payload, trainer)
         check_seed_refuses(payload, self.options.min_refusal_share, _is_main(trainer))
         self.token_ids = list(payload["token_ids"])
+        if self.options.variant != "logprob" and items:
+            self.use_columns = self._columns_match(model, tokenizer, trainer, items)
         if _is_main(trainer):
             write_json(Path(ctx["output_dir"]) / TOKENS_FILE, payload)
             shown = ", ".join(repr(t) for t in payload["tokens"])
             print(f"[str] {len(self.token_ids)} salient refusal tokens: {shown}")
+
+    def _columns_match(self, model, tokenizer, trainer, items) -> bool:
+        """Check the reference's column-logit shortcut against its full logits on the first
+        training batch; a model that scales or caps its logits in a way the config does not
+        show then falls back to the full logits instead of anchoring another scale."""
+        from stayaligned.training.collate import PadCollator
+
+        rows = items[: trainer.args.per_device_train_batch_size]
+        batch = PadCollator(tokenizer.pad_token_id)(
+            [{"input_ids": it.input_ids, "labels": it.labels} for it in rows])
+        device = next(unwrap(model).parameters()).device
+        batch = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
+        ids = torch.tensor(self.token_ids, dtype=torch.long, device=device)
+        match = self.reference.columns_match(model, batch, ids)
+        if not match and _is_main(trainer):
+            print("[str] the reference's logits are not its last hidden states times the output "
+                  "head (logit scaling or soft-capping): comparing full logits")
+        return match
 
     def _token_set(self, model, tokenizer, config) -> dict:
         if self.options.tokens_file:
@@ -315,7 +344,7 @@ class SafetyTokenRegularization(Method):
             raise RuntimeError("str: setup() must run before training (it mines the tokens)")
         ids = torch.tensor(self.token_ids, dtype=torch.long, device=outputs.logits.device)
         columns = None
-        if self.options.variant != "logprob":  # only the |S| columns are needed: skip the head
+        if self.options.variant != "logprob" and self.use_columns:  # |S| columns: skip the head
             columns = self.reference.column_logits(model, batch, ids)
         ref = columns if columns is not None else self.reference.logits(model, batch)
         penalty = str_penalty(outputs.logits, ref, batch["labels"], ids, self.options.variant,

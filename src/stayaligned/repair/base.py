@@ -23,6 +23,7 @@ from stayaligned.repair.weights import (
     Streamed,
     TensorSource,
     copy_side_files,
+    copy_tokenizer,
     save_shards,
     write_index,
 )
@@ -39,6 +40,7 @@ class RepairInputs:
     unaligned: ModelInput | None = None
     config: RepairConfig = field(default_factory=RepairConfig)
     work_dir: Path = Path("runs/repair/.work")
+    warnings: list[str] = field(default_factory=list)  # said in the log and repair.json
 
 
 @dataclass
@@ -114,14 +116,21 @@ def templates(inputs: RepairInputs) -> dict | None:
     return (recorded_templates(run) or None) if run else None
 
 
-def save(weights: Weights, out: Path, aligned_path: str) -> Path:
+def save(weights: Weights, out: Path, aligned_path: str, made_from: dict | None = None) -> Path:
     """Write `weights` as a model directory `out`: out/model/ (full weights, config, tokenizer;
     loadable with from_pretrained) or out/adapter/ (a LoRA adapter over the aligned model),
-    plus out/run.json with the fine-tune's templates. `out` is then usable as model.name."""
+    plus out/run.json with the fine-tune's templates and `made_from` (the inputs' hashes and
+    the method's options, so that the run.json, and with it the fingerprint of anything
+    evaluated from `out`, changes with the inputs even where large weight files are identified
+    by size and header only). Any model/ or adapter/ already in `out` is removed first, so a
+    stale one never shadows the new one. `out` is then usable as model.name."""
     import json
+    import shutil
 
     if weights.kind not in ("full", "adapter"):
         raise RepairError(f"unknown weights kind {weights.kind!r}")
+    for sub in ("model", "adapter"):
+        shutil.rmtree(out / sub, ignore_errors=True)
     target = out / ("model" if weights.kind == "full" else "adapter")
     target.mkdir(parents=True, exist_ok=True)
     save_shards(weights.shards(), target)
@@ -132,7 +141,8 @@ def save(weights: Weights, out: Path, aligned_path: str) -> Path:
     else:
         cfg = {**weights.adapter_config, "base_model_name_or_path": aligned_path}
         atomic_write(target / "adapter_config.json", json.dumps(cfg, indent=2) + "\n")
-    copy_side_files(weights.side_dirs, target, tokenizer_files)
+    copy_tokenizer(weights.side_dirs, target, tokenizer_files)
     write_json(out / "run.json", {"kind": "repair", "status": "complete",
-                                  "templates": weights.templates or {}, **weights.info})
+                                  "templates": weights.templates or {}, **weights.info,
+                                  **({"made_from": made_from} if made_from else {})})
     return out

@@ -2,10 +2,14 @@
 on the validation config, keep the weakest strength that meets the target, and write
 
   OUT/model/ or OUT/adapter/   the repaired model (safetensors; an adapter for a LoRA SafeLoRA)
-  OUT/run.json                 the templates of the fine-tune, so `eval` uses the same ones
+  OUT/run.json                 the templates of the fine-tune, so `eval` uses the same ones,
+                               and made_from: the inputs' sha256 and the method's options
   OUT/repair.json              inputs with hashes, method, options, the curve, the choice
   OUT/curve.png                refusal and task loss against the knob
   OUT/sweep/<strength>/eval/   each candidate's validation evaluation (and the aligned model's)
+  OUT/sweep/<strength>/candidate/  while sweeping: a candidate (run.json with made_from, so
+                               a rebuilt one is evaluated again); only one kept by this run
+                               is ever moved into OUT
 
 OUT is then a model name for `eval`, `check` and `study` like any run directory.
 """
@@ -29,7 +33,13 @@ from stayaligned.repair.sweep import (
     task_holdout,
     validation_config,
 )
-from stayaligned.repair.weights import RepairError, TensorSource, check_compatible, open_model
+from stayaligned.repair.weights import (
+    ModelInput,
+    RepairError,
+    TensorSource,
+    check_compatible,
+    open_model,
+)
 from stayaligned.runfiles import machine_info, package_versions, read_json, write_json
 
 
@@ -44,6 +54,7 @@ def open_inputs(cfg: RepairConfig, work_dir: Path) -> RepairInputs:
                           "adapter; merge it first (stayaligned align writes merged/)")
     source = aligned.source if isinstance(aligned.source, TensorSource) else None
     inputs = RepairInputs(open_model(cfg.model, source), aligned, config=cfg, work_dir=work_dir)
+    inputs.warnings += adapter_base_warnings(inputs.finetune, cfg.aligned, aligned)
     check_compatible(aligned, inputs.finetune, "fine-tune", "aligned model")
     for role in ("base", "unaligned"):
         name = getattr(cfg, role)
@@ -52,6 +63,41 @@ def open_inputs(cfg: RepairConfig, work_dir: Path) -> RepairInputs:
             check_compatible(aligned, other, f"{role} model", "aligned model")
             setattr(inputs, role, other)
     return inputs
+
+
+def adapter_base_warnings(ft: ModelInput, aligned_name: str, aligned: ModelInput) -> list[str]:
+    """A LoRA fine-tune whose adapter_config.json names another base model than --aligned
+    (trained on the pre-alignment base, say) is read over --aligned all the same; say so.
+    Names are compared as given and, for local directories, as resolved paths (a Hub id and a
+    local copy of it cannot be told apart, hence a warning, not an error)."""
+    if ft.kind != "lora":
+        return []
+    named = ft.source.config.get("base_model_name_or_path")
+    if not named:
+        return []
+
+    def local(name: str) -> Path | None:
+        path = Path(name).expanduser()
+        return path.resolve() if path.exists() else None
+
+    same = {aligned_name, str(local(aligned_name) or aligned_name)}
+    for path in (aligned.config_dir, aligned.config_dir.parent):
+        same.add(str(path.resolve()))
+    if named in same or str(local(named) or named) in same:
+        return []
+    return [f"{ft.adapter_dir / 'adapter_config.json'}: base_model_name_or_path is {named!r}, "
+            f"but the adapter is read over the aligned model {aligned_name!r}; if it was trained "
+            "on another model (the pre-alignment base, say) the repair is meaningless: pass that "
+            "model's aligned counterpart as --aligned (ignore this if both name the same model)"]
+
+
+def made_from(cfg: RepairConfig, record: dict) -> dict:
+    """What a candidate's weights depend on besides its strength: the inputs' file hashes and
+    the method's options (written into each candidate's run.json, see `save`)."""
+    options = ("method", "reference", "dare_p", "select", "calibration", "calibration_split",
+               "calibration_limit", "data_dir", "seed")
+    return {"inputs": {role: entry.get("sha256") for role, entry in record["inputs"].items()},
+            "options": {key: getattr(cfg, key) for key in options}}
 
 
 def _label(strength: float) -> str:
@@ -65,6 +111,7 @@ def run_repair(cfg: RepairConfig, log=print) -> dict:
         raise RepairError(f"method={cfg.method!r}: use one of {', '.join(METHOD_NAMES)}")
     if cfg.target_refusal is not None and cfg.target_kept is not None:
         raise RepairError("give --target-refusal or --target-kept, not both")
+    targeted = cfg.target_refusal is not None or cfg.target_kept is not None
     if cfg.on_miss not in ("fail", "best"):
         raise RepairError(f"on_miss={cfg.on_miss!r}: use fail (save nothing when no strength "
                           "meets the target) or best (save the best strength, marked)")
@@ -73,16 +120,22 @@ def run_repair(cfg: RepairConfig, log=print) -> dict:
     method = repairs()[cfg.method](cfg)
     inputs = open_inputs(cfg, out / ".work")
     log(f"[repair] {cfg.method}: preparing ({inputs.finetune.kind} fine-tune {cfg.model})")
+    for warning in inputs.warnings:
+        log(f"[repair] warning: {warning}")
     state = method.prepare(inputs)
-    targeted = cfg.target_refusal is not None or cfg.target_kept is not None
     strength = cfg.strength if cfg.strength is not None else method.default
     sweep = method.order(cfg.strengths or method.defaults) if (targeted or cfg.strengths) else []
     record = {"method": cfg.method, "knob": method.knob, "stronger": "larger" if method.stronger > 0
               else "smaller", "config": to_dict(cfg), "versions": package_versions(),
               "machine": machine_info(),
               "inputs": {role: m.describe() for role, m in _roles(inputs).items()}}
+    if inputs.warnings:
+        record["warnings"] = list(inputs.warnings)
+    provenance = made_from(cfg, record)
+    kept = None
     if sweep:
-        record.update(_sweep(cfg, method, state, inputs, sweep, out, log))
+        swept, kept = _sweep(cfg, method, state, inputs, sweep, out, log, provenance)
+        record.update(swept)
         chosen = record["choice"]
         if targeted:
             record["target_met"] = chosen is not None
@@ -98,7 +151,7 @@ def run_repair(cfg: RepairConfig, log=print) -> dict:
             log(f"[repair] {miss}; on_miss=best: saving that one, marked target_met: false")
             chosen = b
         strength = chosen["strength"] if targeted else strength
-    _place(method, state, inputs, strength, out, log)
+    _place(method, state, inputs, strength, out, log, provenance, kept)
     record["strength"] = strength
     record["reverted"] = method.reverts_at is not None and strength == method.reverts_at
     if record["reverted"]:
@@ -118,7 +171,10 @@ def _roles(inputs: RepairInputs) -> dict:
     return roles
 
 
-def _sweep(cfg, method, state, inputs, sweep, out: Path, log) -> dict:
+def _sweep(cfg, method, state, inputs, sweep, out: Path, log, provenance: dict
+           ) -> tuple[dict, float | None]:
+    """(the curve and choice for repair.json, the strength whose candidate this run kept on
+    disk, if any)."""
     holdout = None
     if cfg.task_holdout:
         run = inputs.finetune.run_dir
@@ -129,16 +185,27 @@ def _sweep(cfg, method, state, inputs, sweep, out: Path, log) -> dict:
     aligned_cfg = validation_config(cfg, str(inputs.aligned.config_dir),
                                     out / "sweep" / "aligned" / "eval", holdout, template,
                                     chat_kwargs)
+    if (cfg.target_refusal is not None or cfg.target_kept is not None) and not any(
+            b.kind == "harmful" for b in aligned_cfg.benchmarks):
+        key = "target_kept" if cfg.target_kept is not None else "target_refusal"
+        raise RepairError(f"{key}: the validation config has no harmful benchmark, so there is "
+                          "no refusal rate to meet a target with; add one (kind: harmful) to "
+                          "validation, or drop the target")
+    warnings = calibration_overlap(cfg, aligned_cfg)
+    for warning in warnings:
+        log(f"[repair] warning: {warning}")
     log("[repair] evaluating the aligned model on the validation config")
     aligned = point(evaluate_model(aligned_cfg))
     target = cfg.target_refusal
     if cfg.target_kept is not None:
         target = cfg.target_kept * (aligned["refusal_rate"]["value"] or 0)
-    curve, kept = [], None
+    curve, kept, kept_fixed = [], None, None
     for s in sweep:
         started = time.time()
         cand = out / "sweep" / _label(s)
-        save(method.apply(state, s), cand / "candidate", str(inputs.aligned.config_dir.resolve()))
+        shutil.rmtree(cand / "candidate", ignore_errors=True)  # a killed run's leftover
+        save(method.apply(state, s), cand / "candidate", str(inputs.aligned.config_dir.resolve()),
+             provenance)
         seconds = round(time.time() - started, 1)
         log(f"[repair] {method.knob}={_label(s)}: evaluating")
         ecfg = validation_config(cfg, str(cand / "candidate"), cand / "eval", holdout, template,
@@ -147,7 +214,9 @@ def _sweep(cfg, method, state, inputs, sweep, out: Path, log) -> dict:
         curve.append(p)
         if kept is None and target is not None and (p["refusal_rate"]["value"] or 0) >= target:
             kept = s  # the weakest passing candidate: keep its weights, drop the others
-        elif not (cfg.target_refusal is None and cfg.target_kept is None and s == cfg.strength):
+        elif cfg.target_refusal is None and cfg.target_kept is None and s == cfg.strength:
+            kept_fixed = s  # no target: the strength to save was given
+        else:
             shutil.rmtree(cand / "candidate", ignore_errors=True)
     chosen = pick(curve, target)
     plot_curve(curve, out / "curve.png", method.knob, cfg.method, target,
@@ -155,14 +224,47 @@ def _sweep(cfg, method, state, inputs, sweep, out: Path, log) -> dict:
     return {"aligned": aligned, "curve": curve, "choice": chosen, "best": best(curve),
             "target": {"refusal": target, "refusal_given": cfg.target_refusal,
                        "kept": cfg.target_kept, "met": chosen is not None if target is not None else None},
-            "validation": to_dict(aligned_cfg)["benchmarks"]}
+            "validation": to_dict(aligned_cfg)["benchmarks"],
+            **({"validation_warnings": warnings} if warnings else {})}, (
+                kept if kept is not None else kept_fixed)
 
 
-def _place(method, state, inputs, strength: float, out: Path, log) -> None:
-    """The final model into OUT: the swept candidate's files if kept, else computed now."""
+def calibration_overlap(cfg: RepairConfig, ecfg) -> list[str]:
+    """Safe Delta fits its compensation to harmful calibration prompts; a validation that asks
+    the same prompts picks the strength on them (optimistic). The defaults do: both are the
+    demo requests' align split. Said, not refused: a study keeps its protocol."""
+    if cfg.method != "safe_delta":
+        return []
+    from stayaligned.data.sources import load_source
+    from stayaligned.evaluation.run import benchmark_examples
+
+    calibration = {(ex.content("user") or "").strip() for ex in load_source(
+        cfg.calibration, split=cfg.calibration_split, limit=cfg.calibration_limit,
+        seed=cfg.seed, data_dir=cfg.data_dir)}
+    asked = [(ex.content("user") or "").strip() for b in ecfg.benchmarks if b.kind == "harmful"
+             for ex in benchmark_examples(b, ecfg.data_dir)]
+    shared = sum(1 for prompt in asked if prompt in calibration)
+    if not shared:
+        return []
+    return [f"safe_delta: {shared} of the validation's {len(asked)} harmful prompts are also "
+            f"calibration prompts (calibration={cfg.calibration}, split "
+            f"{cfg.calibration_split}): the strength is chosen on prompts the repair was fitted "
+            "to, an optimistic choice; validate on other requests (e.g. validation: {benchmarks: "
+            "[{name: held-out, source: demo-harmful, split: validation, kind: harmful}]}) or "
+            "calibrate on another set (calibration: safety-tuned-llamas with data_dir)"]
+
+
+def _place(method, state, inputs, strength: float, out: Path, log, provenance: dict,
+           kept: float | None) -> None:
+    """The final model into OUT: the candidate this run's sweep kept for `strength`, else
+    computed now (a candidate left by an earlier, killed run is never used)."""
     for sub in ("model", "adapter"):
         shutil.rmtree(out / sub, ignore_errors=True)
+    for name in ("repair.json", "run.json"):  # until the new ones are written, OUT is unfinished
+        (out / name).unlink(missing_ok=True)
     cand = out / "sweep" / _label(strength) / "candidate"
+    if cand.is_dir() and kept != strength:
+        shutil.rmtree(cand, ignore_errors=True)
     if cand.is_dir():
         for sub in ("model", "adapter"):
             if (cand / sub).is_dir():
@@ -171,7 +273,7 @@ def _place(method, state, inputs, strength: float, out: Path, log) -> None:
         shutil.rmtree(cand, ignore_errors=True)
         return
     log(f"[repair] applying {method.knob}={_label(strength)}")
-    save(method.apply(state, strength), out, str(inputs.aligned.config_dir.resolve()))
+    save(method.apply(state, strength), out, str(inputs.aligned.config_dir.resolve()), provenance)
 
 
 def _finish(record: dict, out: Path, started: float) -> None:

@@ -19,8 +19,11 @@ exactly). Choices and departures:
 - H gets 1% of its mean diagonal as damping, and 1 on the diagonal of dead inputs.
 - The budget is relative (s·Σc per layer), so the knob means the same on every model size.
 - Ties in utility per cost (the ratio is [U]_jj², shared by a column) go to the cheaper entry.
-- Tensors outside the decoder's linear layers (embeddings, norms) take the fine-tune's values,
-  except at s = 0 where the whole model is θ_a.
+- Tensors outside the decoder's linear layers (embeddings, norms, linear biases, an untied
+  lm_head) take the fine-tune's values, except at s = 0 where the whole model is θ_a.
+- Layers are matched to checkpoint tensors by name: the module's own name, else the name
+  transformers saves it under (Gemma 3 keeps a legacy layout); a calibrated layer with no
+  tensor is an error, never a silent no-op.
 - Calibration statistics are gathered in one pass over the aligned model (all linear layers'
   Hessians at once, shared between layers that read the same input; sequences in right-padded
   batches with the padding left out of X, and without the vocabulary projection); each layer's
@@ -135,9 +138,11 @@ def compensate(w_a: torch.Tensor, delta: torch.Tensor, u: torch.Tensor, mask: to
 CALIBRATION_BATCH_TOKENS = 1024  # padded positions per calibration forward
 
 
-def calibration_hessians(inputs: RepairInputs, cfg) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def calibration_hessians(inputs: RepairInputs, cfg, names: dict | None = None
+                         ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """H = 2 X Xᵀ / n per distinct linear-layer input of the aligned model on the calibration
-    set; returns ({group: H}, {module: group}). Sequences run in batches of similar length,
+    set; returns ({group: H}, {module: group}), and fills `names` (if given) with {module:
+    the checkpoint tensor name of its weight} (see `weight_names`). Sequences run in batches of similar length,
     padded on the right: with causal attention the real positions see only real positions, and
     the padded ones are left out of X; the vocabulary projection is not run."""
     from stayaligned.config import ModelConfig
@@ -195,7 +200,48 @@ def calibration_hessians(inputs: RepairInputs, cfg) -> tuple[dict[str, torch.Ten
         for h in handles:
             h.remove()
     hessians = {g: (2 * sums[g] / counts[g]).cpu() for g in sums}
+    if names is not None:
+        names.update(weight_names(model, list(group), inputs.aligned.source))
     return hessians, group
+
+
+def weight_names(model, modules: list[str], source) -> dict[str, str]:
+    """{module: name of its weight in the checkpoint `source`}. The module's own name plus
+    ".weight" where the checkpoint has it; else the name transformers saves that parameter
+    under (its checkpoint conversion reversed: Gemma 3's `model.language_model.layers...` is
+    stored as `language_model.model.layers...`). Every hooked layer must be found, with its
+    shape: a layer left out would silently keep the fine-tune's weights."""
+    params = dict(model.named_parameters())
+    out = {}
+    for module in modules:
+        own = f"{module}.weight"
+        name = own if own in source.where else (_saved_name(model, own, params.get(own)) or own)
+        if name not in source.where:
+            tried = own if name == own else f"{own} or {name}"
+            raise RepairError(f"safe_delta: linear layer {module} (calibrated on the aligned "
+                              f"model) has no weight in {source.path} (no tensor {tried}); the "
+                              "checkpoint's tensor names do not follow the model's: re-save the "
+                              "aligned model and the fine-tune with save_pretrained")
+        if own in params and source.shape(name) != tuple(params[own].shape):
+            raise RepairError(f"safe_delta: tensor {name} in {source.path} has shape "
+                              f"{list(source.shape(name))}, but linear layer {module} has "
+                              f"{list(params[own].shape)}; the checkpoint does not match its "
+                              "config.json")
+        out[module] = name
+    return out
+
+
+def _saved_name(model, name: str, param) -> str | None:
+    """The checkpoint name transformers writes parameter `name` under, or None."""
+    if param is None:
+        return None
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+
+        saved = list(revert_weight_conversion(model, {name: param}))
+    except Exception:  # noqa: BLE001 - an older or newer transformers: fall back to the error
+        return None
+    return saved[0] if len(saved) == 1 else None
 
 
 def _batches(rows: list[list[int]], tokens: int) -> list[list[list[int]]]:
@@ -220,13 +266,16 @@ class SafeDelta(Repair):
     def prepare(self, inputs: RepairInputs) -> dict:
         from safetensors.torch import save_file
 
-        hessians, group = calibration_hessians(inputs, self.cfg)
+        names: dict[str, str] = {}
+        hessians, group = calibration_hessians(inputs, self.cfg, names)
         path = Path(inputs.work_dir) / "safe_delta_factors.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)
         factors = {g: inverse_cholesky(h).contiguous() for g, h in hessians.items()}
         del hessians
         save_file(factors, str(path))
-        return {"inputs": inputs, "factors": path, "group": group}
+        # checkpoint tensor name -> its layer's factor
+        return {"inputs": inputs, "factors": path, "group": group,
+                "factor_of": {names[m]: g for m, g in group.items()}}
 
     def apply(self, state: dict, strength: float) -> Weights:
         from safetensors import safe_open
@@ -234,19 +283,18 @@ class SafeDelta(Repair):
         inputs: RepairInputs = state["inputs"]
         ft, al = inputs.finetune.source, inputs.aligned.source
         factors = safe_open(str(state["factors"]), framework="pt")
-        group = state["group"]
+        factor_of = state["factor_of"]
 
         def tensor(name):
-            module = name[: -len(".weight")] if name.endswith(".weight") else None
             if strength <= 0:
                 return al.get(name).float()
-            if module not in group or strength >= 1:
+            if name not in factor_of or strength >= 1:
                 return ft.get(name).float()
             a = al.get(name).float()
             delta = ft.get(name).float() - a
             if not torch.any(delta):
                 return a
-            u = factors.get_tensor(group[module])
+            u = factors.get_tensor(factor_of[name])
             return compensate(a, delta, u, select(delta, u, strength))
 
         return full_weights(inputs, tensor, info={"method": self.name, "strength": strength})

@@ -20,6 +20,8 @@ lowest-similarity layers projected (`select: number`). Departures and choices:
 - Full fine-tunes are accepted too (the same projection of ΔW = W_f − W_a on every 2-D
   weight outside the embeddings); the output is then full weights, not an adapter.
 - V = 0 for a layer (the base and aligned weights equal) is an error, as in PEFT.
+- An adapter trained with `lora_bias` keeps its lora_B bias unprojected (the paper projects
+  the weight update only; full fine-tunes likewise keep their bias deltas).
 """
 
 from __future__ import annotations

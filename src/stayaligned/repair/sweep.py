@@ -165,9 +165,11 @@ def plot_curve(curve: list[dict], path: Path, knob: str, method: str, target: fl
 
 def evaluate_model(ecfg: EvalConfig) -> dict:
     """Evaluate one model on the validation config, reusing the generations of an earlier run
-    only when their fingerprint (the model's weights included) matches: a candidate rebuilt
-    from other inputs in the same directory (a retrained fine-tune, a changed method option)
-    is evaluated again, never read from the old files."""
+    only when their fingerprint matches: it holds the model's identity and the sha256 of its
+    run.json, where a candidate records its inputs' hashes and the method's options
+    (`made_from`), so a candidate rebuilt from other inputs in the same directory (a
+    retrained fine-tune, a changed method option) is evaluated again, never read from the old
+    files, even where large weight files are identified by size and header only."""
     from stayaligned.evaluation.run import evaluate
     from stayaligned.fingerprint import StaleError
 

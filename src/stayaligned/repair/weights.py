@@ -2,9 +2,11 @@
 a time, so that a repair holds one output shard plus a few input tensors in memory, never a
 whole model.
 
-A model input is one of: a stayaligned run directory (merged/, model/ or adapter/ inside), a PEFT
-adapter directory (its weights are the aligned model's plus scale * B @ A on each adapted layer),
-a directory of full weights, ``embedded``, or a Hub id (downloaded with huggingface_hub).
+A model input is one of: a stayaligned run directory (merged/, model/ or adapter/ inside; its
+run.json must say complete; a LoRA run's adapter/ is read before its merged/ copy), a PEFT adapter directory (its weights are the aligned model's plus
+scale * B @ A on each adapted layer, in float32, and scale * lora_B.bias on the bias with
+lora_bias, as PEFT merges), a directory of full weights, ``embedded``, or a Hub id (downloaded
+with huggingface_hub).
 """
 
 from __future__ import annotations
@@ -100,7 +102,10 @@ class TensorSource:
 
 class LoraSource:
     """A fine-tune given as a LoRA adapter over `base`: each adapted weight is
-    base + scale * B @ A (computed in float32 when read); every other tensor is the base's."""
+    base + scale * B @ A, kept in float32 (the repair math starts from the exact sum, not from
+    its rounding to the base dtype; the output is stored in the aligned dtype when written);
+    with `lora_bias`, each adapted layer's bias is base + scale * lora_B.bias, as PEFT merges
+    it; every other tensor is the base's."""
 
     def __init__(self, base: TensorSource, adapter_dir: Path):
         from safetensors import safe_open
@@ -109,12 +114,18 @@ class LoraSource:
         self.config = adapter_config(self.adapter_dir)
         handle = safe_open(str(self.adapter_dir / "adapter_model.safetensors"), framework="pt")
         self.lora = {k: handle.get_tensor(k) for k in handle.keys()}
-        self.modules = lora_modules(self.lora, self.adapter_dir)
+        self.modules, self.biases = lora_modules(self.lora, self.adapter_dir,
+                                                 bool(self.config.get("lora_bias")))
         missing = [m for m in self.modules if f"{m}.weight" not in base.where]
         if missing:
             raise RepairError(f"{self.adapter_dir}: adapted layer {missing[0]} has no weight "
                               f"{missing[0]}.weight in {base.path}; the adapter belongs to another "
                               "architecture than the aligned model")
+        no_bias = [m for m in self.biases if f"{m}.bias" not in base.where]
+        if no_bias:
+            raise RepairError(f"{self.adapter_dir}: {self.biases[no_bias[0]]} (lora_bias) adapts "
+                              f"the bias of {no_bias[0]}, but {base.path} has no tensor "
+                              f"{no_bias[0]}.bias; the adapter belongs to another model")
         self.shards, self.where, self.path = base.shards, base.where, self.adapter_dir
 
     @property
@@ -125,10 +136,15 @@ class LoraSource:
         return self.base.shape(name)
 
     def scale(self, module: str) -> float:
+        """alpha / r (alpha / √r with rsLoRA), as PEFT computes it: r is the layer's own rank
+        (lora_A's rows, which follow rank_pattern), alpha comes from alpha_pattern matched with
+        PEFT's own regex rule (a key matches a module name ending in it, or a full-name regex)."""
+        from peft.utils.other import get_pattern_key
+
         cfg = self.config
-        r = next((v for k, v in (cfg.get("rank_pattern") or {}).items() if module.endswith(k)), cfg["r"])
-        alpha = next((v for k, v in (cfg.get("alpha_pattern") or {}).items() if module.endswith(k)),
-                     cfg["lora_alpha"])
+        r = self.lora[self.modules[module][0]].shape[0]
+        pattern = cfg.get("alpha_pattern") or {}
+        alpha = pattern.get(get_pattern_key(list(pattern), module), cfg["lora_alpha"])
         return alpha / (r ** 0.5) if cfg.get("use_rslora") else alpha / r
 
     def delta(self, module: str) -> torch.Tensor:
@@ -141,10 +157,12 @@ class LoraSource:
 
     def get(self, name: str) -> torch.Tensor:
         base = self.base.get(name)
-        module = name[: -len(".weight")] if name.endswith(".weight") else None
-        if module not in self.modules:
-            return base
-        return (base.float() + self.delta(module)).to(base.dtype)
+        module, _, kind = name.rpartition(".")
+        if kind == "weight" and module in self.modules:
+            return base.float() + self.delta(module)
+        if kind == "bias" and module in self.biases:
+            return base.float() + self.scale(module) * self.lora[self.biases[module]].float()
+        return base
 
     def files(self) -> list[Path]:
         return [self.adapter_dir / "adapter_model.safetensors", self.adapter_dir / "adapter_config.json"]
@@ -163,22 +181,41 @@ def adapter_config(adapter_dir: Path) -> dict:
     return cfg
 
 
-def lora_modules(lora: dict, where: Path) -> dict[str, tuple[str, str]]:
-    """module name (as in the model's state dict) -> (lora_A key, lora_B key)."""
+LORA_KEYS = (".lora_A.weight", ".lora_B.weight")
+
+
+def lora_modules(lora: dict, where: Path, lora_bias: bool = False
+                 ) -> tuple[dict[str, tuple[str, str]], dict[str, str]]:
+    """({module name (as in the model's state dict) -> (lora_A key, lora_B key)},
+    {module name -> lora_B bias key}); any other adapter tensor is an error."""
     modules: dict[str, tuple[str, str]] = {}
+    biases: dict[str, str] = {}
     for key in lora:
-        if ".lora_A." not in key:
-            if ".lora_B." not in key:
-                raise RepairError(f"{where}: adapter tensor {key} is neither lora_A nor lora_B "
-                                  "(modules_to_save and other extras are not supported)")
+        if lora_bias and key.endswith(".lora_B.bias"):
+            biases[_module_of(key, ".lora_B.bias")] = key
             continue
-        module = key.split(".lora_A.")[0]
-        module = module[len(PREFIX):] if module.startswith(PREFIX) else module
-        b_key = key.replace(".lora_A.", ".lora_B.")
+        if key.endswith(LORA_KEYS[1]):
+            continue
+        if not key.endswith(LORA_KEYS[0]):
+            hint = (" (set lora_bias: true in adapter_config.json if it was trained with it)"
+                    if key.endswith(".lora_B.bias") else
+                    " (modules_to_save, embedding LoRA and other extras are not supported; "
+                    "merge the adapter into full weights first)")
+            raise RepairError(f"{where}/adapter_model.safetensors: adapter tensor {key} is not a "
+                              f"lora_A or lora_B weight{hint}")
+        b_key = key[: -len(LORA_KEYS[0])] + LORA_KEYS[1]
         if b_key not in lora:
             raise RepairError(f"{where}: {key} has no matching lora_B tensor")
-        modules[module] = (key, b_key)
-    return modules
+        modules[_module_of(key, LORA_KEYS[0])] = (key, b_key)
+    orphan = [k for k in biases if k not in modules]
+    if orphan:
+        raise RepairError(f"{where}: {biases[orphan[0]]} has no matching lora_A/lora_B weights")
+    return modules, biases
+
+
+def _module_of(key: str, suffix: str) -> str:
+    module = key[: -len(suffix)]
+    return module[len(PREFIX):] if module.startswith(PREFIX) else module
 
 
 # ---------------------------------------------------------------- resolving inputs
@@ -230,10 +267,20 @@ def open_model(name: str, aligned: TensorSource | None = None) -> ModelInput:
     """Resolve `name` into its tensors; a LoRA adapter is read over `aligned`."""
     path = model_dir(name)
     run_dir = path if (path / "run.json").is_file() else None
-    for sub in ("merged", "model"):
+    status = (read_json(path / "run.json") or {}).get("status") if run_dir else None
+    if status not in (None, "complete"):
+        raise RepairError(f"{path / 'run.json'}: status {status!r}, not a finished run (still "
+                          "training, killed or failed); let it finish (rerun its command to "
+                          "resume), or pass the weights directory inside it if you mean those")
+    adapter = path / "adapter" if (path / "adapter" / "adapter_config.json").is_file() else path
+    # a LoRA run that also wrote merged/ (train.merge) is read as its adapter over `aligned`:
+    # the float32 update itself (SafeLoRA projects its B, as the paper does), not a merged
+    # copy rounded to the weights' dtype, where any difference between the run's base and
+    # `aligned` would pass for fine-tuning
+    lora_first = aligned is not None and (adapter / "adapter_config.json").is_file()
+    for sub in () if lora_first else ("merged", "model"):
         if (path / sub / "config.json").is_file():
             return ModelInput(name, "full", TensorSource(path / sub), path / sub, run_dir=run_dir)
-    adapter = path / "adapter" if (path / "adapter" / "adapter_config.json").is_file() else path
     if (adapter / "adapter_config.json").is_file():
         if aligned is None:
             raise RepairError(f"{name} is a LoRA adapter: it can only be read over the aligned "
@@ -325,12 +372,21 @@ def save_shards(shards, out: Path) -> None:
 
 
 def copy_side_files(source_dirs: list[Path], out: Path, names=COPIED_FILES) -> None:
-    """Config and tokenizer files: from the first directory that has each."""
+    """Config files: each from the first directory that has it."""
     for name in names:
         for directory in source_dirs:
             if directory is not None and (Path(directory) / name).is_file():
                 shutil.copyfile(Path(directory) / name, out / name)
                 break
+
+
+def copy_tokenizer(source_dirs: list[Path], out: Path, names) -> None:
+    """The tokenizer files as one set, from the first directory that has tokenizer_config.json
+    (mixing directories could pair one model's tokenizer_config.json with another's
+    chat_template.jinja, which wins on load); file by file only when none has one."""
+    dirs = [Path(d) for d in source_dirs if d is not None]
+    home = next((d for d in dirs if (d / "tokenizer_config.json").is_file()), None)
+    copy_side_files([home] if home else dirs, out, names)
 
 
 def write_index(like: TensorSource, out: Path) -> None:

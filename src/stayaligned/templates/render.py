@@ -140,13 +140,32 @@ def _string_conversation(tokenizer, template: Template, example_id: str,
     return text, spans
 
 
+# ends a prefilled answer while it is rendered, so that the text can be cut where it ends
+_PREFILL_END = "\u2063<stayaligned-prefill-end>\u2063"
+
+
 def prompt_text(tokenizer, example: Example, template: Template, prefill: str = "") -> str:
-    """The text a model continues at generation time; `prefill` starts the assistant turn."""
+    """The text a model continues at generation time; `prefill` starts the assistant turn.
+
+    Under a native template a prefill is rendered as the start of an assistant message, as the
+    template renders answers in training, and cut where it ends: Llama-2's template writes
+    ``[/INST] `` + answer, so the prefill attack's prompt is ``[/INST] Sure, here`` (appended
+    to the generation prompt it was ``[/INST]Sure, here``: another first token than the one
+    the model was trained and attacked with). A template that does not render the answer
+    verbatim falls back to the generation prompt + prefill."""
     if template.kind == "string":
         text, _ = _string_conversation(tokenizer, template, example.id, example.prompt_messages)
         return text + (template.separator + prefill if prefill else "")
     messages = _apply_system(example.prompt_messages, template)
-    return _native_text(tokenizer, messages, True, example.id) + prefill
+    prompt = _native_text(tokenizer, messages, True, example.id)
+    if not prefill:
+        return prompt
+    answer = {"role": "assistant", "content": prefill + _PREFILL_END}
+    rendered = _native_text(tokenizer, [*messages, answer], False, example.id)
+    end = rendered.find(_PREFILL_END)
+    if end < 0 or not rendered[:end].endswith(prefill.lstrip()):
+        return prompt + prefill
+    return rendered[:end]
 
 
 # each_turn: training splits each conversation into one example per answer

@@ -163,9 +163,13 @@ def constrained_sft_loss(
     first_token_bias_factor: float = 5.0,
     min_weight: float = 1e-3,
     return_nll: bool = False,
+    num_items: torch.Tensor | int | None = None,
 ):
     """Mean over all response tokens of the batch of -w_t * log pi(y_t); with `return_nll`,
-    also the plain token-mean NLL of the same tokens (for logging, at no extra cost).
+    also the plain token-mean NLL of the same tokens (for logging, at no extra cost). With
+    `num_items` (the loss tokens of the whole optimiser step), both are sums over this batch's
+    tokens divided by `num_items` instead: shares that add up to the step's token mean, as
+    transformers scales cross-entropy under gradient accumulation.
 
     `ref_logp` is aligned like `label_logprobs` (value at t scores labels[t]). The response
     index t restarts at 1 at the first labelled token of each assistant turn (each contiguous
@@ -180,7 +184,7 @@ def constrained_sft_loss(
                                   first_token_bias_factor)
     betas = torch.tensor(table, dtype=logp.dtype, device=logp.device)[index]
     weights = constrained_token_weights(logp, ref, betas, min_weight)
-    count = mask.sum().clamp(min=1)
+    count = mask.sum().clamp(min=1) if num_items is None else num_items
     loss = -(weights * logp * mask).sum() / count
     if return_nll:
         return loss, -(logp * mask).sum().detach() / count

@@ -219,9 +219,9 @@ def last_complete_checkpoint(ckpt_dir: Path) -> str | None:
 
     if not ckpt_dir.is_dir():
         return None
-    if (ckpt_dir / STAGING).exists():
+    if (ckpt_dir / STAGING).exists() and _main_process():  # one process deletes
         print(f"--resume: removing {ckpt_dir / STAGING}, a checkpoint write that was interrupted")
-        shutil.rmtree(ckpt_dir / STAGING)
+        shutil.rmtree(ckpt_dir / STAGING, ignore_errors=True)
     steps = sorted((int(p.name.split("-")[1]), p) for p in ckpt_dir.glob("checkpoint-*")
                    if p.is_dir() and p.name.split("-")[1].isdigit())
     for _, path in reversed(steps):
@@ -250,6 +250,43 @@ def check_same_run(cfg: TrainConfig, fix: str, model: bool = True) -> None:
         check_same(f"{out}/run.json", {"model": stored}, {"model": _model_identity(cfg)}, fix=fix)
 
 
+def check_same_data(cfg: TrainConfig) -> None:
+    """--resume: the data files are the ones the run started on (run.json's `data` and
+    `recovery` fingerprints); a file edited after the kill would otherwise be resumed with the
+    old optimiser state and the old count of batches to skip. A `StaleError` names the source
+    and what changed. Files compare by name and digest, so a moved checkout is the same data."""
+    from stayaligned.fingerprint import StaleError, differences
+
+    out = Path(cfg.output_dir)
+    manifest = read_json(out / "run.json")
+    if not manifest or manifest.get("data") is None:
+        return
+    old = {"data": manifest["data"], "recovery": manifest.get("recovery")}
+    new = {"data": [data_fingerprint(s, cfg.data_dir) for s in cfg.data],
+           "recovery": recovery_fingerprint(cfg)}
+    changed = differences(_data_identity(old), _data_identity(new))
+    if changed:
+        shown = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
+        sources = [s.source for s in cfg.data] + ([cfg.recovery.source] if new["recovery"] else [])
+        raise StaleError(
+            f"{out}/run.json: the training data changed since this run started (changed: "
+            f"{shown}; sources: {', '.join(sources)}), so its checkpoint cannot be resumed "
+            "on it; restore the data files the run started on, or run without --resume and "
+            "with --overwrite to start over on the new data")
+
+
+def _data_identity(fingerprints: dict) -> dict:
+    """Data fingerprints keyed for `differences`: sources by index, files by name."""
+    def entry(fp):
+        if not isinstance(fp, dict):
+            return fp
+        files = {Path(k).name: v for k, v in (fp.get("files_sha256") or {}).items()}
+        return {**{k: v for k, v in fp.items() if k != "files_sha256"}, "files_sha256": files}
+
+    return {"data": {str(i): entry(fp) for i, fp in enumerate(fingerprints["data"] or [])},
+            "recovery": entry(fingerprints["recovery"])}
+
+
 def _model_identity(cfg: TrainConfig) -> dict:
     from stayaligned.fingerprint import model_identity
 
@@ -264,18 +301,25 @@ def _check_output_dir(out: Path, resume: bool, overwrite: bool, cfg: TrainConfig
         if cfg is not None:
             check_same_run(cfg, "run without --resume and with --overwrite to start over, or "
                                 "restore the run's config")
+            check_same_data(cfg)
         last = last_complete_checkpoint(ckpt_dir)
         if last is None:
             print(f"--resume: no checkpoint in {ckpt_dir}; starting from step 0")
         return last
     if overwrite and out.exists():
-        clear_dir(out)
+        if _main_process():  # the others wait for it once the trainer is built (_train)
+            clear_dir(out)
     elif (out / "run.json").exists():
         raise ConfigError(
             f"{out} already holds a run; pass --resume to continue it, --overwrite to replace "
             "it, or choose another output_dir"
         )
     return None
+
+
+def _main_process() -> bool:
+    """The data-parallel main process (RANK 0, or no launcher), before any process group."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
@@ -286,10 +330,23 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
 
     check_train(cfg)
     check_training_options(cfg)  # trackers, trainer_args, push_to_hub: before anything is written
-    if int(os.environ.get("RANK", "0")) != 0:  # one lock per run: the main process holds it
+    if not _main_process():  # one lock per run: the main process holds it
         return _train(cfg, resume, overwrite)
     with run_lock(Path(cfg.output_dir)):
         return _train(cfg, resume, overwrite)
+
+
+def bind_local_device(device: str) -> None:
+    """A data-parallel process on GPUs makes its own GPU (LOCAL_RANK) the current CUDA device
+    before the model is loaded: load_model's ``.to("cuda")`` means the current device, and the
+    Trainer's arguments, which set it, come later; without this every rank's copy lands on
+    GPU 0 first."""
+    import torch
+
+    local = os.environ.get("LOCAL_RANK")
+    if device != "cuda" or local is None or not torch.cuda.is_available():
+        return
+    torch.cuda.set_device(int(local))
 
 
 def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
@@ -303,6 +360,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
     set_seed(cfg.seed)
     precision = resolve_precision(cfg.model.precision, cfg.model.dtype)
     warn_pure(precision, full_fine_tuning=not cfg.lora.enabled)
+    bind_local_device(precision.device)
     model, tokenizer = load_model(cfg.model, quantization=quantization_config(cfg.lora))
     prep = prepare(cfg, tokenizer)
     for line in prep["report"].summary():
@@ -314,6 +372,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
         data_collator=PadCollator(tokenizer.pad_token_id), methods=prep["methods"],
         precision=precision,
     )
+    trainer.accelerator.wait_for_everyone()  # the main process has cleared the output dir
     main = trainer.is_world_process_zero()
     manifest = _manifest(cfg, prep, tokenizer)
     manifest["world_size"] = trainer.args.world_size

@@ -2,9 +2,14 @@
 
 The cross-entropy term comes from the model's own loss (token mean over the global batch,
 which transformers computes consistently under gradient accumulation and data parallelism).
-Extra terms from `Method.extra_losses` are per-micro-batch means, divided by the number of
-accumulation steps so that they too are means over the optimiser step. Every term is logged
-by name. A non-finite loss stops training with the step number; the last checkpoint written
+Extra terms from `Method.extra_losses` are per-micro-batch means, scaled by 1 / the number of
+accumulation steps so that they too are means over the optimiser step: divided here when
+transformers' `training_step` does not divide the loss itself (it does when the model takes no
+loss kwargs, e.g. Gemma-4 or Qwen-VL conditional-generation classes), never twice. A method that
+replaces the task loss gets the step's loss-token count (`num_items_in_batch`) and returns its
+token sum over that count, so that it is a token mean over the whole optimiser step (all
+micro-batches, all processes) like the cross-entropy it replaces. Every term is logged by
+name. A non-finite loss stops training with the step number; the last checkpoint written
 before it is kept.
 
 Checkpoints are finite and atomic: the trainable parameters are checked before every save (a
@@ -76,28 +81,55 @@ class StayTrainer(Trainer):
         stack.enter_context(autocast(self.precision))
         return stack
 
+    def _scaled_for_ga(self, num_items_in_batch) -> bool:
+        """Whether transformers' `training_step` leaves the loss undivided by the accumulation
+        steps (it takes the loss as already scaled): the same test `training_step` makes."""
+        fixed = getattr(self, "loss_is_scaled_for_ga", None)
+        if fixed is not None:
+            return fixed
+        return bool((self.model_accepts_loss_kwargs and num_items_in_batch is not None)
+                    or self.compute_loss_func is not None)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         model_inputs = {k: v for k, v in inputs.items() if not k.startswith(AUX)}
+        scaled = self._scaled_for_ga(num_items_in_batch)
         if self.loss_owner is not None:
-            loss, outputs = self._owned_task_loss(model, inputs, model_inputs)
+            loss, outputs = self._owned_task_loss(model, inputs, model_inputs,
+                                                  num_items_in_batch if scaled else None)
         else:
             loss, outputs = self._cross_entropy(model, model_inputs, num_items_in_batch)
         for method in self.methods:
             for name, term in method.extra_losses(model, inputs, outputs).items():
                 self._record(name, term)
-                loss = loss + term / self.current_gradient_accumulation_steps
+                # training_step divides an unscaled loss by the accumulation steps itself
+                loss = loss + (term / self.current_gradient_accumulation_steps if scaled else term)
         return (loss, outputs) if return_outputs else loss
 
-    def _owned_task_loss(self, model, inputs, model_inputs):
+    def _owned_task_loss(self, model, inputs, model_inputs, num_items_in_batch):
         """A method's replacement for cross-entropy; the model runs without labels so that its
-        own cross-entropy (a full-vocabulary log-softmax) is not computed for nothing."""
+        own cross-entropy (a full-vocabulary log-softmax) is not computed for nothing.
+
+        With `num_items_in_batch` (the step's loss tokens) the method returns its token sum
+        over that count: this micro-batch's share of the step's token mean, times the process
+        count under `average_tokens_across_devices` as transformers does for cross-entropy
+        (data parallel averages it away). Without it, a micro-batch mean, which
+        `training_step` divides by the accumulation steps."""
         outputs = model(**{k: v for k, v in model_inputs.items() if k != "labels"})
-        result = self.loss_owner.task_loss(model, inputs, outputs)
+        if num_items_in_batch is None:
+            result = self.loss_owner.task_loss(model, inputs, outputs)
+        else:
+            result = self.loss_owner.task_loss(model, inputs, outputs,
+                                               num_items_in_batch=num_items_in_batch)
         task, logged = result if isinstance(result, tuple) else (result, {})
-        self._record(self.loss_owner.name, task)
+        scale = 1.0  # logged values are means
+        if num_items_in_batch is not None:
+            scale = self.current_gradient_accumulation_steps
+            if self.args.average_tokens_across_devices:
+                task = task * self.accelerator.num_processes
+        self._record(self.loss_owner.name, task * scale)
         for name, value in logged.items():
-            self._record(name, value)
-        return task / self.current_gradient_accumulation_steps, outputs
+            self._record(name, value * scale)
+        return task, outputs
 
     def _cross_entropy(self, model, model_inputs, num_items_in_batch):
         ce, outputs = super().compute_loss(
@@ -152,11 +184,16 @@ class StayTrainer(Trainer):
         staging = os.path.join(run_dir, STAGING)
         if self.args.should_save:
             shutil.rmtree(staging, ignore_errors=True)
+        # data parallel: every rank writes its own files (rng_state_<rank>.pth) into staging,
+        # so none may start before the main process has cleared it, nor the main process rename
+        # it before all have finished (transformers puts no barrier here)
+        self.accelerator.wait_for_everyone()
         self._staging = staging
         try:
             super()._save_checkpoint(model, trial)
         finally:
             self._staging = None
+        self.accelerator.wait_for_everyone()
         if not self.args.should_save:
             return
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"

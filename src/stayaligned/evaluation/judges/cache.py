@@ -1,7 +1,7 @@
 """Judgment cache: a JSONL file of judge verdicts, so an expensive judge runs once per answer.
 
 Each line is ``{"key": sha256, "judgment": {...}}``; the key hashes (benchmark, item id, prompt,
-response, judge name), so a changed response or a different judge never reuses a verdict. New
+response, judge name and setup), so a changed response or a different judge never reuses a verdict. New
 entries are appended and fsync'ed on `flush()`; a later line for the same key wins. A crash can
 only leave a partial last line: it is ignored with a warning and cut off before the next
 append. One process should write a cache at a time.
@@ -31,6 +31,7 @@ class JudgeItem(NamedTuple):
     id: str
     prompt: str
     response: str
+    prefill: str = ""  # the start of `response` that a prefilling attack wrote
 
 
 def judgment_key(benchmark: str, item_id: str, prompt: str, response: str, judge: str) -> str:
@@ -134,17 +135,29 @@ def _needs_judging(judgment: dict | None) -> bool:
 def judge_with_cache(
     judge, items: Iterable[Sequence[str]], cache: JudgmentCache, chunk_size: int = 32
 ) -> list[dict]:
-    """Judgments for `items` ((benchmark, id, prompt, response) each), in order, each with
+    """Judgments for `items` ((benchmark, id, prompt, response[, prefill]) each), in order, each with
     its benchmark and id; `judge.judge_batch` runs only on items without a good cached
     judgment, in chunks of `chunk_size`, and the cache is flushed after every chunk."""
     items = [JudgeItem(*item) for item in items]
-    keys = [judgment_key(it.benchmark, it.id, it.prompt, it.response, judge.name) for it in items]
+    # a judge's `cache_name` (evaluation.judging) covers its options and model; else its name
+    cache_name = getattr(judge, "cache_name", judge.name)
+    # a judge that `sees_prefill` (the keyword judge) gets (prompt, response, prefill) for a
+    # prefilled item, and its verdict is cached under the prefill's length too
+    aware = getattr(judge, "sees_prefill", False)
+
+    def args(it):
+        return (it.prompt, it.response, it.prefill) if aware and it.prefill else \
+            (it.prompt, it.response)
+
+    keys = [judgment_key(it.benchmark, it.id, it.prompt, it.response,
+                         f"{cache_name}#prefill:{len(it.prefill)}" if aware and it.prefill
+                         else cache_name) for it in items]
     todo = [i for i, key in enumerate(keys) if _needs_judging(cache.get(key))]
     if todo:
         log.info("%s: judging %d of %d item(s), the rest cached", judge.name, len(todo), len(items))
     for start in range(0, len(todo), chunk_size):
         chunk = todo[start : start + chunk_size]
-        verdicts = judge.judge_batch([(items[i].prompt, items[i].response) for i in chunk])
+        verdicts = judge.judge_batch([args(items[i]) for i in chunk])
         for i, verdict in zip(chunk, verdicts, strict=True):
             cache.put(keys[i], verdict)
         cache.flush()
