@@ -66,7 +66,9 @@ def headline_entries(study, overhead: dict | None) -> dict:
         _, vs_ci = _p(r.kept_vs_sft)
         vs, _ = _p(r.kept_vs_sft)
         out[r.cell] = {
-            "template": r.template, "judge": r.judge, "seeds": len(r.runs),
+            # seeds pooled (evaluated under the template), of the seeds configured
+            "template": r.template, "judge": r.judge, "seeds": len(r.seeds),
+            "seeds_configured": len(r.runs), "notes": r.seed_notes + r.cost_notes,
             "kept": k, "kept_ci": k_ci, "kept_vs_sft": vs, "kept_vs_sft_ci": vs_ci,
             "kept_other_judge": _p(r.kept_other_judge)[0],
             "refusal_rate": _p(r.refusal)[0], "refusal_ci": _p(r.refusal)[1],
@@ -164,8 +166,8 @@ def summarise(study_dir: str, overhead: dict | None = None, command: str = "") -
         "per_template": per_template(study),
         "seeds": per_seed(study, entries),
         "judge": {"headline": js[0] if js else None, "others": js[1:],
-                  "agreement": [{**a, "kappa": None if math.isnan(a["kappa"]) else a["kappa"]}
-                                for a in agreement]},
+                  "agreement": [{**a, "kappa_pooled": None if math.isnan(a["kappa_pooled"])
+                                 else a["kappa_pooled"]} for a in agreement]},
         "dose": dose,
         "targets": targets(entries),
         "recommendation": recommendation(headline_rows(study, overhead), study.reference_name),
@@ -213,8 +215,9 @@ def repair_seconds(path: Path) -> dict:
 
 def estimate(cfg, stages, measured: dict, v1: dict,
              repair_s: dict | None = None) -> list[tuple[str, str, float, str]]:
-    """(stage, kind, seconds, basis) per stage: this study's own measured seconds when done,
-    else v1's per-stage seconds scaled (train: per step x steps x full-FT factor; eval:
+    """(stage, kind, seconds, basis) per stage: this study's own measured seconds when done
+    (status done; a stage to redo, or failed, is time still to spend, estimated by its
+    earlier run's seconds), else v1's per-stage seconds scaled (train: per step x steps x full-FT factor; eval:
     generated tokens, plus the classifier judge; depth and re-judging as measured)."""
     from stayaligned.config import to_dict
 
@@ -235,12 +238,17 @@ def estimate(cfg, stages, measured: dict, v1: dict,
     # once this study has evaluated fine-tunes, their median stands for the pending ones (the
     # aligned-like cells answer as briefly as the aligned seed, not like v1's LoRA cells)
     own = [v["seconds"] for k, v in measured.items() if isinstance(v, dict) and k.startswith("cells/")
-           and v.get("kind") == "eval" and v.get("seconds")]
+           and v.get("kind") == "eval" and v.get("seconds") and v.get("status", "done") in ("done", "redo")]
     rows = []
     for s in stages:
-        done = (measured.get(s.key) or {}).get("seconds")
+        entry = measured.get(s.key) or {}
+        done = entry.get("seconds") if entry.get("status") == "done" else None
         if done:
             rows.append((s.key, s.kind, done, "measured (this study)"))
+        elif entry.get("seconds") and entry.get("status") in ("redo", "failed"):
+            # still to run: what its earlier run took is the estimate, not time already spent
+            rows.append((s.key, s.kind, entry["seconds"],
+                         f"to run again: its earlier run's seconds ({entry['status']})"))
         elif s.kind == "eval" and own and s.key.startswith("cells/"):
             rows.append((s.key, s.kind, statistics.median(own),
                          f"median of this study's {len(own)} measured cell evaluation(s)"))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import pytest
+
 from stayaligned.config import EvalConfig, GenerationConfig, ModelConfig, load
 from stayaligned.data.types import Example
 from stayaligned.evaluation.generation import generate
@@ -86,6 +88,28 @@ def test_interrupted_generation_resumes_only_missing_rows(tmp_path, tiny_model_d
     evaluate(cfg)
     again = path.read_text().splitlines()
     assert sorted(again) == sorted(lines)
+
+
+def test_a_resumed_evaluation_records_the_total_seconds_of_its_stage_files(tmp_path,
+                                                                           tiny_model_dir):
+    """`seconds` is this call (0 when every row is reused); `seconds_total` adds the calls that
+    made the stage files it reused, so a resumed repair sweep's cost does not shrink to its
+    last attempt. Timing only: the scores are the same."""
+    cfg = eval_config(tmp_path, tiny_model_dir)
+    first = evaluate(cfg)
+    assert first["seconds_total"] == first["seconds"]
+    path = tmp_path / "eval" / "metrics.json"
+    stored = json.loads(path.read_text())
+    path.write_text(json.dumps({**stored, "seconds": 500.0, "seconds_total": 700.0}))
+    again = evaluate(cfg)  # every generation reused
+    assert again["benchmarks"] == first["benchmarks"]
+    assert again["seconds"] < 100 and again["seconds_total"] >= 700.0
+    assert again["seconds_total"] == pytest.approx(700.0 + again["seconds"], abs=0.2)
+    older = {k: v for k, v in stored.items() if k != "seconds_total"}  # before the field
+    path.write_text(json.dumps({**older, "seconds": 300.0}))
+    assert evaluate(cfg)["seconds_total"] >= 300.0
+    fresh = evaluate(cfg, overwrite=True)  # nothing reused: this call only
+    assert fresh["seconds_total"] == fresh["seconds"]
 
 
 def test_prompt_longer_than_context_names_the_record(tmp_path, tiny_model_dir):

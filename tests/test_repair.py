@@ -495,3 +495,30 @@ def test_validation_asks_every_model_of_the_curve_with_the_finetunes_chat_kwargs
     assert ecfg.template == "native:safe"
     assert ecfg.model.name == "al" and ecfg.model.chat_template_kwargs == {"enable_thinking": False}
     assert validation_config(cfg, "al", tmp_path, None).model.chat_template_kwargs is None
+
+
+def test_a_resumed_repair_records_a_total_that_does_not_shrink(models, validation, tmp_path):
+    """A repair resumed after a kill reuses its finished validation evaluations (their
+    `seconds` are this call's, about 0): repair.json's `seconds` is this attempt, and its
+    `seconds_total` adds what the reused evaluations took before. Timing only: the curve and
+    the choice are the same."""
+    out = tmp_path / "resumed"
+    args = ("--model", models["full"], "--aligned", models["aligned"], "--method", "merge",
+            "--strengths", "0,1", "--target-refusal", 0.0, "--validation", validation,
+            "--output", out)
+    assert repair_cli(*args) == 0
+    first = json.loads((out / "repair.json").read_text())
+    assert set(first["evaluation_seconds"]) == {"aligned", "0", "1"}
+    assert first["seconds_total"] >= first["seconds"]
+    for name in ("aligned", "0", "1"):  # as if an earlier attempt spent 100 s on each
+        path = out / "sweep" / name / "eval" / "metrics.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "seconds_total": 100.0}))
+    assert repair_cli(*args) == 0
+    again = json.loads((out / "repair.json").read_text())
+    def kept(point):
+        return {k: v for k, v in point.items() if k != "apply_seconds"}
+
+    assert [kept(p) for p in again["curve"]] == [kept(p) for p in first["curve"]]
+    assert again["strength"] == first["strength"] and kept(again["choice"]) == kept(first["choice"])
+    assert all(t["seconds_total"] >= 100.0 for t in again["evaluation_seconds"].values())
+    assert again["seconds_total"] == pytest.approx(again["seconds"] + 300.0, abs=0.5)

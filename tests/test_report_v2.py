@@ -98,7 +98,7 @@ def test_a_cell_evaluated_under_fewer_templates_is_read_under_those(tmp_path):
 
 def test_recommendation_names_the_pareto_fine_tunes(v2):
     text = recommendation(list(_rows(v2).values()))
-    front = text.split("task loss are ", 1)[1].split(". ", 1)[0]
+    front = text.split("under the same template are ", 1)[1].split(". ", 1)[0]
     assert front.startswith("ptst (keeps 84%") and "sft (keeps" in front
     assert "str (" not in front  # str: less kept and more task loss than ptst
     assert "the safest is ptst" in text
@@ -117,7 +117,7 @@ def test_a_fine_tune_with_no_task_gain_over_the_aligned_seed_is_not_recommended(
     reverted = dataclasses.replace(rows["str"], cell="sft+merge", task_loss=1.3,
                                    kept=Pooled(1.0, 0.95, 1.0, 3, N_HARM))
     text = recommendation([*rows.values(), reverted])
-    front = text.split("task loss are ", 1)[1].split(". ", 1)[0]
+    front = text.split("under the same template are ", 1)[1].split(". ", 1)[0]
     assert "sft+merge" not in front and front.startswith("ptst (keeps 84%")
     assert text.endswith("nothing gained from fine-tuning): sft+merge.")
     assert "Not a choice" not in recommendation(list(rows.values()))

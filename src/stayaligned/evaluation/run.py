@@ -6,7 +6,9 @@
   task_loss.json      per task benchmark: mean NLL of the reference answers (held-out loss)
   metrics.json        per benchmark: refusal rate / attack success rate / harmfulness,
                       accuracy or mean ROUGE, with 95% intervals (Wilson for rates, bootstrap
-                      for means); plus the model, template and judge used
+                      for means); plus the model, template and judge used, and
+                      seconds (this call) and seconds_total (with the earlier calls
+                      whose stage files it reused)
 
 Generations are saved after every batch and reused on the next run, so an interrupted
 evaluation resumes; judgments are recomputed from generations (cheap for the keyword judge).
@@ -285,6 +287,18 @@ def check_context(model, tokenizer, template, name, examples, prompts, gen) -> N
             )
 
 
+def _earlier_seconds(out: Path) -> float:
+    """The seconds the earlier calls that wrote `out`'s stage files took, from the
+    metrics.json they left (`seconds_total`, else `seconds`; 0 when there is none): a
+    resumed evaluation's total then counts the work it reuses."""
+    try:
+        earlier = read_json(out / "metrics.json") or {}
+    except (ValueError, OSError):
+        return 0.0
+    value = earlier.get("seconds_total", earlier.get("seconds")) if isinstance(earlier, dict) else 0
+    return float(value) if isinstance(value, (int, float)) and value > 0 else 0.0
+
+
 def evaluate(cfg: EvalConfig, *, model=None, tokenizer=None, overwrite: bool = False) -> dict:
     """Run (or resume) an evaluation; returns the metrics dict also written to metrics.json.
 
@@ -315,7 +329,9 @@ def _evaluate(cfg: EvalConfig, model, tokenizer, overwrite: bool) -> dict:
     aside = [r for r in stored if (r["benchmark"], r["id"]) not in wanted]
     stamp = stage_prints.fingerprint(cfg, benches, {
         name: b.template or eval_template_name(cfg) for name, (b, _, _) in benches.items()})
-    stage_prints.check_reuse(out, stamp, has_rows=bool(rows) or (out / "task_loss.json").exists())
+    reused = bool(rows) or (out / "task_loss.json").exists()
+    stage_prints.check_reuse(out, stamp, has_rows=reused)
+    earlier = _earlier_seconds(out) if reused else 0.0  # timing only: never read otherwise
     stage_prints.record(out, stamp)
     stale = stale_prefill_rows(rows)
     if stale:
@@ -362,6 +378,8 @@ def _evaluate(cfg: EvalConfig, model, tokenizer, overwrite: bool) -> dict:
         "model": cfg.model.name, "template": eval_template_name(cfg), "judge": cfg.judge,
         "unscored": sum(m.get("unscored", 0) for m in scores.values()),
         "config": to_dict(cfg), "seconds": round(time.time() - started, 1),
+        # this call plus the calls that made the stage files it reused (`seconds`: this call)
+        "seconds_total": round(time.time() - started + earlier, 1),
         "precision": resolve_precision(cfg.model.precision, cfg.model.dtype).to_dict(),
         "benchmarks": scores,
         "decoding": {k: v for k, v in (read_json(out / DECODING) or {}).items() if k in scores},

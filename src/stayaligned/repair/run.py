@@ -4,7 +4,9 @@ on the validation config, keep the weakest strength that meets the target, and w
   OUT/model/ or OUT/adapter/   the repaired model (safetensors; an adapter for a LoRA SafeLoRA)
   OUT/run.json                 the templates of the fine-tune, so `eval` uses the same ones,
                                and made_from: the inputs' sha256 and the method's options
-  OUT/repair.json              inputs with hashes, method, options, the curve, the choice
+  OUT/repair.json              inputs with hashes, method, options, the curve, the choice;
+                               seconds (this attempt) and seconds_total (with the time
+                               earlier attempts spent on the evaluations it reused)
   OUT/curve.png                refusal and task loss against the knob
   OUT/sweep/<strength>/eval/   each candidate's validation evaluation (and the aligned model's)
   OUT/sweep/<strength>/candidate/  while sweeping: a candidate (run.json with made_from, so
@@ -195,7 +197,8 @@ def _sweep(cfg, method, state, inputs, sweep, out: Path, log, provenance: dict
     for warning in warnings:
         log(f"[repair] warning: {warning}")
     log("[repair] evaluating the aligned model on the validation config")
-    aligned = point(evaluate_model(aligned_cfg))
+    timing = {}  # evaluation -> its seconds in this run and in total (timing only)
+    aligned = point(_timed(evaluate_model(aligned_cfg), timing, "aligned"))
     target = cfg.target_refusal
     if cfg.target_kept is not None:
         target = cfg.target_kept * (aligned["refusal_rate"]["value"] or 0)
@@ -210,7 +213,8 @@ def _sweep(cfg, method, state, inputs, sweep, out: Path, log, provenance: dict
         log(f"[repair] {method.knob}={_label(s)}: evaluating")
         ecfg = validation_config(cfg, str(cand / "candidate"), cand / "eval", holdout, template,
                                  chat_kwargs)
-        p = {"strength": s, **point(evaluate_model(ecfg)), "apply_seconds": seconds}
+        p = {"strength": s, **point(_timed(evaluate_model(ecfg), timing, _label(s))),
+             "apply_seconds": seconds}
         curve.append(p)
         if kept is None and target is not None and (p["refusal_rate"]["value"] or 0) >= target:
             kept = s  # the weakest passing candidate: keep its weights, drop the others
@@ -224,7 +228,7 @@ def _sweep(cfg, method, state, inputs, sweep, out: Path, log, provenance: dict
     return {"aligned": aligned, "curve": curve, "choice": chosen, "best": best(curve),
             "target": {"refusal": target, "refusal_given": cfg.target_refusal,
                        "kept": cfg.target_kept, "met": chosen is not None if target is not None else None},
-            "validation": to_dict(aligned_cfg)["benchmarks"],
+            "validation": to_dict(aligned_cfg)["benchmarks"], "evaluation_seconds": timing,
             **({"validation_warnings": warnings} if warnings else {})}, (
                 kept if kept is not None else kept_fixed)
 
@@ -276,7 +280,20 @@ def _place(method, state, inputs, strength: float, out: Path, log, provenance: d
     save(method.apply(state, strength), out, str(inputs.aligned.config_dir.resolve()), provenance)
 
 
+def _timed(metrics: dict, timing: dict, name: str) -> dict:
+    """`metrics` unchanged; its evaluation's seconds in this call and in total (with the
+    earlier calls whose stage files it reused) noted in `timing[name]`."""
+    this = metrics.get("seconds")
+    timing[name] = {"seconds": this, "seconds_total": metrics.get("seconds_total", this)}
+    return metrics
+
+
 def _finish(record: dict, out: Path, started: float) -> None:
-    record["seconds"] = round(time.time() - started, 1)
+    record["seconds"] = round(time.time() - started, 1)  # this attempt only
+    # with the time earlier attempts spent on the validation evaluations this one reused: a
+    # resumed repair's total does not shrink to its last attempt
+    earlier = sum(max(0.0, (t.get("seconds_total") or 0.0) - (t.get("seconds") or 0.0))
+                  for t in (record.get("evaluation_seconds") or {}).values())
+    record["seconds_total"] = round(record["seconds"] + earlier, 1)
     shutil.rmtree(out / ".work", ignore_errors=True)
     write_json(out / "repair.json", record)

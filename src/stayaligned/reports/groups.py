@@ -52,13 +52,16 @@ def group_score(runs: list[ModelRun], task: str, metric: str):
 
 
 def group_loss(runs: list[ModelRun], task: str) -> dict:
+    """One run's task loss as evaluated (with its `per_example_sem`, over the benchmark's
+    examples), or for several seeds the mean over seeds with `between_seed_sem`, the standard
+    error of that mean across the seeds (not a per-example figure)."""
     losses = [(m.benchmark(task) or {}).get("task_loss") or {} for m in runs]
     losses = [x for x in losses if x.get("loss") is not None]
     if len(losses) <= 1:
         return losses[0] if losses else {}
     mean = sum(x["loss"] for x in losses) / len(losses)
     sd = math.sqrt(sum((x["loss"] - mean) ** 2 for x in losses) / (len(losses) - 1))
-    return {"loss": mean, "per_example_sem": sd / math.sqrt(len(losses))}
+    return {"loss": mean, "between_seed_sem": sd / math.sqrt(len(losses)), "seeds": len(losses)}
 
 
 def colours(study: Study) -> dict[str, str]:

@@ -45,7 +45,10 @@ class Headline:
     task_loss_vs_sft: float | None = None  # relative: loss / sft's - 1
     aligned_task_loss: float | None = None  # the aligned seed's, under the same template
     cost: str = "—"
+    cost_notes: list[str] = field(default_factory=list)  # e.g. a repair left out of the mean
     why: list[str] = field(default_factory=list)
+    seeds: list = field(default_factory=list)  # the seeds pooled (evaluated under template)
+    seed_notes: list[str] = field(default_factory=list)  # missing seeds, narrower comparisons
 
 
 # ---------------------------------------------------------------- roles
@@ -106,46 +109,82 @@ def own_template(runs: list[ModelRun], available: list[str]) -> str | None:
 # ---------------------------------------------------------------- pooled numbers
 
 
+def seed_of(m: ModelRun):
+    """A run's key in per-seed matrices: its training seed (the label for the seed and
+    aligned rows, which have none)."""
+    return m.seed if m.seed is not None else m.label
+
+
+def per_seed(runs: list[ModelRun], template: str, judge: str, bench: str | None) -> dict:
+    """seed -> item verdicts of `runs` on `bench` under (template, judge), in run order; a
+    seed not evaluated there is absent."""
+    if not bench:
+        return {}
+    return {seed_of(m): v.verdicts[bench] for m in runs
+            if (v := m.view(template, judge)) and v.verdicts.get(bench)}
+
+
+def shared_seeds(*groups: list[ModelRun], template: str, judge: str, bench: str | None) -> list:
+    """The seeds every group has verdicts for, in the first group's order: a comparison of
+    two cells pools only the seeds both were evaluated with (never one cell's seeds 0 and 2
+    against the other's 0, 1 and 2)."""
+    sets = [per_seed(g, template, judge, bench) for g in groups]
+    return [k for k in sets[0] if all(k in other for other in sets[1:])] if sets else []
+
+
 def matrices(runs: list[ModelRun], template: str, judge: str, bench: str | None,
-             ids: list[str] | None = None):
-    """(seeds x items verdicts, item ids) of `runs` on `bench` under (template, judge)."""
-    per_seed = [v.verdicts.get(bench) for m in runs if (v := m.view(template, judge))]
-    per_seed = [p for p in per_seed if p]
-    if not bench or not per_seed:
+             ids: list[str] | None = None, seeds: list | None = None):
+    """(seeds x items verdicts, item ids) of `runs` on `bench` under (template, judge); rows
+    keyed by seed id: `seeds` (in that order) when given, else every seed evaluated there."""
+    found = per_seed(runs, template, judge, bench)
+    order = [k for k in seeds if k in found] if seeds is not None else list(found)
+    rows = [found[k] for k in order]
+    if not bench or not rows:
         return None, []
-    ids = ids or pooling.shared_items([per_seed])
-    return pooling.verdict_matrix(per_seed, ids), ids
+    ids = ids or pooling.shared_items([rows])
+    return pooling.verdict_matrix(rows, ids), ids
 
 
 def _pair(a_runs, b_runs, template, judge, bench):
-    """Verdict matrices of two groups on their shared items (None when either is missing)."""
-    a, _ = matrices(a_runs, template, judge, bench)
-    b, _ = matrices(b_runs, template, judge, bench)
-    if a is None or b is None:
+    """Verdict matrices of two groups on their shared seeds (rows in the same seed order,
+    so the bootstrap pairs them seed by seed) and shared items (None when either is
+    missing)."""
+    seeds = shared_seeds(a_runs, b_runs, template=template, judge=judge, bench=bench)
+    if not seeds:
         return None, None
     ids = pooling.shared_items([
-        [v.verdicts[bench] for m in runs if (v := m.view(template, judge)) and bench in v.verdicts]
-        for runs in (a_runs, b_runs)])
+        [per_seed(runs, template, judge, bench)[k] for k in seeds] for runs in (a_runs, b_runs)])
     if not ids:
         return None, None
-    return matrices(a_runs, template, judge, bench, ids)[0], \
-        matrices(b_runs, template, judge, bench, ids)[0]
+    return matrices(a_runs, template, judge, bench, ids, seeds)[0], \
+        matrices(b_runs, template, judge, bench, ids, seeds)[0]
 
 
 def kept(runs, aligned, template, judge, bench) -> Pooled | None:
-    cell, ref = _pair(runs, [aligned], template, judge, bench)
-    if cell is None or not np.nanmean(ref):
+    """The cell's pooled refusal rate (every seed evaluated there) over the aligned seed's,
+    on the items both have."""
+    mine, ref = (list(per_seed(rs, template, judge, bench).values()) for rs in (runs, [aligned]))
+    ids = pooling.shared_items([mine, ref]) if mine and ref else []
+    if not ids:
+        return None
+    cell, ref = (pooling.verdict_matrix(rows, ids) for rows in (mine, ref))
+    if not np.nanmean(ref):
         return None
     return pooling.kept_share(cell, ref)
 
 
 def kept_vs(runs, other, aligned, template, judge, bench) -> Pooled | None:
+    """Kept share of `runs` minus `other`'s, over the seeds both have (paired by seed)."""
+    seeds = shared_seeds(runs, other, template=template, judge=judge, bench=bench)
+    if not seeds or not per_seed([aligned], template, judge, bench):
+        return None
     ids = pooling.shared_items([
-        [v.verdicts[bench] for m in rs if (v := m.view(template, judge)) and bench in v.verdicts]
-        for rs in (runs, other, [aligned])]) if bench else []
+        [per_seed(rs, template, judge, bench)[k] for k in seeds] for rs in (runs, other)]
+        + [list(per_seed([aligned], template, judge, bench).values())])
     if not ids:
         return None
-    mats = [matrices(rs, template, judge, bench, ids)[0] for rs in (runs, other, [aligned])]
+    mats = [matrices(rs, template, judge, bench, ids, seeds)[0] for rs in (runs, other)]
+    mats.append(matrices([aligned], template, judge, bench, ids)[0])
     if any(m is None for m in mats) or not np.nanmean(mats[2]):
         return None
     return pooling.kept_difference(*mats)
@@ -161,16 +200,33 @@ def rate_vs(runs, other, template, judge, bench) -> Pooled | None:
     return None if a is None else pooling.rate_difference(a, b)
 
 
-def task_loss(runs: list[ModelRun], template: str, judge: str, task: str | None) -> float | None:
-    """Mean over seeds of the task benchmark's held-out loss under `template`."""
-    values = []
+def task_losses(runs: list[ModelRun], template: str, judge: str, task: str | None) -> dict:
+    """seed -> the task benchmark's held-out loss under `template` (seeds without one absent)."""
+    out = {}
     for m in runs:
         v = m.view(template, judge)
         loss = (((v.metrics.get("benchmarks") or {}).get(task) or {}).get("task_loss") or {}) \
             if v and task else {}
         if isinstance(loss.get("loss"), (int, float)) and math.isfinite(loss["loss"]):
-            values.append(loss["loss"])
+            out[seed_of(m)] = loss["loss"]
+    return out
+
+
+def task_loss(runs: list[ModelRun], template: str, judge: str, task: str | None) -> float | None:
+    """Mean over seeds of the task benchmark's held-out loss under `template`."""
+    values = list(task_losses(runs, template, judge, task).values())
     return sum(values) / len(values) if values else None
+
+
+def task_loss_vs(runs, other, template, judge, task) -> float | None:
+    """Relative task loss of `runs` against `other` (mean loss / other's - 1) over the seeds
+    both have a loss for."""
+    mine, ref = (task_losses(rs, template, judge, task) for rs in (runs, other))
+    seeds = [k for k in mine if k in ref]
+    if not seeds:
+        return None
+    a, b = (sum(d[k] for k in seeds) / len(seeds) for d in (mine, ref))
+    return a / b - 1 if b else None
 
 
 # ---------------------------------------------------------------- rows
@@ -216,12 +272,33 @@ def template_rows(study: Study, template: str, judge: str) -> list[TemplateRow]:
     return rows
 
 
+def step_ratio(entry: dict | None, sft: dict | None) -> float | None:
+    """An overhead-bench entry's time per optimiser step over sft's: its `step_ratio`, else
+    its `step_s_median` over sft's (older benches recorded only `time_ratio`, a token
+    throughput ratio, which is not a per-step cost and is never shown as one).
+
+    >>> step_ratio({"time_ratio": 0.88, "step_s_median": 3.18}, {"step_s_median": 3.2})
+    0.99375
+    >>> step_ratio({"time_ratio": 0.88}, {"step_s_median": 3.2}) is None
+    True
+    """
+    if not isinstance(entry, dict):
+        return None
+    if entry.get("step_ratio") is not None:
+        return float(entry["step_ratio"])
+    mine, base = entry.get("step_s_median"), (sft or {}).get("step_s_median")
+    if isinstance(mine, (int, float)) and isinstance(base, (int, float)) and base > 0:
+        return mine / base
+    return None
+
+
 def cost_per_step(cell: dict, runs: list[ModelRun], sft_runs: list[ModelRun],
                   overhead: dict | None, study_name: str | None = None) -> str:
     """× sft per training step: from the overhead bench when given and it has the cell (by
     cell name only when the bench measured this very study, `overhead.py --study`; else by
-    the methods joined, or the single method), else measured in this study (train seconds /
-    steps, on a machine the cells may have shared)."""
+    the methods joined, or the single method), its seconds per step over sft's (`step_ratio`),
+    else measured in this study (train seconds / steps, on a machine the cells may have
+    shared)."""
     if overhead:
         methods = list(cell.get("methods") or ["sft"])
         mine = (overhead.get("meta") or {}).get("study") == study_name
@@ -229,8 +306,8 @@ def cost_per_step(cell: dict, runs: list[ModelRun], sft_runs: list[ModelRun],
             "+".join(methods), methods[0] if len(methods) == 1 else None)
         for key in keys:
             entry = overhead.get(key) if key else None
-            if isinstance(entry, dict) and entry.get("time_ratio") is not None:
-                ratio = entry.get("step_ratio", entry["time_ratio"])
+            ratio = step_ratio(entry, overhead.get("sft")) if isinstance(entry, dict) else None
+            if ratio is not None:
                 where = "this study's regime" if mine else "bench"
                 return f"×{ratio:.2f} ({entry.get('step_s_median', 0):.1f} s, {where})"
 
@@ -268,25 +345,74 @@ def headline_rows(study: Study, overhead: dict | None = None) -> list[Headline]:
         spec = row.runs[0].repair_spec
         if spec:
             row.cost = repair_cost(costs.get(spec.get("of"), "—"), row.runs, spec)
+            row.cost_notes += [f"{row.cell}: {why}" for why in repair_timing(row.runs)[2]]
     return rows
 
 
+def repair_timing(runs: list[ModelRun]) -> tuple[list[float], list[float], list[str]]:
+    """(wall seconds per seed, CPU seconds per seed, why a seed was left out) of a repair
+    cell's one-time cost, its validation sweep included. Each seed's repair.json
+    `seconds_total` (with what earlier attempts spent on the evaluations a resumed repair
+    reused) when recorded; else its `seconds`, unless that times only a resumed attempt: a
+    validation evaluation in its sweep that took 0 s was reused from an earlier attempt, so
+    that seed is left out (and said), never averaged in as if it were the whole repair. CPU
+    seconds from progress.json, for seeds timed in one attempt."""
+    wall, cpu, left_out = [], [], []
+    for m in runs:
+        record = m.repair or {}
+        total, this = record.get("seconds_total"), record.get("seconds")
+        reused = [name for name, t in m.sweep_seconds.items()
+                  if isinstance(t.get("seconds"), (int, float)) and t["seconds"] <= 0]
+        if isinstance(total, (int, float)) and total > 0:
+            wall.append(float(total))
+            resumed = total > (this or 0) + 1
+        elif not isinstance(this, (int, float)) or this <= 0:
+            continue
+        elif reused:
+            left_out.append(f"seed {m.seed}'s repair was resumed and timed its last attempt "
+                            f"only ({this:.0f} s; {len(reused)} of {len(m.sweep_seconds)} "
+                            "validation evaluations reused from an earlier attempt): left "
+                            "out of the mean")
+            continue
+        else:
+            wall.append(float(this))
+            resumed = False
+        spent = (m.progress.get("repair") or {}).get("cpu_seconds")
+        if isinstance(spent, (int, float)) and not resumed:
+            cpu.append(float(spent))
+    return wall, cpu, left_out
+
+
 def repair_cost(finetune: str, runs: list[ModelRun], spec: dict) -> str:
-    """A repair cell's cost: its fine-tune's per step plus the repair's one-time seconds
-    (mean over seeds, the validation sweep included).
+    """A repair cell's cost: its fine-tune's per step plus the repair's one-time wall seconds
+    (mean over the seeds timed in full, `repair_timing`; the validation sweep included), with
+    the CPU seconds beside them when every one of those seeds has them.
 
     >>> from types import SimpleNamespace as S
-    >>> repair_cost("×1.00 (3.2 s, bench)", [S(repair={"seconds": 300}), S(repair={"seconds": 500})],
-    ...             {"of": "sft", "method": "resta"})
+    >>> repair_cost("×1.00 (3.2 s, bench)", [S(repair={"seconds": 300}, sweep_seconds={},
+    ...             progress={}, seed=0), S(repair={"seconds": 500}, sweep_seconds={},
+    ...             progress={}, seed=1)], {"of": "sft", "method": "resta"})
     '×1.00 (3.2 s, bench) + resta 400 s once'
     """
-    seconds = [m.repair["seconds"] for m in runs if m.repair and m.repair.get("seconds")]
-    once = f"{sum(seconds) / len(seconds):.0f} s once" if seconds else "time not recorded"
+    wall, cpu, left_out = repair_timing(runs)
+    if wall:
+        once = f"{sum(wall) / len(wall):.0f} s once"
+        if cpu and len(cpu) == len(wall):
+            once += f" (CPU {sum(cpu) / len(cpu):.0f} s)"
+        if left_out:
+            once += f" ({len(wall)} of {len(wall) + len(left_out)} seeds)"
+    else:
+        once = "time not recorded" + (" in full" if left_out else "")
     return f"{finetune} + {spec.get('method', 'repair')} {once}"
 
 
 def _fill(row: Headline, runs, sft, aligned, roles, judge_list) -> None:
     t, j, harmful = row.template, row.judge, roles["harmful"]
+    row.seeds = [seed_of(m) for m in runs if m.view(t, j)]
+    if row.seeds and len(row.seeds) < len(runs):
+        missing = [str(seed_of(m)) for m in runs if not m.view(t, j)]
+        row.seed_notes.append(f"{row.cell}: pooled over {len(row.seeds)} of {len(runs)} seeds "
+                              f"(seed {', '.join(missing)} not evaluated under {t})")
     if aligned is None or aligned.view(t, j) is None:
         row.why.append(f"the aligned seed was not evaluated under {t}: no kept share")
     else:
@@ -307,9 +433,13 @@ def _fill(row: Headline, runs, sft, aligned, roles, judge_list) -> None:
             row.why.append(f"sft was not evaluated under {t}: no Δ vs sft")
             return
         row.over_refusal_vs_sft = rate_vs(runs, sft, t, j, roles["benign"])
-        reference = task_loss(sft, t, j, roles["task"])
-        if row.task_loss is not None and reference:
-            row.task_loss_vs_sft = row.task_loss / reference - 1
+        if row.task_loss is not None:
+            row.task_loss_vs_sft = task_loss_vs(runs, sft, t, j, roles["task"])
+        shared = shared_seeds(runs, sft, template=t, judge=j, bench=harmful)
+        if shared and shared != row.seeds:
+            row.seed_notes.append(
+                f"{row.cell}: compared with {sft[0].group}'s runs of seed(s) "
+                f"{', '.join(map(str, shared))} only (the seeds both were evaluated with)")
 
 
 # ---------------------------------------------------------------- text
@@ -330,7 +460,7 @@ def pct(p: Pooled | None, signed: bool = False) -> str:
 
 def recommendation(rows: list[Headline], reference: str = "sft") -> str:
     """One line from the numbers: the Pareto-optimal fine-tunes on (kept share up, task loss
-    down), each with what it trades, and the safest one within 5% of sft's task loss. A
+    relative to sft's under the same template down; sft at 0), each with what it trades, and the safest one within 5% of sft's task loss. A
     fine-tune whose task loss is no lower than the aligned seed's gained nothing from its
     fine-tuning (a repair that gave back the aligned model, say): named, not a choice."""
     placed = [r for r in rows if r.kept is not None and r.task_loss is not None]
@@ -340,8 +470,17 @@ def recommendation(rows: list[Headline], reference: str = "sft") -> str:
     if not placed:
         return ("Recommendation: not computable yet (needs the kept share and task loss of "
                 "the fine-tunes under one template).")
-    front = [placed[i] for i in pareto_front([(r.kept.value, r.task_loss) for r in placed],
-                                             maximize=(True, False))]
+    # the loss axis is each fine-tune's task loss relative to sft under its own template (sft
+    # at 0): raw losses read under different templates (PTST under native:safe) differ by the
+    # template as well as by the fine-tune
+    unplaced = [r for r in placed if r.cell != reference and r.task_loss_vs_sft is None]
+    placed = [r for r in placed if r not in unplaced]
+    if not placed:
+        return ("Recommendation: not computable yet (needs the kept share and the task loss "
+                f"against {reference}'s of the fine-tunes under one template).")
+    front = [placed[i] for i in pareto_front(
+        [(r.kept.value, 0.0 if r.cell == reference else r.task_loss_vs_sft) for r in placed],
+        maximize=(True, False))]
     front.sort(key=lambda r: -r.kept.value)
 
     def trade(r: Headline) -> str:
@@ -355,7 +494,8 @@ def recommendation(rows: list[Headline], reference: str = "sft") -> str:
         return f"{r.cell} ({', '.join(parts)}; tested with {r.template})"
 
     text = ("Recommendation (computed from the table): the Pareto-optimal fine-tunes on kept "
-            f"share against task loss are {'; '.join(trade(r) for r in front)}.")
+            f"share against task loss relative to {reference}'s under the same template are "
+            f"{'; '.join(trade(r) for r in front)}.")
     near = [r for r in placed if r.cell != reference and r.task_loss_vs_sft is not None
             and r.task_loss_vs_sft <= 0.05]
     if near:
@@ -366,6 +506,9 @@ def recommendation(rows: list[Headline], reference: str = "sft") -> str:
                    + " includes zero")
         text += (f" Within 5% of {reference}'s task loss the safest is {best.cell}, keeping "
                  f"{100 * best.kept.value:.0f}% ({verdict}).")
+    if unplaced:
+        text += (f" Not placed (no task loss against {reference}'s under the same template): "
+                 + ", ".join(r.cell for r in unplaced) + ".")
     if no_gain:
         text += (" Not a choice (task loss no lower than the aligned seed's, so nothing gained "
                  "from fine-tuning): " + ", ".join(r.cell for r in no_gain) + ".")

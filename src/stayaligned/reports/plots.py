@@ -51,7 +51,8 @@ def _utility(point: dict, panel: str) -> tuple[float, list[float]] | None:
     loss = point.get("loss") or {}
     if loss.get("loss") is None:
         return None
-    half = 1.96 * (loss.get("per_example_sem") or 0.0)
+    # a cell pooled over seeds: the SEM between its seeds; one run: the per-example SEM
+    half = 1.96 * (loss.get("between_seed_sem", loss.get("per_example_sem")) or 0.0)
     return loss["loss"], [half, half]
 
 
@@ -80,7 +81,8 @@ def _safety_panel(axes, points: list[dict], panel: str, labels: tuple[str, str])
     if panel == "score":
         axes.set_xlabel(f"{labels[1]} → better")
     else:
-        axes.set_xlabel("task loss (nats/token, ±1.96 SEM) → better")
+        axes.set_xlabel("task loss (nats/token, ±1.96 SEM; pooled cells: SEM between seeds) "
+                        "→ better")
         axes.invert_xaxis()
     axes.set_ylabel(f"{labels[0]} (%) ↑ safer")
     axes.set_ylim(-5, 105)

@@ -5,8 +5,9 @@ bootstrap for a crossed seeds x items design (Owen 2007): every seed's model ans
 prompts, so the items are one shared random factor and the seeds another.
 
 Within one replicate the same item draw is applied to every model (the prompts are shared) and
-the same seed draw to every cell with that many seeds (a cell and sft share training seeds), so
-a difference of kept shares is paired on both factors. The aligned seed is one model: only its
+the same seed draw to every cell with that many seeds, by row position: callers comparing two
+cells pass only the seeds both have, in the same order (reports/headline.py keys the rows by
+seed id), so a difference of kept shares is paired on both factors, seed with seed. The aligned seed is one model: only its
 items are resampled. Percentile intervals of B = 2000 replicates from a fixed generator, so a
 report is reproducible; replicates where a ratio's denominator is 0 are dropped.
 

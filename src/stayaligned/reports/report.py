@@ -112,14 +112,40 @@ def _judge(study: Study) -> str:
 
 
 def _stage_counts(study: Study) -> str:
+    """Stages done, failed, to run again (`redo`: recorded done, its output gone or made from
+    other inputs), started and not finished (its directory exists, progress.json has no entry
+    yet: a stage is recorded when it ends), and not run.
+
+    >>> from types import SimpleNamespace as S
+    >>> from pathlib import Path
+    >>> _stage_counts(S(manifest={"stages": ["a", "b", "c"]}, root=Path("/nonexistent"),
+    ...                 progress={"a": {"status": "done"}, "b": {"status": "redo"}}))
+    '1 of 3 stages done; 1 to run again (redo); 1 not run.'
+    """
     stages = study.manifest.get("stages") or list(study.progress)
-    status = [(study.progress.get(s) or {}).get("status", "not run") for s in stages]
-    text = f"{status.count('done')} of {len(stages)} stages done"
-    if status.count("failed"):
-        failed = [s for s, st in zip(stages, status) if st == "failed"]
+
+    def status(stage: str) -> str:
+        recorded = (study.progress.get(stage) or {}).get("status")
+        if recorded:
+            return recorded
+        return "started" if (study.root / stage).is_dir() else "not run"
+
+    found = [status(s) for s in stages]
+    text = f"{found.count('done')} of {len(stages)} stages done"
+    if found.count("failed"):
+        failed = [s for s, st in zip(stages, found) if st == "failed"]
         text += f"; failed: {', '.join(failed)}"
-    if status.count("not run"):
-        text += f"; {status.count('not run')} not run"
+    if found.count("redo"):
+        text += f"; {found.count('redo')} to run again (redo)"
+    if found.count("started"):
+        started = [s for s, st in zip(stages, found) if st == "started"]
+        text += f"; started, not finished: {', '.join(started)}"
+    other = len(found) - sum(found.count(k) for k in ("done", "failed", "redo", "started",
+                                                       "not run"))
+    if other:
+        text += f"; {other} in another state"
+    if found.count("not run"):
+        text += f"; {found.count('not run')} not run"
     return text + "."
 
 
@@ -205,7 +231,27 @@ def _safety_utility(study: Study, utility: str) -> list[Block]:
                            f"on {task}; bars: 95% intervals"),
             Paragraph("Pareto front of the fine-tunes (no other fine-tune is both at least as "
                       "safe and at least as useful, and better in one; the seed and the aligned "
-                      "seed are reference points, not choices): " + "; ".join(fronts) + ".")]
+                      "seed are reference points, not choices): " + "; ".join(fronts) + "."
+                      + _front_template(study))]
+
+
+def _front_template(study: Study) -> str:
+    """Which template this section's front reads every cell under (each model's eval/), and
+    how that differs from the headline's recommendation when a cell is tested otherwise."""
+    from stayaligned.reports.headline import groups as cells
+    from stayaligned.reports.headline import own_template, templates
+
+    available = templates(study)
+    first = next((v.template for m in study.models for v in m.views if v.folder == "eval"), None)
+    if first is None:
+        return ""
+    own = sorted({f"{name} under {t}" for name, runs in cells(study).items()
+                  if (t := own_template(runs, available)) and t != first})
+    text = f" Every cell is read here under {first} (each model's eval/)"
+    if own:
+        text += (", while the headline's recommendation reads each cell under its own test "
+                 f"template ({', '.join(own)}), so the two fronts can differ")
+    return text + "."
 
 
 # ---------------------------------------------------------------- 4. prefilling attack

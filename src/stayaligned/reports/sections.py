@@ -35,6 +35,23 @@ def _loss_delta(row: Headline, reference: str) -> str:
     return f"{row.task_loss:.3f} ({100 * row.task_loss_vs_sft:+.1f}%)"
 
 
+def _seed_counts(rows: list[Headline]) -> str:
+    """How many seeds each row pools, in words.
+
+    >>> from types import SimpleNamespace as S
+    >>> _seed_counts([S(cell="a", seeds=[0, 1, 2], runs=[1, 2, 3]), S(cell="b", seeds=[0, 2],
+    ...               runs=[1, 2, 3])])
+    '3 seed(s) (b: 2 of 3)'
+    """
+    placed = [r for r in rows if r.seeds]
+    if not placed:
+        return "the evaluated seeds"
+    most = max(len(r.seeds) for r in placed)
+    fewer = [f"{r.cell}: {len(r.seeds)} of {len(r.runs)}" for r in placed
+             if len(r.seeds) < len(r.runs) or len(r.seeds) < most]
+    return f"{most} seed(s)" + (f" ({'; '.join(fewer)})" if fewer else "")
+
+
 def cost_source(study: Study, overhead: dict | None) -> str:
     """Where the cost column's numbers come from, in words."""
     meta = (overhead or {}).get("meta") or {}
@@ -67,17 +84,24 @@ def headline_blocks(study: Study, overhead: dict | None = None) -> list[Block]:
         table_rows.append((r.cell, r.template or "—", pct(r.kept),
                            *((pct(r.kept_other_judge),) if other else ()), diff, pct(r.prefill),
                            over, _loss_delta(r, ref), r.cost))
-    seeds = max((len(r.runs) for r in rows), default=1)
     note = (f"Kept share: the cell's refusal rate on {benchmark_roles(study)['harmful']} over the "
             "aligned seed's, both under the template in 'Tested with' and the same judge. "
-            f"Pooled over {seeds} seed(s): mean over seeds and items; 95% intervals from a "
+            f"Pooled over {_seed_counts(rows)}: mean over seeds and items; 95% intervals from a "
             "two-way cluster bootstrap resampling seeds and items (prompts) independently "
             "(2,000 replicates, percentile; differences paired on seeds and items). Bold: the "
-            "interval of the difference excludes 0. Kept − sft and the Δ columns compare with sft "
-            "under the row's template. Task loss: mean held-out NLL per reference "
-            "token, mean over seeds. Cost: time per training step relative to sft, "
-            f"{cost_source(study, overhead)}; a repair adds its one-time seconds, its "
-            "validation sweep included.")
+            "interval of the difference excludes 0. Kept − sft and the Δ columns compare with "
+            "sft's runs of the same seeds under the row's template. Task loss: mean held-out NLL "
+            "per reference token, mean over seeds. Cost: median wall time per optimiser step "
+            "relative to sft's (seconds per step, not a token-throughput ratio), "
+            f"{cost_source(study, overhead)}; a repair adds its one-time wall seconds (mean "
+            "over seeds, its validation sweep included"
+            + ("; wall time on a machine the study shared between "
+               f"{study.config.get('workers')} workers, so CPU seconds are shown beside it "
+               "where progress.json recorded them" if (study.config.get("workers") or 1) > 1
+               else "") + ").")
+    extra = [n for r in rows for n in (*r.seed_notes, *r.cost_notes)]
+    if extra:
+        note += " " + "; ".join(extra) + "."
     blocks: list[Block] = [Table(header, tuple(table_rows), note),
                            Paragraph(recommendation(rows, ref))]
     problems = [f"{r.cell}: {'; '.join(r.why)}" for r in rows if r.why]
@@ -316,14 +340,21 @@ def _ptst_blocks(study, cells, aligned, roles, judge) -> list[Block]:
 
 
 def judge_agreement(study: Study) -> list[dict]:
-    """Per (first judge, other judge, safety benchmark): items judged by both over every model
-    and template, agreement, Cohen's kappa (NaN when undefined) and both refusal rates."""
+    """Per (first judge, other judge, safety benchmark): Cohen's kappa per model x template
+    view (`kappa_per_view`: median, range and count of the views where it is defined), and
+    the items judged by both pooled over every view: their number, agreement, `kappa_pooled`
+    (NaN when undefined) and both refusal rates. Pooling views whose refusal rates run from a
+    few percent to nearly all inflates kappa (the between-model spread counts as agreement),
+    so the per-view figures are the ones to read; the pooled one is labelled as such."""
+    import statistics
+
     from stayaligned.evaluation.judges.compare import cohen_kappa
 
     js = judges(study)
     out = []
     for other in js[1:]:
         pairs: dict[str, list[tuple[bool, bool]]] = {}
+        views: dict[str, list[float]] = {}
         for m in study.models:
             for t in templates(study):
                 a, b = m.view(t, js[0]), m.view(t, other)
@@ -331,30 +362,50 @@ def judge_agreement(study: Study) -> list[dict]:
                     continue
                 for bench, verdicts in a.verdicts.items():
                     theirs = b.verdicts.get(bench) or {}
-                    pairs.setdefault(bench, []).extend(
-                        (v, theirs[i]) for i, v in verdicts.items() if i in theirs)
+                    mine = [(v, theirs[i]) for i, v in verdicts.items() if i in theirs]
+                    pairs.setdefault(bench, []).extend(mine)
+                    if mine:
+                        views.setdefault(bench, []).append(
+                            cohen_kappa([p for p, _ in mine], [q for _, q in mine]))
         for bench, items in pairs.items():
             if items:
                 x, y = [p for p, _ in items], [q for _, q in items]
+                defined = [k for k in views.get(bench, []) if not math.isnan(k)]
                 out.append({"judges": [js[0], other], "benchmark": bench, "n": len(items),
                             "agreement": sum(p == q for p, q in items) / len(items),
-                            "kappa": cohen_kappa(x, y), "refusal_rates": [
+                            "kappa_per_view": {
+                                "median": statistics.median(defined) if defined else None,
+                                "min": min(defined) if defined else None,
+                                "max": max(defined) if defined else None,
+                                "views": len(defined),
+                                "undefined": len(views.get(bench, [])) - len(defined)},
+                            "kappa_pooled": cohen_kappa(x, y), "refusal_rates": [
                                 sum(x) / len(x), sum(y) / len(y)]})
     return out
 
 
 def judge_blocks(study: Study) -> list[Block]:
+    def per_view(a: dict) -> str:
+        v = a["kappa_per_view"]
+        if v["median"] is None:
+            return "undefined"
+        return f"{v['median']:.2f} ({v['min']:.2f} to {v['max']:.2f}, {v['views']} views)"
+
     rows = tuple((" vs ".join(a["judges"]), a["benchmark"], str(a["n"]),
-                  f"{100 * a['agreement']:.1f}%",
-                  "undefined" if math.isnan(a["kappa"]) else f"{a['kappa']:.2f}",
+                  f"{100 * a['agreement']:.1f}%", per_view(a),
+                  "undefined" if math.isnan(a["kappa_pooled"]) else f"{a['kappa_pooled']:.2f}",
                   f"{100 * a['refusal_rates'][0]:.1f}% / {100 * a['refusal_rates'][1]:.1f}%")
                  for a in judge_agreement(study))
     if len(judges(study)) < 2:
         return []
     return [Heading("Judges"), Table(
-        ("Judges", "Benchmark", "Items (all models, templates)", "Agreement", "Cohen's κ",
-         "Refusal rate (first / second)"), rows,
-        "The headline uses the first judge; the second is shown beside it.")]
+        ("Judges", "Benchmark", "Items (all models, templates)", "Agreement",
+         "Cohen's κ per model × template: median (range, views)",
+         "Cohen's κ pooled over models and templates", "Refusal rate (first / second)"), rows,
+        "The headline uses the first judge; the second is shown beside it. κ per view: one "
+        "model under one template (the judges' agreement on the same answers); pooled: every "
+        "view's items together, which counts the spread of refusal rates between models as "
+        "agreement and so runs higher than the per-view figures.")]
 
 
 # ---------------------------------------------------------------- dose
@@ -436,6 +487,34 @@ def _validation(point: dict | None, key: str, percent: bool) -> str:
     return f"{v['value']:.3f}"
 
 
+def _repair_time(m) -> str:
+    """A repair run's wall seconds (with earlier attempts when recorded), its CPU seconds from
+    progress.json when timed in one attempt, or a mark when only its last attempt was timed.
+
+    >>> from types import SimpleNamespace as S
+    >>> _repair_time(S(repair={"seconds": 365.0}, progress={"repair": {"cpu_seconds": 343.0}},
+    ...                sweep_seconds={"0": {"seconds": 0.0}, "1": {"seconds": 227.0}}))
+    '365 s (last attempt only: 1 of 2 validation evaluations reused)'
+    >>> _repair_time(S(repair={"seconds": 900.0}, progress={"repair": {"cpu_seconds": 741.0}},
+    ...                sweep_seconds={}))
+    '900 s (CPU 741 s)'
+    """
+    r = m.repair or {}
+    total, this = r.get("seconds_total"), r.get("seconds")
+    if total is None and this is None:
+        return "—"
+    reused = [n for n, t in m.sweep_seconds.items()
+              if isinstance(t.get("seconds"), (int, float)) and t["seconds"] <= 0]
+    if total is not None:
+        return f"{total:.0f} s" + (f" ({this:.0f} s in its last attempt)"
+                                   if this is not None and total > this + 1 else "")
+    if reused:
+        return (f"{this:.0f} s (last attempt only: {len(reused)} of {len(m.sweep_seconds)} "
+                "validation evaluations reused)")
+    cpu = (m.progress.get("repair") or {}).get("cpu_seconds")
+    return f"{this:.0f} s" + (f" (CPU {cpu:.0f} s)" if isinstance(cpu, (int, float)) else "")
+
+
 def repair_blocks(study: Study) -> list[Block]:
     """Each repair run's choice on validation data: the strength it kept, the validation
     refusal and task loss there against the target, and its cost (repair/repair.json)."""
@@ -460,7 +539,7 @@ def repair_blocks(study: Study) -> list[Block]:
                           strong=r.get("target_met") is False),
                      _validation(chosen, "task_loss", False),
                      _validation(r.get("aligned"), "refusal_rate", True),
-                     "—" if r.get("seconds") is None else f"{r['seconds']:.0f} s"))
+                     _repair_time(m)))
     return [Heading("Repairs"), Table(
         ("Run", "Chosen", "Validation refusal", "Target", "Validation task loss",
          "Aligned seed's validation refusal", "Repair time"), tuple(rows),

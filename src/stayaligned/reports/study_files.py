@@ -38,6 +38,9 @@ class ModelRun:
     metrics: dict | None = None  # eval/metrics.json
     run: dict | None = None  # train/run.json
     repair: dict | None = None  # repair/repair.json (a repair cell)
+    # a repair's validation evaluations: name (aligned, or a strength) -> the `seconds` and
+    # `seconds_total` of repair/sweep/<name>/eval/metrics.json (a reused one took 0 s)
+    sweep_seconds: dict = field(default_factory=dict)
     log: list[dict] = field(default_factory=list)  # train/train_log.jsonl
     depth: dict | None = None  # depth/depth.json
     progress: dict = field(default_factory=dict)  # stage (train|repair|eval|depth) -> entry
@@ -222,6 +225,11 @@ def _load_model(root: Path, model: ModelRun, progress: dict, unreadable: list[st
     model.run = _read(base / "train" / "run.json", unreadable)
     model.repair = _read(base / "repair" / "repair.json", unreadable)
     model.depth = _read(base / "depth" / "depth.json", unreadable)
+    for folder in sorted((base / "repair" / "sweep").glob("*/eval")):
+        metrics = _read(folder / "metrics.json", unreadable) or {}
+        if "seconds" in metrics:
+            model.sweep_seconds[folder.parent.name] = {
+                "seconds": metrics["seconds"], "seconds_total": metrics.get("seconds_total")}
     model.views = _load_views(base, unreadable)
     try:
         model.log = read_jsonl(base / "train" / "train_log.jsonl")
