@@ -307,3 +307,19 @@ def test_a_retrained_seed_whose_losses_differ_names_what_was_made_from_the_archi
     plain = make_study(tmp_path / "plain")
     write_report(plain)
     assert "Retrained:" not in (plain / "report.md").read_text()
+
+
+def test_an_unreadable_dose_block_is_an_error_not_cells_in_the_headline(tmp_path):
+    """A dose block the report could not read made its runs ordinary cells, silently: they
+    entered the headline and the recommendation."""
+    import pytest
+
+    from stayaligned.config import ConfigError
+    from stayaligned.reports.study_files import _model_runs
+
+    config = {"cells": [{"name": "sft", "methods": ["sft"]}], "seeds": [0],
+              "dose": {"key": "optim.lr", "values": [1e-4], "cells": ["sft"], "step": 2}}
+    with pytest.raises(ConfigError, match="study.json: its dose block cannot be read"):
+        _model_runs(tmp_path, {"config": config})
+    assert [r.label for r in _model_runs(tmp_path, {"config": {**config, "dose": None}})] == \
+        ["seed", "sft"]

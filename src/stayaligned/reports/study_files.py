@@ -165,7 +165,7 @@ def _model_runs(root: Path, manifest: dict) -> list[ModelRun]:
         for seed in seeds:
             run_id = f"{cell.get('name')}-seed{seed}" if len(seeds) > 1 else str(cell.get("name"))
             by_id[run_id] = (cell, seed)
-    doses = {p.run_id: p for p in _dose_points(config) if p.extra}
+    doses = {p.run_id: p for p in _dose_points(config, root) if p.extra}
     ids = manifest.get("cells") or list(by_id)
     for run_id in ids:
         cell, seed = by_id.get(run_id, ({"name": run_id}, None))
@@ -178,8 +178,10 @@ def _model_runs(root: Path, manifest: dict) -> list[ModelRun]:
     return runs
 
 
-def _dose_points(config: dict) -> list:
-    """The dose axis of a study config (empty for studies without one, or unreadable ones)."""
+def _dose_points(config: dict, root: Path | None = None) -> list:
+    """The dose axis of a study config (empty for studies without one). A dose block that
+    cannot be read is an error: its runs would otherwise be reported as ordinary cells and
+    enter the headline and the recommendation."""
     if not config.get("dose"):
         return []
     from stayaligned.config import ConfigError, StudyConfig, TrainConfig, from_dict, to_dict
@@ -187,8 +189,12 @@ def _dose_points(config: dict) -> list:
 
     try:
         return dose_points(from_dict(StudyConfig, config), to_dict(TrainConfig()))
-    except (ConfigError, TypeError):
-        return []
+    except (ConfigError, TypeError) as err:
+        where = Path(root) / "study.json" if root is not None else "the study's config"
+        raise ConfigError(f"{where}: its dose block cannot be read ({err}); without it the dose "
+                          "runs would be reported as cells. Fix the config's dose block (key, "
+                          "values, cells, seed) or report with the version of stayaligned that "
+                          "ran the study") from None
 
 
 def _load_views(base: Path, unreadable: list[str]) -> list[View]:
