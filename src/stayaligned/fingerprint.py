@@ -142,7 +142,20 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def json_digest(value) -> str:
+    """sha256 of `value` as sorted JSON (what a cache or a fingerprint keys on)."""
+    return _sha256(json.dumps(value, sort_keys=True, ensure_ascii=False, default=str).encode())
+
+
+def made_identity(name: str, revision: str | None = None, gguf_file: str | None = None) -> dict:
+    """`model_identity`, plus `record` (see `run_record`) for a model that stayaligned made."""
+    identity = model_identity(name, revision, gguf_file)
+    record = run_record(name)  # a stayaligned run or repair remade in place differs here
+    if record is not None:
+        identity["record"] = record
+    return identity
+
+
 def items_digest(examples) -> str:
     """sha256 of a list of examples' ids, messages and meta (what a benchmark asks)."""
-    payload = [[ex.id, list(ex.messages), ex.meta] for ex in examples]
-    return _sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False, default=str).encode())
+    return json_digest([[ex.id, list(ex.messages), ex.meta] for ex in examples])

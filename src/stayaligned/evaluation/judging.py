@@ -75,20 +75,13 @@ def judge_cache_name(name: str, options: dict, model: str | None = None) -> str:
     >>> judge_cache_name("keyword", {"substrings": ["No"]}).startswith("keyword@")
     True
     """
-    import hashlib
-    import json
-
     from stayaligned.evaluation.stage_prints import public_options
+    from stayaligned.fingerprint import json_digest, made_identity
 
     setup: dict = {"options": public_options(options)} if options else {}
     if model is not None:
-        from stayaligned.fingerprint import model_identity, run_record
-
-        setup["model"] = {**model_identity(model), "record": run_record(model)}
-    if not setup:
-        return name
-    digest = hashlib.sha256(json.dumps(setup, sort_keys=True, default=str).encode()).hexdigest()
-    return f"{name}@{digest[:12]}"
+        setup["model"] = made_identity(model)
+    return f"{name}@{json_digest(setup)[:12]}" if setup else name
 
 
 class _Versioned:

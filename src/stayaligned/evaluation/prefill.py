@@ -77,16 +77,12 @@ def _generated(model_name: str, examples, cache_dir: Path, bench_name: str, gene
     identity and the generation settings (`generate_with.settings`), each keyed by example id
     and valid only for the request text it answered: a retrained model, other settings or an
     edited request are generated again, never read from the old answers."""
-    import hashlib
-    import json
+    from stayaligned.fingerprint import json_digest, made_identity
 
-    from stayaligned.fingerprint import model_identity, run_record
-
-    setup = {"model": model_identity(model_name), "record": run_record(model_name),
+    setup = {"model": made_identity(model_name),
              "settings": getattr(generate_with, "settings", None)}
-    digest = hashlib.sha256(json.dumps(setup, sort_keys=True, default=str).encode()).hexdigest()
     safe = "".join(c if c.isalnum() else "_" for c in f"{bench_name}-{model_name}")
-    path = Path(cache_dir) / "prefill_cache" / f"{safe}-{digest[:12]}.jsonl"
+    path = Path(cache_dir) / "prefill_cache" / f"{safe}-{json_digest(setup)[:12]}.jsonl"
     cached = {row["id"]: row for row in read_jsonl(path)}
 
     def hit(ex) -> bool:

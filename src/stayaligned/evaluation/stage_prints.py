@@ -15,12 +15,10 @@ cache keyed by the judge's name, options and model: evaluation.judging.judge_cac
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 from stayaligned.config import BenchmarkConfig, EvalConfig, GenerationConfig, to_dict
-from stayaligned.fingerprint import StaleError, check_same, model_identity, run_record
+from stayaligned.fingerprint import StaleError, check_same, json_digest, made_identity
 from stayaligned.runfiles import read_json, write_json
 
 FILE = "fingerprint.json"
@@ -32,9 +30,7 @@ SECRET_WORDS = ("key", "token", "secret", "password")
 
 
 def item_digest(example) -> str:
-    payload = [list(example.messages), example.meta]
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False,
-                                     default=str).encode()).hexdigest()[:16]
+    return json_digest([list(example.messages), example.meta])[:16]
 
 
 def fingerprint(cfg: EvalConfig, benches: dict, templates: dict) -> dict:
@@ -46,10 +42,7 @@ def fingerprint(cfg: EvalConfig, benches: dict, templates: dict) -> dict:
     if kwargs := chat_template_kwargs(cfg.model):  # they change the prompts (absent: none)
         generation["chat_template_kwargs"] = kwargs
     m = cfg.model
-    model = model_identity(m.name, m.revision, m.gguf_file)
-    record = run_record(m.name)  # a stayaligned run or repair remade in place differs here
-    if record is not None:
-        model["record"] = record
+    model = made_identity(m.name, m.revision, m.gguf_file)
     from stayaligned.precision import resolve
 
     prec = resolve(m.precision, m.dtype)
