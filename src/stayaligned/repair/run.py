@@ -239,12 +239,10 @@ def calibration_overlap(cfg: RepairConfig, ecfg) -> list[str]:
     demo requests' align split. Said, not refused: a study keeps its protocol."""
     if cfg.method != "safe_delta":
         return []
-    from stayaligned.data.sources import load_source
     from stayaligned.evaluation.run import benchmark_examples
+    from stayaligned.repair.safe_delta import calibration_examples
 
-    calibration = {(ex.content("user") or "").strip() for ex in load_source(
-        cfg.calibration, split=cfg.calibration_split, limit=cfg.calibration_limit,
-        seed=cfg.seed, data_dir=cfg.data_dir)}
+    calibration = {(ex.content("user") or "").strip() for ex in calibration_examples(cfg)}
     asked = [(ex.content("user") or "").strip() for b in ecfg.benchmarks if b.kind == "harmful"
              for ex in benchmark_examples(b, ecfg.data_dir)]
     shared = sum(1 for prompt in asked if prompt in calibration)

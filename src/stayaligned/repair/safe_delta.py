@@ -138,6 +138,17 @@ def compensate(w_a: torch.Tensor, delta: torch.Tensor, u: torch.Tensor, mask: to
 CALIBRATION_BATCH_TOKENS = 1024  # padded positions per calibration forward
 
 
+def calibration_examples(cfg) -> list:
+    """The calibration set: harmful prompts with refusals (`calibration` options)."""
+    from stayaligned.data.sources import load_source
+
+    examples = load_source(cfg.calibration, split=cfg.calibration_split,
+                           limit=cfg.calibration_limit, seed=cfg.seed, data_dir=cfg.data_dir)
+    if not examples:
+        raise RepairError(f"calibration={cfg.calibration!r}: no examples")
+    return examples
+
+
 def calibration_hessians(inputs: RepairInputs, cfg, names: dict | None = None
                          ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """H = 2 X Xᵀ / n per distinct linear-layer input of the aligned model on the calibration
@@ -146,17 +157,13 @@ def calibration_hessians(inputs: RepairInputs, cfg, names: dict | None = None
     padded on the right: with causal attention the real positions see only real positions, and
     the padded ones are left out of X; the vocabulary projection is not run."""
     from stayaligned.config import ModelConfig
-    from stayaligned.data.sources import load_source
     from stayaligned.models import load_model
     from stayaligned.templates.library import get_template
     from stayaligned.templates.render import render_for_training
 
     model, tokenizer = load_model(ModelConfig(name=str(inputs.aligned.config_dir), dtype="float32"))
     model.eval()
-    examples = load_source(cfg.calibration, split=cfg.calibration_split,
-                           limit=cfg.calibration_limit, seed=cfg.seed, data_dir=cfg.data_dir)
-    if not examples:
-        raise RepairError(f"calibration={cfg.calibration!r}: no examples")
+    examples = calibration_examples(cfg)
     rows = [render_for_training(tokenizer, ex, get_template("native")).input_ids for ex in examples]
     linears = {n: m for n, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and "lm_head" not in n}

@@ -157,15 +157,13 @@ def prompt_text(tokenizer, example: Example, template: Template, prefill: str = 
         text, _ = _string_conversation(tokenizer, template, example.id, example.prompt_messages)
         return text + (template.separator + prefill if prefill else "")
     messages = _apply_system(example.prompt_messages, template)
-    prompt = _native_text(tokenizer, messages, True, example.id)
-    if not prefill:
-        return prompt
-    answer = {"role": "assistant", "content": prefill + _PREFILL_END}
-    rendered = _native_text(tokenizer, [*messages, answer], False, example.id)
-    end = rendered.find(_PREFILL_END)
-    if end < 0 or not rendered[:end].endswith(prefill.lstrip()):
-        return prompt + prefill
-    return rendered[:end]
+    if prefill:
+        answer = {"role": "assistant", "content": prefill + _PREFILL_END}
+        rendered = _native_text(tokenizer, [*messages, answer], False, example.id)
+        end = rendered.find(_PREFILL_END)
+        if end >= 0 and rendered[:end].endswith(prefill.lstrip()):
+            return rendered[:end]
+    return _native_text(tokenizer, messages, True, example.id) + prefill
 
 
 # each_turn: training splits each conversation into one example per answer
