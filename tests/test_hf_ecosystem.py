@@ -154,6 +154,17 @@ def test_card_of_an_embedded_run_says_the_weights_were_dequantised(tmp_path):
     assert '- `str`: {"lam": 0.1}' in card and "- stayaligned" in card
 
 
+def test_card_of_a_run_on_a_hub_model_names_the_commit_it_trained_from(tmp_path):
+    from stayaligned.modelcard import write_card
+
+    base = {"hub": "org/chat", "revision": "main", "gguf_file": None, "commit": "a" * 40}
+    (tmp_path / "run.json").write_text(json.dumps({
+        "config": {"model": {"name": "org/chat", "revision": "main"}, "methods": ["sft"]},
+        "fingerprint": {"model": {"name": "org/chat", "base": base}}}))
+    card = write_card(tmp_path).read_text()
+    assert f"`org/chat` (from the Hugging Face Hub, revision main, commit {'a' * 40})" in card
+
+
 def test_card_of_a_run_on_an_aligned_seed_names_the_seed_run(tmp_path):
     from stayaligned.modelcard import write_card
 

@@ -10,15 +10,23 @@ Compatibility: a key missing from an older fingerprint counts as unchanged when 
 is the key's default (passed in `defaults`), so a config key added later, with a default that
 reproduces the old behaviour, does not invalidate the runs made before it.
 
+A key that older fingerprints lack and whose value cannot be known for them (a Hub model's
+commit) is given `ADDED_LATER` in `defaults`: absent from the stored fingerprint, or stored as
+None (not known then), it counts as unchanged whatever its new value.
+
 The model identity is cheap by design: the resolved path or Hub id, each weight file's size,
 the sha256 of the small files (configs, tokenizer, a LoRA adapter) and of each safetensors
-header (tensor names, shapes, dtypes, offsets); multi-GB weights are never read in full.
+header (tensor names, shapes, dtypes, offsets); multi-GB weights are never read in full. A Hub
+model's identity carries the commit a load would use now (`hub_commit`), so a repository
+updated on the Hub (new weights, a fixed chat template) is a different model, never a reuse of
+files made from the old one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -26,6 +34,14 @@ from stayaligned.config import ConfigError
 
 SMALL_FILE = 64 << 20  # files up to this size are hashed in full (configs, tokenizers, adapters)
 _MISSING = object()
+
+
+class _AddedLater:
+    def __repr__(self) -> str:
+        return "ADDED_LATER"
+
+
+ADDED_LATER = _AddedLater()  # in `defaults`: a key (or dict) older fingerprints could not record
 
 
 class StaleError(ConfigError):
@@ -48,17 +64,24 @@ def flatten(value, prefix: str = "") -> dict:
 
 def differences(old: dict, new: dict, defaults: dict | None = None) -> list[str]:
     """Dotted keys whose values differ between two fingerprints; a key absent from `old` whose
-    new value equals its value in `defaults` is not a difference.
+    new value equals its value in `defaults` is not a difference, nor is a key that `defaults`
+    marks `ADDED_LATER` (itself or a dict above it) while `old` lacks it or holds None.
 
     >>> differences({"a": 1, "b": {"c": 2}}, {"a": 1, "b": {"c": 3}, "d": 5}, {"d": 5})
     ['b.c']
+    >>> differences({"a": 1, "g": None}, {"a": 1, "e": {"f": 2}, "g": 3},
+    ...             {"e": ADDED_LATER, "g": ADDED_LATER})
+    []
     """
     flat_old, flat_new = flatten(old), flatten(new)
     flat_defaults = flatten(defaults or {})
+    later = [k for k, v in flat_defaults.items() if v is ADDED_LATER]
     changed = []
     for key in sorted(set(flat_old) | set(flat_new)):
         before, after = flat_old.get(key, _MISSING), flat_new.get(key, _MISSING)
         if before is _MISSING and after == flat_defaults.get(key, _MISSING):
+            continue
+        if before in (_MISSING, None) and any(key == k or key.startswith(k + ".") for k in later):
             continue
         if _normal(before) != _normal(after):
             changed.append(key)
@@ -72,9 +95,13 @@ def _normal(value):
 
 def check_same(what: str, old: dict | None, new: dict, defaults: dict | None = None,
                fix: str = "pass --overwrite to recompute it, or choose another output_dir") -> None:
-    """Raise `StaleError` if `old` (None: nothing stored) differs from `new`."""
+    """Raise `StaleError` if `old` (None: nothing stored) differs from `new`. A Hub model's
+    commit (`base.commit` of a model identity under `model` or `reference`) is checked only
+    where `old` recorded it."""
     if old is None:
         return
+    hub_commit_later = {"base": {"commit": ADDED_LATER}}
+    defaults = {"model": hub_commit_later, "reference": hub_commit_later, **(defaults or {})}
     changed = differences(old, new, defaults)
     if changed:
         shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
@@ -95,10 +122,39 @@ def model_identity(name: str, revision: str | None = None, gguf_file: str | None
     if Path(base).exists():
         identity["base"] = {"path": str(Path(base).resolve()), "files": folder_digest(Path(base), gguf)}
     else:
-        identity["base"] = {"hub": base, "revision": revision, "gguf_file": gguf}
+        identity["base"] = {"hub": base, "revision": revision, "gguf_file": gguf,
+                            "commit": hub_commit(base, revision, gguf)}
     if adapter is not None:
         identity["adapter"] = {"path": str(adapter.resolve()), "files": folder_digest(adapter)}
     return identity
+
+
+def hub_commit(repo: str, revision: str | None = None, filename: str | None = None) -> str | None:
+    """The commit of Hub repository `repo` at `revision` (default branch: None) that loading it
+    would use now: a 40-hex revision as given; else the Hub's answer, as from_pretrained asks it
+    unless offline; else (offline, or the Hub did not answer) the commit of the snapshot in the
+    local cache; None where neither knows (not downloaded yet, offline)."""
+    if revision and re.fullmatch(r"[0-9a-f]{40}", revision):
+        return revision
+    from stayaligned.validate import hub_offline
+
+    if not hub_offline():
+        try:
+            from huggingface_hub import HfApi
+
+            return HfApi().model_info(repo, revision=revision, timeout=20).sha
+        except Exception:  # noqa: BLE001 - no answer: from_pretrained falls back to the cache too
+            pass
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo, filename or "config.json", revision=revision)
+    except Exception:  # noqa: BLE001 - a malformed id is not in any cache
+        return None
+    if not isinstance(found, str):
+        return None
+    match = re.search(r"[/\\]snapshots[/\\]([0-9a-f]{40})[/\\]", found)
+    return match.group(1) if match else None
 
 
 def run_record(name: str) -> dict | None:

@@ -113,7 +113,8 @@ def _body(run: Path, manifest: dict) -> list[str]:
              f"Fine-tuned from `{model.get('name')}` with "
              f"[stayaligned](https://pypi.org/project/stayaligned/) using "
              f"{', '.join(f'`{m}`' for m in methods)}.", "", "## Base model", ""]
-    lines += _base_lines(model)
+    identity = (manifest.get("fingerprint") or {}).get("model") or {}
+    lines += _base_lines(model, (identity.get("base") or {}).get("commit"))
     lines += ["", "## Methods and options", ""]
     options = config.get("options") or {}
     for method in methods:
@@ -133,7 +134,7 @@ def _body(run: Path, manifest: dict) -> list[str]:
     return lines
 
 
-def _base_lines(model: dict) -> list[str]:
+def _base_lines(model: dict, commit: str | None = None) -> list[str]:
     name = model.get("name", "")
     if name == "embedded":
         return [f"`embedded`: {EMBEDDED_HUB_ID}, de-quantised to float32 from the Q4_1 GGUF "
@@ -147,6 +148,7 @@ def _base_lines(model: dict) -> list[str]:
         where = (f"a stayaligned run: {methods} on "
                  f"`{parent['config'].get('model', {}).get('name')}`; see its README.md")
     extra = f", revision {model['revision']}" if model.get("revision") else ""
+    extra += f", commit {commit}" if commit and commit != model.get("revision") else ""
     return [f"`{name}` (from {where}{extra}), dtype {model.get('dtype', 'auto')}."]
 
 
