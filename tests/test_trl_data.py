@@ -79,11 +79,32 @@ def test_system_prompt_is_added_only_when_the_conversation_has_none(tmp_path):
     ({"text": "The sky is blue."}, "TRL language-modeling data"),
     ({"prompt": "p", "chosen": "c", "rejected": "r"}, "preference data"),
     ({"question": "q"}, "field 'instruction' is missing.*'messages' or 'prompt'/'completion'"),
+    # keys that would be dropped, changing what is trained: OpenAI's weight 0 (a turn not to
+    # train on), a tool call, a reasoning trace, tool definitions
+    ({"messages": [TURNS[0], {**TURNS[1], "weight": 0}, TURNS[2], {**TURNS[3], "weight": 1}]},
+     r"d.jsonl:1: messages\[1\]: key 'weight' is not read.*weight 0 would be trained on"),
+    ({"messages": [TURNS[0], {**TURNS[1], "tool_calls": [{"function": {"name": "calc"}}]}]},
+     r"messages\[1\]: key 'tool_calls' is not read.*remove tool-calling conversations"),
+    ({"prompt": [TURNS[0]], "completion": [{**TURNS[1], "reasoning_content": "2 + 3 = 5"}]},
+     r"completion\[0\]: key 'reasoning_content' is not read.*write it into 'content'"),
+    ({"messages": TURNS[:2], "tools": [{"type": "function", "function": {"name": "calc"}}]},
+     "d.jsonl:1: field 'tools' holds tool definitions"),
+    ({"messages": [TURNS[0], {"role": "tool", "content": "5"}]},
+     r"messages\[1\]: role 'tool' is not one of .*tool results are not rendered"),
 ])
 def test_bad_trl_records_name_record_and_field(tmp_path, record, match):
     path = write_jsonl(tmp_path / "d.jsonl", [record])
     with pytest.raises(DataError, match=match):
         load_source(str(path))
+
+
+def test_empty_keys_a_hub_table_fills_in_and_weight_1_are_read_as_before(tmp_path):
+    """A Hub table gives every message every key of its schema (None where absent)."""
+    filled = {"tool_calls": None, "reasoning_content": None, "weight": None}
+    path = write_jsonl(tmp_path / "d.jsonl", [
+        {"messages": [{**TURNS[0], **filled}, {**TURNS[1], **filled, "weight": 1}], "tools": None}])
+    (example,) = load_source(str(path))
+    assert list(example.messages) == TURNS[:2]
 
 
 def test_preference_records_get_a_hint(tmp_path):

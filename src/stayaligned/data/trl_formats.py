@@ -13,9 +13,12 @@ The names and keys are those of TRL's "Dataset formats and types" guide
 
 A message is ``{"role": "system" | "user" | "assistant", "content": str}``; content given as a
 list of parts (``[{"type": "text", "text": ...}]``, TRL's multimodal layout) is joined when
-every part is text. Standard language-modeling records (``{"text": ...}``) have no
-prompt/answer boundary to put the loss on, and preference records (``chosen``/``rejected``)
-belong to preference trainers; both are refused with what to do instead.
+every part is text. Keys whose loss would change what is trained (a tool call, a reasoning
+trace, a per-turn ``weight`` of OpenAI's fine-tuning format, a record's ``tools``) are refused,
+naming the record and message; other keys of a message are not read. Standard
+language-modeling records (``{"text": ...}``) have no prompt/answer boundary to put the loss on,
+and preference records (``chosen``/``rejected``) belong to preference trainers; both are refused
+with what to do instead.
 
 A record is read this way only when it lacks the fields of the configured mapping (by default
 Alpaca-style ``instruction``/``output``), so every existing ``fields:`` mapping reads as before.
@@ -43,8 +46,29 @@ def detect(record: dict) -> str | None:
     return None
 
 
+_TOOL_FIX = ("tool calls are not rendered, so the turn would be trained without its call; "
+             "remove tool-calling conversations from the data")
+_REASONING_FIX = ("the reasoning would be dropped; write it into 'content' as the model's chat "
+                  "template writes it, or remove the key")
+# message keys that rendering would drop, and what to do instead; an empty value (a Hub table
+# fills absent keys with None) or weight 1 (trained, as every turn is) changes nothing
+DROPPED_KEYS = {
+    "tool_calls": _TOOL_FIX,
+    "function_call": _TOOL_FIX,
+    "reasoning_content": _REASONING_FIX,
+    "thinking": _REASONING_FIX,
+    "weight": "per-turn weights (OpenAI's fine-tuning format) are not read, so a turn with "
+              "weight 0 would be trained on; remove those turns (or end the conversation "
+              "before them), or remove the key",
+}
+
+
 def to_messages(record_id: str, record: dict, fmt: str) -> list[dict]:
     """The record's conversation as a list of {"role", "content"} messages."""
+    if record.get("tools"):
+        raise DataError(f"{record_id}: field 'tools' holds tool definitions, which are not "
+                        "rendered, so the conversation would be trained without them; remove "
+                        "tool-calling records (or the field, if no turn uses a tool).")
     if fmt == "conversational":
         return _message_list(record_id, record["messages"], "messages")
     prompt = _part(record_id, record["prompt"], "prompt", "user")
@@ -84,8 +108,17 @@ def _message_list(record_id: str, value: object, key: str) -> list[dict]:
             raise DataError(f"{where} must be an object with 'role' and 'content', got "
                             f"{_preview(message)}.")
         if message["role"] not in ROLES:
+            fix = ("tool results are not rendered; remove tool-calling conversations from the "
+                   "data" if message["role"] in ("tool", "function", "ipython")
+                   else "rename it (e.g. 'human' -> 'user')")
             raise DataError(f"{where}: role {message['role']!r} is not one of "
-                            f"{', '.join(ROLES)}; rename it (e.g. 'human' -> 'user').")
+                            f"{', '.join(ROLES)}; {fix}.")
+        dropped = [key for key in DROPPED_KEYS
+                   if message.get(key) not in (None, "", [], {}) and
+                   not (key == "weight" and message[key] == 1)]
+        if dropped:
+            raise DataError(f"{where}: key '{dropped[0]}' is not read: "
+                            f"{DROPPED_KEYS[dropped[0]]}.")
         content = _text(message["content"], where)
         messages.append({"role": message["role"], "content": content})
     return messages
