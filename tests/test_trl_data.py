@@ -107,10 +107,18 @@ def test_empty_keys_a_hub_table_fills_in_and_weight_1_are_read_as_before(tmp_pat
     assert list(example.messages) == TURNS[:2]
 
 
-def test_preference_records_get_a_hint(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"chosen": "c", "rejected": "r"}])
-    with pytest.raises(DataError, match="preference data"):
+@pytest.mark.parametrize("record, fix", [
+    ({"chosen": "c", "rejected": "r"}, "no 'prompt' field"),
+    ({"chosen": TURNS[:2], "rejected": TURNS[:2]}, "rename 'chosen' to 'messages'"),
+    ({"prompt": TURNS[:1], "chosen": TURNS[1:2], "rejected": TURNS[1:2]},
+     "rename 'chosen' to 'completion'"),
+])
+def test_preference_records_get_a_hint_that_fits_their_layout(tmp_path, record, fix):
+    """The {user: prompt, assistant: chosen} mapping fits only standard records with a prompt."""
+    path = write_jsonl(tmp_path / "d.jsonl", [record])
+    with pytest.raises(DataError, match="preference data") as err:
         load_source(str(path))
+    assert fix in str(err.value) and "assistant: chosen" not in str(err.value)
 
 
 # ---------------------------------------------------------------- rendering multi-turn

@@ -80,8 +80,15 @@ def to_messages(record_id: str, record: dict, fmt: str) -> list[dict]:
 def unsupported_hint(record: dict) -> str:
     """Why a record with TRL's other keys cannot be trained on here ('' if no such key)."""
     if "chosen" in record or "rejected" in record:
-        return (" It looks like TRL preference data (chosen/rejected); SFT needs one answer per "
-                "prompt: keep 'chosen' as the answer (fields: {user: prompt, assistant: chosen}).")
+        head = " It looks like TRL preference data (chosen/rejected); SFT needs one answer per "
+        if isinstance(record.get("chosen"), list):  # conversational: rename, then TRL's keys
+            key = "completion" if "prompt" in record else "messages"
+            return head + f"conversation: rename 'chosen' to '{key}' and drop 'rejected'."
+        if "prompt" not in record:
+            return head + ("prompt, but these records have no 'prompt' field (the prompt is "
+                           "inside 'chosen'); split it out into 'prompt' and 'completion'.")
+        return head + ("prompt: keep 'chosen' as the answer (fields: {user: prompt, "
+                       "assistant: chosen}).")
     if "text" in record:
         return (" It looks like TRL language-modeling data ('text'), which has no prompt/answer "
                 "boundary to put the loss on; convert it to 'messages' or 'prompt'/'completion'.")
