@@ -213,3 +213,21 @@ def test_each_turn_trains_every_answer_as_a_final_turn(tokenizer, tmp_path):
     assert "<|im_start|>assistant\n5.<|im_end|>" in prep["items"][1].text  # history as rendered
     with pytest.raises(DataError, match=r"chat.jsonl:1: .*differently.*each_turn"):
         prepare(load(TrainConfig, None, [f"data=[{{source: {data}}}]"]), tok)
+
+
+def test_training_records_without_an_answer_are_an_error_not_dropped(tokenizer, tmp_path):
+    """{prompt, response} reads as TRL prompt-only: rendering dropped every record with one
+    printed line, and with safety_mix the run went on, trained on the safety data alone."""
+    from stayaligned.config import TrainConfig, load
+    from stayaligned.training.run import prepare
+
+    data = write_jsonl(tmp_path / "task.jsonl", [{"prompt": "2 + 3?", "response": "5"}] * 3)
+    cfg = load(TrainConfig, None, ["data=[{source: demo-helpful, limit: 2}, "
+                                   f"{{source: {data}}}]", "methods=[safety_mix]",
+                                   "options={safety_mix: {source: demo-safety, n: 4}}"])
+    with pytest.raises(DataError, match=r"task.jsonl:1: data\[1\] .* has no answer to train on"
+                                        r".*data\[1\].fields"):
+        prepare(cfg, tokenizer)
+    mapped = load(TrainConfig, None, [f"data=[{{source: {data}, fields: {{user: prompt, "
+                                      "assistant: response}}]"])
+    assert [it.n_loss_tokens > 0 for it in prepare(mapped, tokenizer)["items"]] == [True] * 3

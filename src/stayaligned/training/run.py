@@ -49,13 +49,24 @@ N_PREVIEW = 3
 
 
 def load_task_examples(cfg: TrainConfig) -> list[Example]:
-    """All configured sources, concatenated, before any method transform."""
+    """All configured sources, concatenated, before any method transform. A record without an
+    answer is an error: rendering would drop it with one printed line, and a run that mixes in
+    other data (safety_mix) would go on training on that data alone."""
     examples: list[Example] = []
-    for source in cfg.data:
-        examples += load_source(
+    for index, source in enumerate(cfg.data):
+        loaded = load_source(
             source.source, split=source.split, limit=source.limit, seed=source.seed,
             fields=source.fields, data_dir=cfg.data_dir,
         )
+        unanswered = next((ex for ex in loaded
+                           if not any(m["role"] == "assistant" for m in ex.messages)), None)
+        if unanswered is not None:
+            raise DataError(
+                f"{unanswered.id}: data[{index}] ({source.source}) has no answer to train on: "
+                "the record was read as a prompt only (TRL's 'prompt' without 'completion', or "
+                f"no fields.assistant); map its answer field with data[{index}].fields, e.g. "
+                "{user: prompt, assistant: response}, or name it 'completion'")
+        examples += loaded
     return examples
 
 
