@@ -8,6 +8,7 @@ from collections import Counter
 import pytest
 
 from stayaligned.data.demo import arithmetic_problems, load_resource
+from stayaligned.data.types import DataError
 
 CATEGORIES = {
     "illegal_activity", "child_abuse", "hate_harass_violence", "malware", "physical_harm",
@@ -150,6 +151,16 @@ def test_demo_sources_for_the_quickstart():
     held = load_source("demo-benign", split="validation")
     assert len(held) == 30 and held[0].id == "benign_requests.json:bv-001"
     assert not {e.content("user") for e in held} & {e.content("user") for e in benign}
+
+
+def test_demo_helpful_has_no_held_out_split():
+    """Its pairs are alignment training data: split test (a benchmark's default) gave them
+    back as if held out."""
+    from stayaligned.data.sources import load_source
+
+    assert len(load_source("demo-helpful")) == 128
+    with pytest.raises(DataError, match="demo-helpful has one split, train, not 'test'"):
+        load_source("demo-helpful", split="test")
 
 
 # --- refusals ---------------------------------------------------------------------------------

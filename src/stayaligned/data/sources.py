@@ -3,7 +3,8 @@
 - ``demo-*``: the bundled demo sets (written for this project, in `resources/`), always
   offline: `demo-arithmetic` (generated word problems, `train`/`test` splits),
   `demo-safety` (align-split harmful requests -> refusals; split `eval` or `test`: the held-out
-  requests -> refusals, e.g. an out-of-sample depth set), `demo-helpful` (benign pairs),
+  requests -> refusals, e.g. an out-of-sample depth set), `demo-helpful` (benign pairs, split
+  `train` only),
   `demo-harmful` (prompt-only harmful requests; split `align`, `validation` (for choosing a
   budget) or `eval`, `test` = `eval`), `demo-benign` (safe prompts that only sound risky, for
   over-refusal; split `validation` (30 prompts, for choosing a recipe) or `eval`, any other
@@ -71,6 +72,11 @@ def _demo(name: str, split: str) -> list[Example]:
     if name == "demo-safety":
         return _safety("eval" if split in ("eval", "test") else "align")
     if name == "demo-helpful":
+        if split not in (None, "train"):  # one set of pairs: another split would be the same
+            raise DataError(f"demo-helpful has one split, train, not {split!r}: it is "
+                            "alignment training data (configs/align), so a benchmark on it "
+                            "would measure training data; for a held-out task use "
+                            "demo-arithmetic with split test")
         fields = Fields(user=("instruction",), assistant="response")
         return [to_example(f"helpful_pairs.json:{r['id']}", r, fields)
                 for r in load_resource("helpful_pairs.json")]
