@@ -216,9 +216,32 @@ def test_safe_delta_repairs_gemma3_whose_tensor_names_differ_from_module_names(
         assert not torch.equal(out[tensor], ft.get(tensor).float()), tensor
     assert sorted(state["factor_of"]) == sorted(linears)
     # a layer that cannot be found is an error naming it, never a silent no-op
-    monkeypatch.setattr(safe_delta, "_saved_name", lambda *a: None)
+    monkeypatch.setattr(safe_delta, "saved_name", lambda *a: None)
     with pytest.raises(RepairError, match="linear layer model.language_model.layers.0.*no tensor"):
         repair.prepare(inputs)
+
+
+def test_a_gemma3_lora_adapter_is_read_under_the_checkpoints_tensor_names(tokenizer_dir, tmp_path):
+    """A PEFT adapter names Gemma 3's modules `model.language_model.layers...`, its checkpoint
+    `language_model.model.layers...`: the fine-tune is read as PEFT merges it (rank/alpha
+    patterns matched on PEFT's names), and a repair of it runs."""
+    from peft import LoraConfig, get_peft_model
+
+    aligned = tiny_gemma3(tmp_path / "aligned", tokenizer_dir)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                      alpha_pattern={"language_model.layers.0.self_attn.q_proj": 2},
+                      init_lora_weights=False)
+    peft = get_peft_model(aligned, lora)
+    peft.save_pretrained(tmp_path / "adapter")
+    peft.merge_and_unload().save_pretrained(tmp_path / "merged")
+    source = LoraSource(TensorSource(tmp_path / "aligned"), tmp_path / "adapter")
+    assert "language_model.model.layers.0.self_attn.q_proj" in source.modules
+    merged = TensorSource(tmp_path / "merged")
+    for name in merged.names:
+        assert torch.allclose(source.get(name).float(), merged.get(name).float(), atol=1e-6), name
+    out = tmp_path / "out"
+    assert repair_cli("--model", tmp_path / "adapter", "--aligned", tmp_path / "aligned",
+                      "--method", "merge", "--strength", 0.5, "--output", out) == 0
 
 
 # ---------------------------------------------------------------- a reused output directory

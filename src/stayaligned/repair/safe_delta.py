@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 
 from stayaligned.repair.base import Repair, RepairInputs, Weights, full_weights
+from stayaligned.repair.names import saved_name
 from stayaligned.repair.weights import RepairError
 
 
@@ -222,7 +223,7 @@ def weight_names(model, modules: list[str], source) -> dict[str, str]:
     out = {}
     for module in modules:
         own = f"{module}.weight"
-        name = own if own in source.where else (_saved_name(model, own, params.get(own)) or own)
+        name = own if own in source.where else (saved_name(model, own, params.get(own)) or own)
         if name not in source.where:
             tried = own if name == own else f"{own} or {name}"
             raise RepairError(f"safe_delta: linear layer {module} (calibrated on the aligned "
@@ -236,19 +237,6 @@ def weight_names(model, modules: list[str], source) -> dict[str, str]:
                               "config.json")
         out[module] = name
     return out
-
-
-def _saved_name(model, name: str, param) -> str | None:
-    """The checkpoint name transformers writes parameter `name` under, or None."""
-    if param is None:
-        return None
-    try:
-        from transformers.core_model_loading import revert_weight_conversion
-
-        saved = list(revert_weight_conversion(model, {name: param}))
-    except Exception:  # noqa: BLE001 - an older or newer transformers: fall back to the error
-        return None
-    return saved[0] if len(saved) == 1 else None
 
 
 def _batches(rows: list[list[int]], tokens: int) -> list[list[list[int]]]:

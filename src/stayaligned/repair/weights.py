@@ -5,7 +5,8 @@ whole model.
 A model input is one of: a stayaligned run directory (merged/, model/ or adapter/ inside; its
 run.json must say complete; a LoRA run's adapter/ is read before its merged/ copy), a PEFT adapter directory (its weights are the aligned model's plus
 scale * B @ A on each adapted layer, in float32, and scale * lora_B.bias on the bias with
-lora_bias, as PEFT merges), a directory of full weights, ``embedded``, or a Hub id (downloaded
+lora_bias, as PEFT merges; its module names are matched to the checkpoint's tensor names
+through repair.names where transformers saves them otherwise, as for Gemma 3), a directory of full weights, ``embedded``, or a Hub id (downloaded
 with huggingface_hub).
 """
 
@@ -116,6 +117,7 @@ class LoraSource:
         self.lora = {k: handle.get_tensor(k) for k in handle.keys()}
         self.modules, self.biases = lora_modules(self.lora, self.adapter_dir,
                                                  bool(self.config.get("lora_bias")))
+        self.peft_names = self._checkpoint_modules(base)
         missing = [m for m in self.modules if f"{m}.weight" not in base.where]
         if missing:
             raise RepairError(f"{self.adapter_dir}: adapted layer {missing[0]} has no weight "
@@ -127,6 +129,21 @@ class LoraSource:
                               f"the bias of {no_bias[0]}, but {base.path} has no tensor "
                               f"{no_bias[0]}.bias; the adapter belongs to another model")
         self.shards, self.where, self.path = base.shards, base.where, self.adapter_dir
+
+    def _checkpoint_modules(self, base: TensorSource) -> dict[str, str]:
+        """Key the adapted modules by their names in `base`'s checkpoint (where transformers
+        saves a weight under another name than its module's, see repair.names); returns
+        {checkpoint module name -> PEFT's module name} (PEFT's patterns match the latter)."""
+        from stayaligned.repair.names import saved_names
+
+        unknown = [f"{m}.weight" for m in self.modules if f"{m}.weight" not in base.where]
+        saved = saved_names(base.path, unknown) if unknown else {}
+        renamed = {w[: -len(".weight")]: s[: -len(".weight")] for w, s in saved.items()
+                   if s in base.where and s.endswith(".weight")}
+        peft_names = {renamed.get(m, m): m for m in self.modules}
+        self.modules = {renamed.get(m, m): keys for m, keys in self.modules.items()}
+        self.biases = {renamed.get(m, m): key for m, key in self.biases.items()}
+        return peft_names
 
     @property
     def names(self) -> list[str]:
@@ -144,7 +161,8 @@ class LoraSource:
         cfg = self.config
         r = self.lora[self.modules[module][0]].shape[0]
         pattern = cfg.get("alpha_pattern") or {}
-        alpha = pattern.get(get_pattern_key(list(pattern), module), cfg["lora_alpha"])
+        peft_name = self.peft_names.get(module, module)
+        alpha = pattern.get(get_pattern_key(list(pattern), peft_name), cfg["lora_alpha"])
         return alpha / (r ** 0.5) if cfg.get("use_rslora") else alpha / r
 
     def delta(self, module: str) -> torch.Tensor:
