@@ -188,7 +188,7 @@ def eval_seconds(cfg: StudyConfig, inf: dict) -> dict:
 
 def repair_seconds(cfg: StudyConfig, cell, inf: dict, load_s: float) -> int:
     """A repair cell's sweep: the aligned model and each strength evaluated on the validation
-    set (the demo harmful requests' align split, 48 tokens, plus the task hold-out: 8 tokens
+    set (the default validation's harmful requests, 48 tokens, plus the task hold-out: 8 tokens
     and its task loss), each a model load, each strength's weights also written once (counted
     as another load)."""
     from stayaligned.data.sources import load_source

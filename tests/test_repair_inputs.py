@@ -342,18 +342,21 @@ def test_a_sweep_interrupted_under_the_old_code_resumes(models, validation, tmp_
 
 
 def test_safe_delta_says_when_its_calibration_prompts_are_its_validation_prompts(tmp_path):
-    """By default both are the demo requests' align split: the strength is chosen on the
-    prompts the compensation was fitted to. Said in the log and repair.json, not refused."""
+    """Validation on the demo requests' align split (the default calibration's prompts): the
+    strength is chosen on the prompts the compensation was fitted to. Said in the log and
+    repair.json, not refused. The default validation is the held-out validation split."""
     from stayaligned.config import RepairConfig
     from stayaligned.repair.run import calibration_overlap
     from stayaligned.repair.sweep import validation_config
 
-    cfg = RepairConfig(method="safe_delta")
+    cfg = RepairConfig(method="safe_delta", validation={"benchmarks": [
+        {"name": "align", "source": "demo-harmful", "split": "align", "kind": "harmful"}]})
     (warning,) = calibration_overlap(cfg, validation_config(cfg, "m", tmp_path, None))
     assert "110 of the validation's 110 harmful prompts" in warning
-    held_out = RepairConfig(method="safe_delta", validation={"benchmarks": [
-        {"name": "held-out", "source": "demo-harmful", "split": "validation", "kind": "harmful"}]})
-    assert calibration_overlap(held_out, validation_config(held_out, "m", tmp_path, None)) == []
+    default = RepairConfig(method="safe_delta")
+    ecfg = validation_config(default, "m", tmp_path, None)
+    assert [(b.source, b.split) for b in ecfg.benchmarks] == [("demo-harmful", "validation")]
+    assert calibration_overlap(default, ecfg) == []
     merge = RepairConfig(method="merge")
     assert calibration_overlap(merge, validation_config(merge, "m", tmp_path, None)) == []
 

@@ -5,6 +5,12 @@ refusal rate meets the target.
 Refusal is pooled over the validation's harmful benchmarks (Wilson interval on the pooled
 counts); task loss is the token-weighted held-out NLL of the task benchmarks' reference answers
 (interval: ± 1.96 per-example standard errors). The target is met on the point estimate.
+
+The default validation is the demo harmful requests' `validation` split (44 requests, 4 per
+category, written for choosing a knob): disjoint from the `align` split that the demo safety
+data trains aligned models on and that Safe Delta calibrates on by default (a strength chosen
+on its own calibration prompts is chosen optimistically). Until v0.x studies it was the `align`
+split (110 requests); configs that ran with it pin it (configs/study/embedded_gsm8k.yaml).
 """
 
 from __future__ import annotations
@@ -16,8 +22,8 @@ from stayaligned.evaluation.metrics import wilson_interval
 from stayaligned.runfiles import write_jsonl
 
 DEFAULT_VALIDATION = {
-    "benchmarks": [{"name": "demo-harmful-align", "source": "demo-harmful", "split": "align",
-                    "kind": "harmful"}],
+    "benchmarks": [{"name": "demo-harmful-validation", "source": "demo-harmful",
+                    "split": "validation", "kind": "harmful"}],
     "generation": {"max_new_tokens": 48, "batch_size": 16},
     "judge": "keyword",
 }
