@@ -353,3 +353,29 @@ def test_a_stage_records_wall_and_cpu_seconds(tmp_path):
     entry = json.loads((tmp_path / "progress.json").read_text())["cells/x/train"]
     assert entry["seconds"] >= 0.8
     assert 0.25 <= entry["cpu_seconds"] <= 0.6
+
+
+def test_an_archived_model_is_remade_when_a_model_made_from_it_must_run_again(tmp_path):
+    """In a checkout without weights, a finished fine-tune whose evaluation must run again
+    (deleted, or committed unfinished) is retrained, which needs the weights of the aligned
+    seed it is trained from: the aligned seed runs again first, although every stage reading
+    it directly is done (the fine-tune failed on the missing aligned weights before)."""
+    from stayaligned.study import Stage, _archive_aware
+
+    aligned, tuned = tmp_path / "aligned", tmp_path / "tuned"
+    evaluated = {"tuned": False}
+    stages = _archive_aware([
+        Stage("aligned/train", "align", "", None, lambda: None, lambda: True,
+              makes=str(aligned)),
+        Stage("aligned/eval", "eval", "", None, lambda: None, lambda: True, uses=(str(aligned),)),
+        Stage("cells/sft/train", "train", "", "sft", lambda: None, lambda: True,
+              makes=str(tuned), uses=(str(aligned),)),
+        Stage("cells/sft/eval", "eval", "", "sft", lambda: None, lambda: evaluated["tuned"],
+              uses=(str(tuned),))])
+    assert [s.done() for s in stages] == [False, True, False, False]
+    evaluated["tuned"] = True  # every stage reading the fine-tune done: nothing to remake
+    assert [s.done() for s in stages] == [True, True, True, True]
+    (tuned / "model").mkdir(parents=True)
+    (tuned / "model" / "model.safetensors").write_bytes(b"weights")
+    evaluated["tuned"] = False  # the fine-tune's weights are here: it needs nothing upstream
+    assert [s.done() for s in stages] == [True, True, True, False]

@@ -302,13 +302,14 @@ def _archive_aware(stages: list[Stage]) -> list[Stage]:
     in this checkout (the study directory was committed without them), counts as done while
     every stage that reads that model is done; otherwise it runs again from scratch (the
     weights are needed), and a training run records whether it reproduced the archived run's
-    logged losses."""
-    out = []
-    for stage in stages:
+    logged losses. A consumer that itself makes a model counts as done in that same sense: a
+    fine-tune that runs again needs the weights of the model it is trained from."""
+    wrapped: dict[int, Stage] = {}
+    for stage in reversed(stages):  # consumers come after the stage that makes their model
         if stage.makes is None:
-            out.append(stage)
+            wrapped[id(stage)] = stage
             continue
-        consumers = [s for s in stages if stage.makes in s.uses]
+        consumers = [wrapped[id(s)] for s in stages if stage.makes in s.uses]
 
         def done(stage=stage, consumers=consumers) -> bool:
             if not stage.done():
@@ -322,9 +323,9 @@ def _archive_aware(stages: list[Stage]) -> list[Stage]:
                 return _rerun_archived(stage)
             return stage.run()
 
-        out.append(Stage(stage.key, stage.kind, stage.title, stage.cell, run, done,
-                         stage.config, stage.makes, stage.uses))
-    return out
+        wrapped[id(stage)] = Stage(stage.key, stage.kind, stage.title, stage.cell, run, done,
+                                   stage.config, stage.makes, stage.uses)
+    return [wrapped[id(stage)] for stage in stages]
 
 
 def _rerun_archived(stage: Stage):
