@@ -379,3 +379,22 @@ def test_an_archived_model_is_remade_when_a_model_made_from_it_must_run_again(tm
     (tuned / "model" / "model.safetensors").write_bytes(b"weights")
     evaluated["tuned"] = False  # the fine-tune's weights are here: it needs nothing upstream
     assert [s.done() for s in stages] == [True, True, True, False]
+
+
+def test_dry_run_calls_a_stage_to_do_when_it_will_run_again(tmp_path, monkeypatch):
+    """`--dry-run` says what a run would do: a stage progress.json records as done whose
+    outputs are gone or no longer match the config (an edited eval block) is to do, not done."""
+    from rich.console import Console
+
+    from stayaligned import study
+    from stayaligned.study import Stage, describe
+
+    stages = [Stage(key, "eval", "", None, lambda: None, lambda key=key: key == "kept")
+              for key in ("kept", "edited", "failed", "new")]
+    monkeypatch.setattr(study, "plan", lambda cfg: stages)
+    (tmp_path / "progress.json").write_text(json.dumps(
+        {"kept": {"status": "done"}, "edited": {"status": "done"}, "failed": {"status": "failed"}}))
+    rows = dict(describe(StudyConfig(output_dir=str(tmp_path)), Console(quiet=True)))
+    assert rows["kept"] == "done" and rows["new"] == "to do"
+    assert rows["edited"].startswith("to do again")
+    assert rows["failed"] == "to do (failed before)"

@@ -672,12 +672,15 @@ def describe(cfg: StudyConfig, console: Console | None = None) -> list[tuple[str
     console = console or Console()
     state = read_json(Path(cfg.output_dir) / "progress.json") or {}
     rows = []
+    before = {"failed": "to do (failed before)", "done": "to do again (its outputs are gone "
+              "or were made from other inputs)", "redo": "to do again (its outputs are gone "
+              "or were made from other inputs)"}
     for stage in plan(cfg):
-        try:
-            status = "done" if stage.done() else state.get(stage.key, {}).get("status", "to do")
+        try:  # progress.json only says why a stage still to do is to do
+            status = "done" if stage.done() else before.get(
+                state.get(stage.key, {}).get("status"), "to do")
         except ConfigError as err:
             status = f"stale: {err}"
-        status = "to do (failed before)" if status == "failed" else status
         rows.append((stage.key, status))
     table = Table(title=f"study {cfg.name}: {cfg.output_dir}")
     for column in ("stage", "status"):
