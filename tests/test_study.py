@@ -398,3 +398,30 @@ def test_dry_run_calls_a_stage_to_do_when_it_will_run_again(tmp_path, monkeypatc
     assert rows["kept"] == "done" and rows["new"] == "to do"
     assert rows["edited"].startswith("to do again")
     assert rows["failed"] == "to do (failed before)"
+
+
+def test_depth_runs_again_when_its_model_was_remade_in_place(tmp_path):
+    """A cell retrained in its directory (deleted after a config edit, as a StaleError tells)
+    keeps the size and safetensors header of its weights, all that a large file's identity
+    holds: its new run.json is what tells depth.json was made from the old weights."""
+    from stayaligned.study import _depth_done, _depth_fingerprint
+
+    def run_dir(name):
+        folder = tmp_path / name
+        (folder / "model").mkdir(parents=True)
+        (folder / "model" / "config.json").write_text('{"model_type": "llama"}')
+        (folder / "model" / "model.safetensors").write_bytes(b"weights")
+        (folder / "run.json").write_text('{"status": "complete", "seed": 0}')
+        return str(folder)
+
+    cfg = StudyConfig()
+    base, model, target = run_dir("aligned"), run_dir("sft"), tmp_path / "depth"
+    target.mkdir()
+    (target / "depth.json").write_text(json.dumps(
+        {"kl_mean": [0.1], "fingerprint": _depth_fingerprint(cfg, base, model)}))
+    assert _depth_done(cfg, base, model, target)
+    (tmp_path / "sft" / "run.json").write_text('{"status": "complete", "seed": 1}')
+    assert not _depth_done(cfg, base, model, target)
+    old = {k: v for k, v in _depth_fingerprint(cfg, base, model).items() if k != "records"}
+    (target / "depth.json").write_text(json.dumps({"kl_mean": [0.1], "fingerprint": old}))
+    assert _depth_done(cfg, base, model, target)  # made before records: as before

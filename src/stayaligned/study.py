@@ -241,15 +241,18 @@ def _run_depth(cfg: StudyConfig, base: str, model: str, target: Path):
 
 
 def _depth_fingerprint(cfg: StudyConfig, base: str, model: str) -> dict:
-    from stayaligned.fingerprint import model_identity
+    from stayaligned.fingerprint import model_identity, run_record
 
     return {"depth": to_dict(cfg.depth), "reference": model_identity(base),
-            "model": model_identity(model)}
+            "model": model_identity(model),
+            "records": {"reference": run_record(base), "model": run_record(model)}}
 
 
 def _depth_done(cfg: StudyConfig, base: str, model: str, target: Path) -> bool:
     """depth.json exists and was made from these two models with these settings (a file
-    from before fingerprints is accepted); a mismatch is a StaleError."""
+    from before fingerprints is accepted); either model remade since (another run.json or
+    repair.json: a large weights file's identity is its size and header only) reruns it, like
+    an evaluation; another setup is a StaleError."""
     from stayaligned.fingerprint import check_same
 
     stored = read_json(target / "depth.json")
@@ -258,8 +261,13 @@ def _depth_done(cfg: StudyConfig, base: str, model: str, target: Path) -> bool:
     if not all(_present(m) for m in (base, model)):
         return True  # archived: computed when the weights were here (they are not hashable now)
     if "fingerprint" in stored:
-        check_same(str(target / "depth.json"), stored["fingerprint"],
-                   _depth_fingerprint(cfg, base, model),
+        now = _depth_fingerprint(cfg, base, model)
+        records = stored["fingerprint"].get("records")  # absent in files from before them
+        if records is not None and records != now["records"]:
+            return False
+        check_same(str(target / "depth.json"),
+                   {k: v for k, v in stored["fingerprint"].items() if k != "records"},
+                   {k: v for k, v in now.items() if k != "records"},
                    {"depth": to_dict(type(cfg.depth)())},
                    "delete it to recompute, or restore the study config")
     return True
