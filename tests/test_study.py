@@ -425,3 +425,39 @@ def test_depth_runs_again_when_its_model_was_remade_in_place(tmp_path):
     old = {k: v for k, v in _depth_fingerprint(cfg, base, model).items() if k != "records"}
     (target / "depth.json").write_text(json.dumps({"kl_mean": [0.1], "fingerprint": old}))
     assert _depth_done(cfg, base, model, target)  # made before records: as before
+
+
+def test_a_kill_while_writing_the_gitignore_leaves_none_torn(tmp_path, monkeypatch):
+    """OUT/.gitignore is written once, when missing: a kill halfway through its write must not
+    leave a torn file that every later run keeps (weights would then be committed to git)."""
+    import io
+    import os
+
+    from rich.console import Console
+
+    from stayaligned.study import GITIGNORE, _run_study
+
+    real_open = io.open
+
+    def killed_halfway(file, *args, **kwargs):
+        handle = real_open(file, *args, **kwargs)
+        name = os.readlink(f"/proc/self/fd/{file}") if isinstance(file, int) else str(file)
+        if ".gitignore" not in name:
+            return handle
+        write = handle.write
+
+        def half(data):
+            write(data[:len(data) // 2])
+            handle.flush()
+            raise KeyboardInterrupt  # as if the process were killed here
+
+        handle.write = half
+        return handle
+
+    cfg = StudyConfig(output_dir=str(tmp_path / "study"), cells=(), evaluate_seed=False)
+    monkeypatch.setattr(io, "open", killed_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        _run_study(cfg, [], None, None, None, Console(quiet=True))
+    monkeypatch.undo()
+    _run_study(cfg, [], None, None, None, Console(quiet=True))
+    assert (tmp_path / "study" / ".gitignore").read_text() == GITIGNORE

@@ -57,7 +57,8 @@ from stayaligned.config import (
     load,
     to_dict,
 )
-from stayaligned.runfiles import machine_info, package_versions, read_json, write_json
+from stayaligned.runfiles import (atomic_write, machine_info, package_versions, read_json,
+                                  write_json)
 
 
 @dataclass
@@ -746,9 +747,8 @@ def _run_study(cfg: StudyConfig, stages: list[Stage], only, devices, argv, conso
     unknown = [c for c in only or [] if c not in ids]
     if unknown:
         raise ConfigError(f"--cells: {unknown[0]!r} is not a cell of this study ({', '.join(ids)})")
-    if not (out / ".gitignore").exists():
-        out.mkdir(parents=True, exist_ok=True)
-        (out / ".gitignore").write_text(GITIGNORE)
+    if not (out / ".gitignore").exists():  # atomic: a torn one would be kept, weights committed
+        atomic_write(out / ".gitignore", GITIGNORE)
     if only is None:
         write_json(out / "study.json", {"config": to_dict(cfg), "versions": package_versions(),
                                         "machine": machine_info(),
@@ -835,7 +835,7 @@ def _run_on_workers(cfg: StudyConfig, ids: list[str], console: Console,
 
     out = Path(cfg.output_dir)
     config = out / "workers.json"  # JSON is YAML: the resolved config, paths as given (cwd)
-    config.write_text(json.dumps(to_dict(cfg), indent=1) + "\n")
+    atomic_write(config, json.dumps(to_dict(cfg), indent=1) + "\n")
     threads = str(max(1, (os.cpu_count() or 1) // cfg.workers))
     slot = (f"{threads} thread(s)", {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})
     return _cell_pool(ids, [str(config)], console, [slot] * cfg.workers, logs=out / "logs",
