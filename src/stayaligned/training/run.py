@@ -233,9 +233,11 @@ def last_complete_checkpoint(ckpt_dir: Path) -> str | None:
 
 def check_same_run(cfg: TrainConfig, fix: str, model: bool = True) -> None:
     """A run directory holds one configuration and one base model: a stored run.json made
-    with other settings (output_dir aside: a moved run is the same run) is a `StaleError`.
+    with other settings (output_dir aside: a moved run is the same run) is a `StaleError`, and
+    so is a base that is a stayaligned run remade since (another run.json: a large weights
+    file's identity is its size and header only; runs from before `model_record` pass).
     `model=False` checks the configuration alone (a run whose base's weights are absent)."""
-    from stayaligned.fingerprint import check_same
+    from stayaligned.fingerprint import ADDED_LATER, check_same, run_record
 
     out = Path(cfg.output_dir)
     manifest = read_json(out / "run.json")
@@ -245,9 +247,12 @@ def check_same_run(cfg: TrainConfig, fix: str, model: bool = True) -> None:
     new = {k: v for k, v in to_dict(cfg).items() if k != "output_dir"}
     defaults = to_dict(type(cfg)())
     check_same(f"{out}/run.json", {"config": old}, {"config": new}, {"config": defaults}, fix)
-    stored = (manifest.get("fingerprint") or {}).get("model")
-    if stored is not None and model:
-        check_same(f"{out}/run.json", {"model": stored}, {"model": _model_identity(cfg)}, fix=fix)
+    stored = manifest.get("fingerprint") or {}
+    if stored.get("model") is not None and model:
+        check_same(f"{out}/run.json",
+                   {"model": stored["model"], "model_record": stored.get("model_record")},
+                   {"model": _model_identity(cfg), "model_record": run_record(cfg.model.name)},
+                   {"model_record": ADDED_LATER}, fix=fix)
 
 
 def check_same_data(cfg: TrainConfig) -> None:
@@ -352,6 +357,7 @@ def bind_local_device(device: str) -> None:
 def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
     from transformers import set_seed
 
+    from stayaligned.fingerprint import run_record
     from stayaligned.training.hf_args import quantization_config
     from stayaligned.training.trainer import StayTrainer, check_finite
 
@@ -376,7 +382,8 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
     main = trainer.is_world_process_zero()
     manifest = _manifest(cfg, prep, tokenizer)
     manifest["world_size"] = trainer.args.world_size
-    manifest["fingerprint"] = {"model": _model_identity(cfg)}
+    manifest["fingerprint"] = {"model": _model_identity(cfg),
+                               "model_record": run_record(cfg.model.name)}
     for method in prep["methods"]:
         method.setup({"model": model, "tokenizer": tokenizer, "config": cfg, "output_dir": out,
                       "train_examples": prep["examples"], "trainer": trainer})
