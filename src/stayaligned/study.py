@@ -480,7 +480,10 @@ def _add_repair(cfg: StudyConfig, out: Path, stages: list, run_id: str, cell, se
         if "strength" not in record or differences(
                 record.get("config", {}), to_dict(rcfg), to_dict(type(rcfg)())):
             return False
-        _same_repair_inputs(record, rcfg.output_dir)
+        # archived (its weights not in this checkout): made from the inputs as they were then,
+        # like an archived fine-tune whose base was retrained since (see _train_done)
+        if has_weights(Path(rcfg.output_dir)):
+            _same_repair_inputs(record, rcfg.output_dir)
         return True
 
     stages.append(Stage(f"cells/{run_id}/repair", "repair",
