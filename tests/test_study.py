@@ -461,3 +461,50 @@ def test_a_kill_while_writing_the_gitignore_leaves_none_torn(tmp_path, monkeypat
     monkeypatch.undo()
     _run_study(cfg, [], None, None, None, Console(quiet=True))
     assert (tmp_path / "study" / ".gitignore").read_text() == GITIGNORE
+
+
+def test_a_worker_stops_when_the_study_process_that_started_it_is_killed(tmp_path, monkeypatch):
+    """kill -9 of `stayaligned study` with `workers`: its workers stop too, instead of going on
+    as orphans beside the workers a rerun starts on the same cells (two processes on a cell,
+    its log written by both, one failing on the other's lock, twice the memory)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from stayaligned import study
+
+    calls = []
+    monkeypatch.setattr(study.subprocess, "call", lambda cmd, env, **kw: calls.append(env) or 0)
+    study._cell_pool(["a"], ["workers.json"], study.Console(quiet=True), [("slot", {})])
+    assert calls[0][study.PARENT_ENV] == str(os.getpid())
+
+    worker = ("import time; from stayaligned.study import die_with_parent; die_with_parent(); "
+              "print('ready', flush=True); time.sleep(120)")
+    parent = ("import os, subprocess, sys, time; "
+              f"env = {{**os.environ, {study.PARENT_ENV!r}: str(os.getpid())}}; "
+              f"child = subprocess.Popen([sys.executable, '-c', {worker!r}], env=env); "
+              "print(child.pid, flush=True); time.sleep(120)")
+    started = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    child = int(started.stdout.readline())
+    assert started.stdout.readline().strip() == "ready"  # its death signal is set
+
+    def running(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as handle:
+                return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    assert running(child)
+    started.send_signal(signal.SIGKILL)
+    started.wait()
+    deadline = time.time() + 10
+    while running(child) and time.time() < deadline:
+        time.sleep(0.1)
+    alive = running(child)
+    if alive:
+        os.kill(child, signal.SIGKILL)
+    assert not alive

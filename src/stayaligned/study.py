@@ -715,7 +715,31 @@ def run_study(cfg: StudyConfig, *, only: list[str] | None = None, devices: list[
 
         with run_lock(out):
             return _run_study(cfg, stages, only, devices, argv, console)
+    die_with_parent()
     return _run_study(cfg, stages, only, devices, argv, console)
+
+
+PARENT_ENV = "STAYALIGNED_STUDY_PARENT"  # set by the cell pool: the PID of the study process
+
+
+def die_with_parent() -> None:
+    """A worker started by a study's cell pool stops when that study process dies, killed
+    included (Linux; elsewhere nothing changes): an orphan would go on with its cell beside
+    the worker a rerun of the study starts on the same cell (both writing its log, one failing
+    on the other's lock, twice the memory)."""
+    import signal
+
+    parent = os.environ.get(PARENT_ENV)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not glibc
+        return
+    if os.getppid() != int(parent):  # it died before prctl
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def check_stages(cfg: StudyConfig, stages: list[Stage]) -> None:
@@ -893,7 +917,7 @@ def _cell_pool(ids: list[str], argv: list[str], console: Console, slots: list[tu
         logs.mkdir(exist_ok=True)
 
     def worker(label: str, extra_env: dict) -> None:
-        env = {**os.environ, **extra_env}
+        env = {**os.environ, **extra_env, PARENT_ENV: str(os.getpid())}
         while (run_id := jobs.take()) is not None:
             cmd = [sys.executable, "-m", "stayaligned", "study", *argv, "--cells", run_id]
             if logs is None:
