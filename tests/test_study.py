@@ -508,3 +508,19 @@ def test_a_worker_stops_when_the_study_process_that_started_it_is_killed(tmp_pat
     if alive:
         os.kill(child, signal.SIGKILL)
     assert not alive
+
+
+def test_a_study_file_that_is_not_json_is_named_with_the_fix(tmp_path):
+    """A committed study's progress.json left with git merge-conflict markers (two machines ran
+    cells), or a stage file torn by a crash: the error names the file (it said only "Expecting
+    value: line 1 column 1 (char 0)")."""
+    from rich.console import Console
+
+    from stayaligned.study import _run_study
+
+    (tmp_path / "progress.json").write_text("<<<<<<< HEAD\n{}\n=======\n{}\n>>>>>>> other\n")
+    cfg = StudyConfig(output_dir=str(tmp_path), cells=(), evaluate_seed=False)
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'progress.json'} is not valid JSON "
+                       r"\(Expecting value\); restore it, or delete it to have it made again: "
+                       r"line 1 column 1"):
+        _run_study(cfg, [], None, None, None, Console(quiet=True))
