@@ -524,3 +524,27 @@ def test_a_study_file_that_is_not_json_is_named_with_the_fix(tmp_path):
                        r"\(Expecting value\); restore it, or delete it to have it made again: "
                        r"line 1 column 1"):
         _run_study(cfg, [], None, None, None, Console(quiet=True))
+
+
+def test_a_cells_run_is_refused_while_another_process_runs_the_study(tmp_path, tiny_model_dir):
+    """`stayaligned study CONFIG --cells X` (or bench/repair_effect.py) while the whole study
+    runs would run X's stages a second time at once: refused, naming the PID, unless the
+    process holding the study's lock is its parent (a worker of that study)."""
+    import os
+
+    from stayaligned.runlock import LockedError, run_lock
+
+    cfg = study_config(tmp_path, tiny_model_dir, "busy", "align=null", "evaluate_seed=false",
+                       "depth.enabled=false")
+    out = tmp_path / "busy"
+    with run_lock(out):  # this process stands for the running study
+        with pytest.raises(LockedError, match=rf"{out} is in use by another stayaligned "
+                           rf"process \(PID {os.getpid()}\)"):
+            run_study(cfg, only=["sft"])
+    assert not (out / "cells").exists()
+
+    from stayaligned.runlock import holder
+
+    assert holder(out) is None
+    with run_lock(out):
+        assert holder(out) == os.getpid()

@@ -30,7 +30,9 @@ simple per-device worker pool, not accelerate: cells are independent jobs, and e
 device). With `workers: N` (CPU) the shared stages run first, then N worker processes take the
 cells in turn, each with cores // N torch threads and its output in logs/<cell>.log. Workers
 run `stayaligned study workers.json --cells ID` on the resolved config the parent wrote, and
-record their stages in the same progress.json under a file lock.
+record their stages in the same progress.json under a file lock. Workers run under their
+parent's lock of the study directory (and stop when it dies); any other run, `--cells` too,
+takes that lock, so two runs never work on one study directory at once.
 """
 
 from __future__ import annotations
@@ -710,13 +712,15 @@ def run_study(cfg: StudyConfig, *, only: list[str] | None = None, devices: list[
     out = Path(cfg.output_dir)
     stages = plan(cfg)
     check_stages(cfg, stages)
-    if only is None:  # workers (--cells) run under their parent's lock
-        from stayaligned.runlock import run_lock
+    from stayaligned.runlock import holder, run_lock
 
-        with run_lock(out):
-            return _run_study(cfg, stages, only, devices, argv, console)
-    die_with_parent()
-    return _run_study(cfg, stages, only, devices, argv, console)
+    if only is not None and holder(out) == os.getppid():  # a worker, under its parent's lock
+        die_with_parent()
+        return _run_study(cfg, stages, only, devices, argv, console)
+    # any other run (a whole study, a `--cells` run of a person or a bench script) holds the
+    # lock: two of them would run the same cells at once
+    with run_lock(out):
+        return _run_study(cfg, stages, only, devices, argv, console)
 
 
 PARENT_ENV = "STAYALIGNED_STUDY_PARENT"  # set by the cell pool: the PID of the study process
