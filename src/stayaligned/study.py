@@ -89,6 +89,11 @@ def cell_ids(cfg: StudyConfig) -> list[tuple[str, object, int]]:
     many = len(cfg.seeds) > 1
     ids = [(f"{c.name}-seed{s}" if many else c.name, c, s) for c in cfg.cells for s in cfg.seeds]
     dose = [(p.run_id, p.config, cfg.dose.seed) for p in _dose_points(cfg) if p.extra]
+    dose_ids = [i for i, _, _ in dose]
+    twice = sorted({i for i in dose_ids if dose_ids.count(i) > 1})
+    if twice:
+        raise ConfigError(f"dose.values: two values make the one run {twice[0]!r} (values equal, "
+                          "or equal to 6 significant digits); list each dose once")
     clash = sorted({i for i, _, _ in dose} & {i for i, _, _ in ids})
     if clash:
         raise ConfigError(f"dose: the dose run {clash[0]!r} has the name of a cell run; rename "
