@@ -548,3 +548,33 @@ def test_a_cells_run_is_refused_while_another_process_runs_the_study(tmp_path, t
     assert holder(out) is None
     with run_lock(out):
         assert holder(out) == os.getpid()
+
+
+def test_a_finished_run_whose_data_file_was_edited_is_stale(tmp_path):
+    """A local task data file edited between two runs of a study: the finished cell was reused
+    silently (run.json's data digests were compared only on --resume); an archived run (no
+    weights here, its data perhaps generated again) is checked by its config alone."""
+    from stayaligned.config import TrainConfig, build, to_dict
+    from stayaligned.fingerprint import StaleError
+    from stayaligned.runfiles import data_fingerprint
+    from stayaligned.study import _train_done
+
+    data = tmp_path / "task.jsonl"
+    data.write_text('{"instruction": "1 + 1?", "output": "2"}\n')
+    cfg = build(TrainConfig, {"data": [{"source": str(data)}], "output_dir": str(tmp_path / "run")})
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run.json").write_text(json.dumps(
+        {"status": "complete", "config": to_dict(cfg),
+         "data": [data_fingerprint(s, None) for s in cfg.data]}))
+    assert _train_done(cfg)  # archived: no weights here
+    (tmp_path / "run" / "model").mkdir()
+    (tmp_path / "run" / "model" / "model.safetensors").write_bytes(b"weights")
+    assert _train_done(cfg)
+    data.write_text('{"instruction": "2 * 2?", "output": "4"}\n')
+    with pytest.raises(StaleError, match=r"run/run.json: the training data changed since this run "
+                       r"started \(changed: data\.0\.files_sha256\.task\.jsonl; sources: .*task"
+                       r"\.jsonl\), so this finished run was made from other data; restore the "
+                       r"data files it was trained on, or delete that directory to retrain it"):
+        _train_done(cfg)
+    (tmp_path / "run" / "model" / "model.safetensors").unlink()
+    assert _train_done(cfg)

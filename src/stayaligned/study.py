@@ -213,15 +213,19 @@ def _same_config(cfg: TrainConfig) -> None:
 
 
 def _train_done(cfg: TrainConfig) -> bool:
-    from stayaligned.training.run import check_same_run, is_complete
+    from stayaligned.training.run import check_same_data, check_same_run, is_complete
 
     if not is_complete(Path(cfg.output_dir)):
         return False
     # an archived run (its weights not in this checkout) is checked by its config alone: the
     # identity of the base it was trained from cannot be taken once that base is archived or
-    # retrained in another checkout
+    # retrained in another checkout, nor its data once generated again (recovery triplets)
+    own = has_weights(Path(cfg.output_dir))
     check_same_run(cfg, "delete that directory to retrain it, or restore the study config",
-                   model=has_weights(Path(cfg.output_dir)) and _present(cfg.model.name))
+                   model=own and _present(cfg.model.name))
+    if own:
+        check_same_data(cfg, "so this finished run was made from other data; restore the data "
+                             "files it was trained on, or delete that directory to retrain it")
     return True
 
 

@@ -255,11 +255,17 @@ def check_same_run(cfg: TrainConfig, fix: str, model: bool = True) -> None:
                    {"model_record": ADDED_LATER}, fix=fix)
 
 
-def check_same_data(cfg: TrainConfig) -> None:
+RESUME_FIX = ("so its checkpoint cannot be resumed on it; restore the data files the run "
+              "started on, or run without --resume and with --overwrite to start over on the "
+              "new data")
+
+
+def check_same_data(cfg: TrainConfig, fix: str = RESUME_FIX) -> None:
     """--resume: the data files are the ones the run started on (run.json's `data` and
     `recovery` fingerprints); a file edited after the kill would otherwise be resumed with the
-    old optimiser state and the old count of batches to skip. A `StaleError` names the source
-    and what changed. Files compare by name and digest, so a moved checkout is the same data."""
+    old optimiser state and the old count of batches to skip (a study checks its finished runs
+    too). A `StaleError` names the source and what changed, then `fix`. Files compare by name
+    and digest, so a moved checkout is the same data."""
     from stayaligned.fingerprint import StaleError, differences
 
     out = Path(cfg.output_dir)
@@ -275,9 +281,7 @@ def check_same_data(cfg: TrainConfig) -> None:
         sources = [s.source for s in cfg.data] + ([cfg.recovery.source] if new["recovery"] else [])
         raise StaleError(
             f"{out}/run.json: the training data changed since this run started (changed: "
-            f"{shown}; sources: {', '.join(sources)}), so its checkpoint cannot be resumed "
-            "on it; restore the data files the run started on, or run without --resume and "
-            "with --overwrite to start over on the new data")
+            f"{shown}; sources: {', '.join(sources)}), {fix}")
 
 
 def _data_identity(fingerprints: dict) -> dict:
