@@ -130,3 +130,31 @@ def test_an_evaluation_of_a_remade_repair_is_not_reused(repair_study):
     finally:
         record.write_bytes(original)
     assert stage.done()
+
+
+def test_an_archived_repair_is_not_stale_when_its_fine_tune_was_retrained(tmp_path):
+    """In a checkout without weights, the repaired cell retrained (one of its evaluations ran
+    again) gives other weights than the archived run's: the archived repair, made from the
+    fine-tune as it was then, is done like an archived fine-tune whose base was retrained
+    (it failed on a StaleError on every run); with its own weights here it is still checked."""
+    from stayaligned.config import StudyConfig, load, to_dict
+    from stayaligned.fingerprint import StaleError
+    from stayaligned.study import _add_repair, repair_config
+
+    cfg = load(StudyConfig, None, [f"output_dir={tmp_path}", "align=null", REPAIR_CELL])
+    cell = cfg.cells[1]
+    stages = []
+    _add_repair(cfg, tmp_path, stages, cell.name, cell, 0)
+    rcfg = repair_config(cfg, tmp_path, cell.name, cell, 0)
+    adapter = tmp_path / "cells/sft/train/adapter/adapter_model.safetensors"
+    adapter.parent.mkdir(parents=True)
+    adapter.write_bytes(b"retrained here")
+    record = {"strength": 0.0, "config": to_dict(rcfg),
+              "inputs": {"finetune": {"sha256": {str(adapter): "0" * 64}}}}  # the archived run's
+    (tmp_path / "cells/sft+resta/repair").mkdir(parents=True)
+    (tmp_path / "cells/sft+resta/repair/repair.json").write_text(json.dumps(record))
+    assert stages[0].done()
+    (tmp_path / "cells/sft+resta/repair/model").mkdir()
+    (tmp_path / "cells/sft+resta/repair/model/model.safetensors").write_bytes(b"repaired")
+    with pytest.raises(StaleError, match="made from other finetune weights"):
+        stages[0].done()

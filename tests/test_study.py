@@ -353,3 +353,228 @@ def test_a_stage_records_wall_and_cpu_seconds(tmp_path):
     entry = json.loads((tmp_path / "progress.json").read_text())["cells/x/train"]
     assert entry["seconds"] >= 0.8
     assert 0.25 <= entry["cpu_seconds"] <= 0.6
+
+
+def test_an_archived_model_is_remade_when_a_model_made_from_it_must_run_again(tmp_path):
+    """In a checkout without weights, a finished fine-tune whose evaluation must run again
+    (deleted, or committed unfinished) is retrained, which needs the weights of the aligned
+    seed it is trained from: the aligned seed runs again first, although every stage reading
+    it directly is done (the fine-tune failed on the missing aligned weights before)."""
+    from stayaligned.study import Stage, _archive_aware
+
+    aligned, tuned = tmp_path / "aligned", tmp_path / "tuned"
+    evaluated = {"tuned": False}
+    stages = _archive_aware([
+        Stage("aligned/train", "align", "", None, lambda: None, lambda: True,
+              makes=str(aligned)),
+        Stage("aligned/eval", "eval", "", None, lambda: None, lambda: True, uses=(str(aligned),)),
+        Stage("cells/sft/train", "train", "", "sft", lambda: None, lambda: True,
+              makes=str(tuned), uses=(str(aligned),)),
+        Stage("cells/sft/eval", "eval", "", "sft", lambda: None, lambda: evaluated["tuned"],
+              uses=(str(tuned),))])
+    assert [s.done() for s in stages] == [False, True, False, False]
+    evaluated["tuned"] = True  # every stage reading the fine-tune done: nothing to remake
+    assert [s.done() for s in stages] == [True, True, True, True]
+    (tuned / "model").mkdir(parents=True)
+    (tuned / "model" / "model.safetensors").write_bytes(b"weights")
+    evaluated["tuned"] = False  # the fine-tune's weights are here: it needs nothing upstream
+    assert [s.done() for s in stages] == [True, True, True, False]
+
+
+def test_dry_run_calls_a_stage_to_do_when_it_will_run_again(tmp_path, monkeypatch):
+    """`--dry-run` says what a run would do: a stage progress.json records as done whose
+    outputs are gone or no longer match the config (an edited eval block) is to do, not done."""
+    from rich.console import Console
+
+    from stayaligned import study
+    from stayaligned.study import Stage, describe
+
+    stages = [Stage(key, "eval", "", None, lambda: None, lambda key=key: key == "kept")
+              for key in ("kept", "edited", "failed", "new")]
+    monkeypatch.setattr(study, "plan", lambda cfg: stages)
+    (tmp_path / "progress.json").write_text(json.dumps(
+        {"kept": {"status": "done"}, "edited": {"status": "done"}, "failed": {"status": "failed"}}))
+    rows = dict(describe(StudyConfig(output_dir=str(tmp_path)), Console(quiet=True)))
+    assert rows["kept"] == "done" and rows["new"] == "to do"
+    assert rows["edited"].startswith("to do again")
+    assert rows["failed"] == "to do (failed before)"
+
+
+def test_depth_runs_again_when_its_model_was_remade_in_place(tmp_path):
+    """A cell retrained in its directory (deleted after a config edit, as a StaleError tells)
+    keeps the size and safetensors header of its weights, all that a large file's identity
+    holds: its new run.json is what tells depth.json was made from the old weights."""
+    from stayaligned.study import _depth_done, _depth_fingerprint
+
+    def run_dir(name):
+        folder = tmp_path / name
+        (folder / "model").mkdir(parents=True)
+        (folder / "model" / "config.json").write_text('{"model_type": "llama"}')
+        (folder / "model" / "model.safetensors").write_bytes(b"weights")
+        (folder / "run.json").write_text('{"status": "complete", "seed": 0}')
+        return str(folder)
+
+    cfg = StudyConfig()
+    base, model, target = run_dir("aligned"), run_dir("sft"), tmp_path / "depth"
+    target.mkdir()
+    (target / "depth.json").write_text(json.dumps(
+        {"kl_mean": [0.1], "fingerprint": _depth_fingerprint(cfg, base, model)}))
+    assert _depth_done(cfg, base, model, target)
+    (tmp_path / "sft" / "run.json").write_text('{"status": "complete", "seed": 1}')
+    assert not _depth_done(cfg, base, model, target)
+    old = {k: v for k, v in _depth_fingerprint(cfg, base, model).items() if k != "records"}
+    (target / "depth.json").write_text(json.dumps({"kl_mean": [0.1], "fingerprint": old}))
+    assert _depth_done(cfg, base, model, target)  # made before records: as before
+
+
+def test_a_kill_while_writing_the_gitignore_leaves_none_torn(tmp_path, monkeypatch):
+    """OUT/.gitignore is written once, when missing: a kill halfway through its write must not
+    leave a torn file that every later run keeps (weights would then be committed to git)."""
+    import io
+    import os
+
+    from rich.console import Console
+
+    from stayaligned.study import GITIGNORE, _run_study
+
+    real_open = io.open
+
+    def killed_halfway(file, *args, **kwargs):
+        handle = real_open(file, *args, **kwargs)
+        name = os.readlink(f"/proc/self/fd/{file}") if isinstance(file, int) else str(file)
+        if ".gitignore" not in name:
+            return handle
+        write = handle.write
+
+        def half(data):
+            write(data[:len(data) // 2])
+            handle.flush()
+            raise KeyboardInterrupt  # as if the process were killed here
+
+        handle.write = half
+        return handle
+
+    cfg = StudyConfig(output_dir=str(tmp_path / "study"), cells=(), evaluate_seed=False)
+    monkeypatch.setattr(io, "open", killed_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        _run_study(cfg, [], None, None, None, Console(quiet=True))
+    monkeypatch.undo()
+    _run_study(cfg, [], None, None, None, Console(quiet=True))
+    assert (tmp_path / "study" / ".gitignore").read_text() == GITIGNORE
+
+
+def test_a_worker_stops_when_the_study_process_that_started_it_is_killed(tmp_path, monkeypatch):
+    """kill -9 of `stayaligned study` with `workers`: its workers stop too, instead of going on
+    as orphans beside the workers a rerun starts on the same cells (two processes on a cell,
+    its log written by both, one failing on the other's lock, twice the memory)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from stayaligned import study
+
+    calls = []
+    monkeypatch.setattr(study.subprocess, "call", lambda cmd, env, **kw: calls.append(env) or 0)
+    study._cell_pool(["a"], ["workers.json"], study.Console(quiet=True), [("slot", {})])
+    assert calls[0][study.PARENT_ENV] == str(os.getpid())
+
+    worker = ("import time; from stayaligned.study import die_with_parent; die_with_parent(); "
+              "print('ready', flush=True); time.sleep(120)")
+    parent = ("import os, subprocess, sys, time; "
+              f"env = {{**os.environ, {study.PARENT_ENV!r}: str(os.getpid())}}; "
+              f"child = subprocess.Popen([sys.executable, '-c', {worker!r}], env=env); "
+              "print(child.pid, flush=True); time.sleep(120)")
+    started = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    child = int(started.stdout.readline())
+    assert started.stdout.readline().strip() == "ready"  # its death signal is set
+
+    def running(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as handle:
+                return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    assert running(child)
+    started.send_signal(signal.SIGKILL)
+    started.wait()
+    deadline = time.time() + 10
+    while running(child) and time.time() < deadline:
+        time.sleep(0.1)
+    alive = running(child)
+    if alive:
+        os.kill(child, signal.SIGKILL)
+    assert not alive
+
+
+def test_a_study_file_that_is_not_json_is_named_with_the_fix(tmp_path):
+    """A committed study's progress.json left with git merge-conflict markers (two machines ran
+    cells), or a stage file torn by a crash: the error names the file (it said only "Expecting
+    value: line 1 column 1 (char 0)")."""
+    from rich.console import Console
+
+    from stayaligned.study import _run_study
+
+    (tmp_path / "progress.json").write_text("<<<<<<< HEAD\n{}\n=======\n{}\n>>>>>>> other\n")
+    cfg = StudyConfig(output_dir=str(tmp_path), cells=(), evaluate_seed=False)
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'progress.json'} is not valid JSON "
+                       r"\(Expecting value\); restore it, or delete it to have it made again: "
+                       r"line 1 column 1"):
+        _run_study(cfg, [], None, None, None, Console(quiet=True))
+
+
+def test_a_cells_run_is_refused_while_another_process_runs_the_study(tmp_path, tiny_model_dir):
+    """`stayaligned study CONFIG --cells X` (or bench/repair_effect.py) while the whole study
+    runs would run X's stages a second time at once: refused, naming the PID, unless the
+    process holding the study's lock is its parent (a worker of that study)."""
+    import os
+
+    from stayaligned.runlock import LockedError, run_lock
+
+    cfg = study_config(tmp_path, tiny_model_dir, "busy", "align=null", "evaluate_seed=false",
+                       "depth.enabled=false")
+    out = tmp_path / "busy"
+    with run_lock(out):  # this process stands for the running study
+        with pytest.raises(LockedError, match=rf"{out} is in use by another stayaligned "
+                           rf"process \(PID {os.getpid()}\)"):
+            run_study(cfg, only=["sft"])
+    assert not (out / "cells").exists()
+
+    from stayaligned.runlock import holder
+
+    assert holder(out) is None
+    with run_lock(out):
+        assert holder(out) == os.getpid()
+
+
+def test_a_finished_run_whose_data_file_was_edited_is_stale(tmp_path):
+    """A local task data file edited between two runs of a study: the finished cell was reused
+    silently (run.json's data digests were compared only on --resume); an archived run (no
+    weights here, its data perhaps generated again) is checked by its config alone."""
+    from stayaligned.config import TrainConfig, build, to_dict
+    from stayaligned.fingerprint import StaleError
+    from stayaligned.runfiles import data_fingerprint
+    from stayaligned.study import _train_done
+
+    data = tmp_path / "task.jsonl"
+    data.write_text('{"instruction": "1 + 1?", "output": "2"}\n')
+    cfg = build(TrainConfig, {"data": [{"source": str(data)}], "output_dir": str(tmp_path / "run")})
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run.json").write_text(json.dumps(
+        {"status": "complete", "config": to_dict(cfg),
+         "data": [data_fingerprint(s, None) for s in cfg.data]}))
+    assert _train_done(cfg)  # archived: no weights here
+    (tmp_path / "run" / "model").mkdir()
+    (tmp_path / "run" / "model" / "model.safetensors").write_bytes(b"weights")
+    assert _train_done(cfg)
+    data.write_text('{"instruction": "2 * 2?", "output": "4"}\n')
+    with pytest.raises(StaleError, match=r"run/run.json: the training data changed since this run "
+                       r"started \(changed: data\.0\.files_sha256\.task\.jsonl; sources: .*task"
+                       r"\.jsonl\), so this finished run was made from other data; restore the "
+                       r"data files it was trained on, or delete that directory to retrain it"):
+        _train_done(cfg)
+    (tmp_path / "run" / "model" / "model.safetensors").unlink()
+    assert _train_done(cfg)

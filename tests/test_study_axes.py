@@ -98,6 +98,16 @@ def test_the_dose_axis_expands_into_one_seed_cells(tmp_path):
         cell_ids(_cfg(tmp_path, "dose={key: optim.rate, values: [1], cells: [sft]}"))
 
 
+def test_two_dose_values_cannot_share_one_run(tmp_path):
+    """Two values that name one run directory (equal, or equal to the 6 significant digits of
+    the run id) would train into one directory: the second failed on a StaleError every run."""
+    for values in ("[5.0e-5, 5.0e-5]", "[1.0e-4, 1.0000001e-4]"):
+        with pytest.raises(ConfigError, match=r"dose.values: two values make the one run "
+                           r"'sft-lr(5e-05|0.0001)'.*list each dose once"):
+            cell_ids(_cfg(tmp_path, "train={optim: {lr: 3.0e-4}}",
+                          f"dose={{key: optim.lr, values: {values}, cells: [sft], seed: 0}}"))
+
+
 def test_depth_set_must_be_disjoint_from_str_and_sap_prompts(tmp_path):
     held_out = _cfg(tmp_path, "depth.disjoint=true",
                     "cells=[{name: str, methods: [str]}, {name: sap, methods: [sap]}]")

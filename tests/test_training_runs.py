@@ -100,3 +100,32 @@ def test_checkpoint_staging_waits_for_every_process(tmp_path, tiny_model_dir, mo
     trainer._save_checkpoint(model, None)
     assert events == ["barrier", "write", "barrier"]
     assert (tmp_path / "run" / "checkpoints" / "checkpoint-1" / "trainer_state.json").is_file()
+
+
+def test_a_run_from_a_base_remade_in_place_is_stale(tmp_path):
+    """A fine-tune of a stayaligned run (a study's aligned seed) deleted and retrained in
+    place: the new base keeps its weights' size and header, all a large file's identity
+    holds, so its run.json is what tells that the fine-tune was made from the old one (a
+    study reused such cells silently); runs recorded before `model_record` pass."""
+    from stayaligned.config import ModelConfig, TrainConfig, to_dict
+    from stayaligned.fingerprint import StaleError, model_identity, run_record
+    from stayaligned.runfiles import write_json
+    from stayaligned.training.run import check_same_run
+
+    base = tmp_path / "aligned"
+    (base / "model").mkdir(parents=True)
+    (base / "model" / "config.json").write_text('{"model_type": "llama"}')
+    (base / "model" / "model.safetensors").write_bytes(b"weights")
+    (base / "run.json").write_text('{"status": "complete", "train_seconds": 10.0}')
+    cfg = TrainConfig(model=ModelConfig(name=str(base)), output_dir=str(tmp_path / "sft"))
+    fingerprint = {"model": model_identity(str(base)), "model_record": run_record(str(base))}
+    write_json(tmp_path / "sft" / "run.json", {"config": to_dict(cfg), "fingerprint": fingerprint})
+    check_same_run(cfg, "fix")
+    (base / "run.json").write_text('{"status": "complete", "train_seconds": 12.0}')  # retrained
+    with pytest.raises(StaleError, match=r"sft/run.json was made with a different setup "
+                       r"\(changed: model_record.sha256\); fix"):
+        check_same_run(cfg, "fix")
+    check_same_run(cfg, "fix", model=False)  # a run whose own weights are archived
+    del fingerprint["model_record"]
+    write_json(tmp_path / "sft" / "run.json", {"config": to_dict(cfg), "fingerprint": fingerprint})
+    check_same_run(cfg, "fix")

@@ -52,11 +52,18 @@ def write_jsonl(path: Path, rows) -> None:
 
 
 def read_json(path: Path) -> dict | None:
-    """The JSON object in `path`, or None if the file does not exist."""
+    """The JSON object in `path`, or None if the file does not exist; a file that is not JSON
+    (a git merge conflict in a committed study, a file torn by a crash) raises a
+    JSONDecodeError (a ValueError) that names it."""
     path = Path(path)
     if not path.is_file():
         return None
-    return json.loads(path.read_text(encoding="utf-8"))
+    text = path.read_text(encoding="utf-8")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise json.JSONDecodeError(f"{path} is not valid JSON ({err.msg}); restore it, or "
+                                   "delete it to have it made again", err.doc, err.pos) from None
 
 
 def recorded_templates(model_dir: str | Path) -> dict:

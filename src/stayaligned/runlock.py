@@ -77,6 +77,21 @@ def run_lock(directory: Path, key: str = "output_dir"):
         handle.close()  # closing the descriptor releases the lock
 
 
+def holder(directory: Path) -> int | None:
+    """The PID a live process holding the lock of `directory` wrote, None when it is free (or
+    without fcntl)."""
+    path = Path(directory) / LOCK_NAME
+    if fcntl is None or not path.is_file():
+        return None
+    with open(path) as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = handle.read().strip()
+            return int(text) if text.isdigit() else None
+    return None  # taken and released at once: nobody holds it
+
+
 def clear_dir(directory: Path) -> None:
     """Delete everything in `directory` except its lock file (used by --overwrite)."""
     import shutil

@@ -30,7 +30,9 @@ simple per-device worker pool, not accelerate: cells are independent jobs, and e
 device). With `workers: N` (CPU) the shared stages run first, then N worker processes take the
 cells in turn, each with cores // N torch threads and its output in logs/<cell>.log. Workers
 run `stayaligned study workers.json --cells ID` on the resolved config the parent wrote, and
-record their stages in the same progress.json under a file lock.
+record their stages in the same progress.json under a file lock. Workers run under their
+parent's lock of the study directory (and stop when it dies); any other run, `--cells` too,
+takes that lock, so two runs never work on one study directory at once.
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ from stayaligned.config import (
     load,
     to_dict,
 )
-from stayaligned.runfiles import machine_info, package_versions, read_json, write_json
+from stayaligned.runfiles import (atomic_write, machine_info, package_versions, read_json,
+                                  write_json)
 
 
 @dataclass
@@ -86,6 +89,11 @@ def cell_ids(cfg: StudyConfig) -> list[tuple[str, object, int]]:
     many = len(cfg.seeds) > 1
     ids = [(f"{c.name}-seed{s}" if many else c.name, c, s) for c in cfg.cells for s in cfg.seeds]
     dose = [(p.run_id, p.config, cfg.dose.seed) for p in _dose_points(cfg) if p.extra]
+    dose_ids = [i for i, _, _ in dose]
+    twice = sorted({i for i in dose_ids if dose_ids.count(i) > 1})
+    if twice:
+        raise ConfigError(f"dose.values: two values make the one run {twice[0]!r} (values equal, "
+                          "or equal to 6 significant digits); list each dose once")
     clash = sorted({i for i, _, _ in dose} & {i for i, _, _ in ids})
     if clash:
         raise ConfigError(f"dose: the dose run {clash[0]!r} has the name of a cell run; rename "
@@ -205,15 +213,19 @@ def _same_config(cfg: TrainConfig) -> None:
 
 
 def _train_done(cfg: TrainConfig) -> bool:
-    from stayaligned.training.run import check_same_run, is_complete
+    from stayaligned.training.run import check_same_data, check_same_run, is_complete
 
     if not is_complete(Path(cfg.output_dir)):
         return False
     # an archived run (its weights not in this checkout) is checked by its config alone: the
     # identity of the base it was trained from cannot be taken once that base is archived or
-    # retrained in another checkout
+    # retrained in another checkout, nor its data once generated again (recovery triplets)
+    own = has_weights(Path(cfg.output_dir))
     check_same_run(cfg, "delete that directory to retrain it, or restore the study config",
-                   model=has_weights(Path(cfg.output_dir)) and _present(cfg.model.name))
+                   model=own and _present(cfg.model.name))
+    if own:
+        check_same_data(cfg, "so this finished run was made from other data; restore the data "
+                             "files it was trained on, or delete that directory to retrain it")
     return True
 
 
@@ -241,15 +253,18 @@ def _run_depth(cfg: StudyConfig, base: str, model: str, target: Path):
 
 
 def _depth_fingerprint(cfg: StudyConfig, base: str, model: str) -> dict:
-    from stayaligned.fingerprint import model_identity
+    from stayaligned.fingerprint import model_identity, run_record
 
     return {"depth": to_dict(cfg.depth), "reference": model_identity(base),
-            "model": model_identity(model)}
+            "model": model_identity(model),
+            "records": {"reference": run_record(base), "model": run_record(model)}}
 
 
 def _depth_done(cfg: StudyConfig, base: str, model: str, target: Path) -> bool:
     """depth.json exists and was made from these two models with these settings (a file
-    from before fingerprints is accepted); a mismatch is a StaleError."""
+    from before fingerprints is accepted); either model remade since (another run.json or
+    repair.json: a large weights file's identity is its size and header only) reruns it, like
+    an evaluation; another setup is a StaleError."""
     from stayaligned.fingerprint import check_same
 
     stored = read_json(target / "depth.json")
@@ -258,8 +273,13 @@ def _depth_done(cfg: StudyConfig, base: str, model: str, target: Path) -> bool:
     if not all(_present(m) for m in (base, model)):
         return True  # archived: computed when the weights were here (they are not hashable now)
     if "fingerprint" in stored:
-        check_same(str(target / "depth.json"), stored["fingerprint"],
-                   _depth_fingerprint(cfg, base, model),
+        now = _depth_fingerprint(cfg, base, model)
+        records = stored["fingerprint"].get("records")  # absent in files from before them
+        if records is not None and records != now["records"]:
+            return False
+        check_same(str(target / "depth.json"),
+                   {k: v for k, v in stored["fingerprint"].items() if k != "records"},
+                   {k: v for k, v in now.items() if k != "records"},
                    {"depth": to_dict(type(cfg.depth)())},
                    "delete it to recompute, or restore the study config")
     return True
@@ -302,13 +322,14 @@ def _archive_aware(stages: list[Stage]) -> list[Stage]:
     in this checkout (the study directory was committed without them), counts as done while
     every stage that reads that model is done; otherwise it runs again from scratch (the
     weights are needed), and a training run records whether it reproduced the archived run's
-    logged losses."""
-    out = []
-    for stage in stages:
+    logged losses. A consumer that itself makes a model counts as done in that same sense: a
+    fine-tune that runs again needs the weights of the model it is trained from."""
+    wrapped: dict[int, Stage] = {}
+    for stage in reversed(stages):  # consumers come after the stage that makes their model
         if stage.makes is None:
-            out.append(stage)
+            wrapped[id(stage)] = stage
             continue
-        consumers = [s for s in stages if stage.makes in s.uses]
+        consumers = [wrapped[id(s)] for s in stages if stage.makes in s.uses]
 
         def done(stage=stage, consumers=consumers) -> bool:
             if not stage.done():
@@ -322,9 +343,9 @@ def _archive_aware(stages: list[Stage]) -> list[Stage]:
                 return _rerun_archived(stage)
             return stage.run()
 
-        out.append(Stage(stage.key, stage.kind, stage.title, stage.cell, run, done,
-                         stage.config, stage.makes, stage.uses))
-    return out
+        wrapped[id(stage)] = Stage(stage.key, stage.kind, stage.title, stage.cell, run, done,
+                                   stage.config, stage.makes, stage.uses)
+    return [wrapped[id(stage)] for stage in stages]
 
 
 def _rerun_archived(stage: Stage):
@@ -470,7 +491,10 @@ def _add_repair(cfg: StudyConfig, out: Path, stages: list, run_id: str, cell, se
         if "strength" not in record or differences(
                 record.get("config", {}), to_dict(rcfg), to_dict(type(rcfg)())):
             return False
-        _same_repair_inputs(record, rcfg.output_dir)
+        # archived (its weights not in this checkout): made from the inputs as they were then,
+        # like an archived fine-tune whose base was retrained since (see _train_done)
+        if has_weights(Path(rcfg.output_dir)):
+            _same_repair_inputs(record, rcfg.output_dir)
         return True
 
     stages.append(Stage(f"cells/{run_id}/repair", "repair",
@@ -671,12 +695,15 @@ def describe(cfg: StudyConfig, console: Console | None = None) -> list[tuple[str
     console = console or Console()
     state = read_json(Path(cfg.output_dir) / "progress.json") or {}
     rows = []
+    before = {"failed": "to do (failed before)", "done": "to do again (its outputs are gone "
+              "or were made from other inputs)", "redo": "to do again (its outputs are gone "
+              "or were made from other inputs)"}
     for stage in plan(cfg):
-        try:
-            status = "done" if stage.done() else state.get(stage.key, {}).get("status", "to do")
+        try:  # progress.json only says why a stage still to do is to do
+            status = "done" if stage.done() else before.get(
+                state.get(stage.key, {}).get("status"), "to do")
         except ConfigError as err:
             status = f"stale: {err}"
-        status = "to do (failed before)" if status == "failed" else status
         rows.append((stage.key, status))
     table = Table(title=f"study {cfg.name}: {cfg.output_dir}")
     for column in ("stage", "status"):
@@ -694,12 +721,38 @@ def run_study(cfg: StudyConfig, *, only: list[str] | None = None, devices: list[
     out = Path(cfg.output_dir)
     stages = plan(cfg)
     check_stages(cfg, stages)
-    if only is None:  # workers (--cells) run under their parent's lock
-        from stayaligned.runlock import run_lock
+    from stayaligned.runlock import holder, run_lock
 
-        with run_lock(out):
-            return _run_study(cfg, stages, only, devices, argv, console)
-    return _run_study(cfg, stages, only, devices, argv, console)
+    if only is not None and holder(out) == os.getppid():  # a worker, under its parent's lock
+        die_with_parent()
+        return _run_study(cfg, stages, only, devices, argv, console)
+    # any other run (a whole study, a `--cells` run of a person or a bench script) holds the
+    # lock: two of them would run the same cells at once
+    with run_lock(out):
+        return _run_study(cfg, stages, only, devices, argv, console)
+
+
+PARENT_ENV = "STAYALIGNED_STUDY_PARENT"  # set by the cell pool: the PID of the study process
+
+
+def die_with_parent() -> None:
+    """A worker started by a study's cell pool stops when that study process dies, killed
+    included (Linux; elsewhere nothing changes): an orphan would go on with its cell beside
+    the worker a rerun of the study starts on the same cell (both writing its log, one failing
+    on the other's lock, twice the memory)."""
+    import signal
+
+    parent = os.environ.get(PARENT_ENV)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not glibc
+        return
+    if os.getppid() != int(parent):  # it died before prctl
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def check_stages(cfg: StudyConfig, stages: list[Stage]) -> None:
@@ -734,9 +787,8 @@ def _run_study(cfg: StudyConfig, stages: list[Stage], only, devices, argv, conso
     unknown = [c for c in only or [] if c not in ids]
     if unknown:
         raise ConfigError(f"--cells: {unknown[0]!r} is not a cell of this study ({', '.join(ids)})")
-    if not (out / ".gitignore").exists():
-        out.mkdir(parents=True, exist_ok=True)
-        (out / ".gitignore").write_text(GITIGNORE)
+    if not (out / ".gitignore").exists():  # atomic: a torn one would be kept, weights committed
+        atomic_write(out / ".gitignore", GITIGNORE)
     if only is None:
         write_json(out / "study.json", {"config": to_dict(cfg), "versions": package_versions(),
                                         "machine": machine_info(),
@@ -823,7 +875,7 @@ def _run_on_workers(cfg: StudyConfig, ids: list[str], console: Console,
 
     out = Path(cfg.output_dir)
     config = out / "workers.json"  # JSON is YAML: the resolved config, paths as given (cwd)
-    config.write_text(json.dumps(to_dict(cfg), indent=1) + "\n")
+    atomic_write(config, json.dumps(to_dict(cfg), indent=1) + "\n")
     threads = str(max(1, (os.cpu_count() or 1) // cfg.workers))
     slot = (f"{threads} thread(s)", {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})
     return _cell_pool(ids, [str(config)], console, [slot] * cfg.workers, logs=out / "logs",
@@ -878,7 +930,7 @@ def _cell_pool(ids: list[str], argv: list[str], console: Console, slots: list[tu
         logs.mkdir(exist_ok=True)
 
     def worker(label: str, extra_env: dict) -> None:
-        env = {**os.environ, **extra_env}
+        env = {**os.environ, **extra_env, PARENT_ENV: str(os.getpid())}
         while (run_id := jobs.take()) is not None:
             cmd = [sys.executable, "-m", "stayaligned", "study", *argv, "--cells", run_id]
             if logs is None:

@@ -244,9 +244,11 @@ def last_complete_checkpoint(ckpt_dir: Path) -> str | None:
 
 def check_same_run(cfg: TrainConfig, fix: str, model: bool = True) -> None:
     """A run directory holds one configuration and one base model: a stored run.json made
-    with other settings (output_dir aside: a moved run is the same run) is a `StaleError`.
+    with other settings (output_dir aside: a moved run is the same run) is a `StaleError`, and
+    so is a base that is a stayaligned run remade since (another run.json: a large weights
+    file's identity is its size and header only; runs from before `model_record` pass).
     `model=False` checks the configuration alone (a run whose base's weights are absent)."""
-    from stayaligned.fingerprint import check_same
+    from stayaligned.fingerprint import ADDED_LATER, check_same, run_record
 
     out = Path(cfg.output_dir)
     manifest = read_json(out / "run.json")
@@ -256,16 +258,25 @@ def check_same_run(cfg: TrainConfig, fix: str, model: bool = True) -> None:
     new = {k: v for k, v in to_dict(cfg).items() if k != "output_dir"}
     defaults = to_dict(type(cfg)())
     check_same(f"{out}/run.json", {"config": old}, {"config": new}, {"config": defaults}, fix)
-    stored = (manifest.get("fingerprint") or {}).get("model")
-    if stored is not None and model:
-        check_same(f"{out}/run.json", {"model": stored}, {"model": _model_identity(cfg)}, fix=fix)
+    stored = manifest.get("fingerprint") or {}
+    if stored.get("model") is not None and model:
+        check_same(f"{out}/run.json",
+                   {"model": stored["model"], "model_record": stored.get("model_record")},
+                   {"model": _model_identity(cfg), "model_record": run_record(cfg.model.name)},
+                   {"model_record": ADDED_LATER}, fix=fix)
 
 
-def check_same_data(cfg: TrainConfig) -> None:
+RESUME_FIX = ("so its checkpoint cannot be resumed on it; restore the data files the run "
+              "started on, or run without --resume and with --overwrite to start over on the "
+              "new data")
+
+
+def check_same_data(cfg: TrainConfig, fix: str = RESUME_FIX) -> None:
     """--resume: the data files are the ones the run started on (run.json's `data` and
     `recovery` fingerprints); a file edited after the kill would otherwise be resumed with the
-    old optimiser state and the old count of batches to skip. A `StaleError` names the source
-    and what changed. Files compare by name and digest, so a moved checkout is the same data."""
+    old optimiser state and the old count of batches to skip (a study checks its finished runs
+    too). A `StaleError` names the source and what changed, then `fix`. Files compare by name
+    and digest, so a moved checkout is the same data."""
     from stayaligned.fingerprint import StaleError, differences
 
     out = Path(cfg.output_dir)
@@ -281,9 +292,7 @@ def check_same_data(cfg: TrainConfig) -> None:
         sources = [s.source for s in cfg.data] + ([cfg.recovery.source] if new["recovery"] else [])
         raise StaleError(
             f"{out}/run.json: the training data changed since this run started (changed: "
-            f"{shown}; sources: {', '.join(sources)}), so its checkpoint cannot be resumed "
-            "on it; restore the data files the run started on, or run without --resume and "
-            "with --overwrite to start over on the new data")
+            f"{shown}; sources: {', '.join(sources)}), {fix}")
 
 
 def _data_identity(fingerprints: dict) -> dict:
@@ -363,6 +372,7 @@ def bind_local_device(device: str) -> None:
 def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
     from transformers import set_seed
 
+    from stayaligned.fingerprint import run_record
     from stayaligned.training.hf_args import quantization_config
     from stayaligned.training.trainer import StayTrainer, check_finite
 
@@ -387,7 +397,8 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
     main = trainer.is_world_process_zero()
     manifest = _manifest(cfg, prep, tokenizer)
     manifest["world_size"] = trainer.args.world_size
-    manifest["fingerprint"] = {"model": _model_identity(cfg)}
+    manifest["fingerprint"] = {"model": _model_identity(cfg),
+                               "model_record": run_record(cfg.model.name)}
     for method in prep["methods"]:
         method.setup({"model": model, "tokenizer": tokenizer, "config": cfg, "output_dir": out,
                       "train_examples": prep["examples"], "trainer": trainer})
