@@ -114,6 +114,35 @@ def test_a_repair_made_from_other_weights_is_stale_not_reused(repair_study):
     assert stage.done()
 
 
+def test_a_repair_counts_its_validation_as_the_benchmarks_it_resolved_to(
+        repair_study, tiny_model_dir, monkeypatch):
+    """A config that pins what a default gave when the repair ran is the same setup (no redo);
+    one that relies on a default changed since is not (no silent reuse of a strength chosen on
+    other prompts); other validation settings compare as written."""
+    from stayaligned.repair import sweep
+
+    cfg, out = repair_study
+    root = out.parent
+
+    def repair_stage(cells):
+        study = study_config(root, tiny_model_dir, "study", cells)
+        return next(s for s in plan(study) if s.key == "cells/sft+resta/repair")
+
+    val_harm = ("{name: val-harm, source: demo-harmful, split: align, kind: harmful, "
+                "limit: 3}")
+    by_default = REPAIR_CELL.replace(f"benchmarks: [{val_harm}], ", "")
+    assert by_default != REPAIR_CELL
+    assert not repair_stage(by_default).done()  # the default is another benchmark
+    default = {**sweep.DEFAULT_VALIDATION, "benchmarks": [
+        {"name": "val-harm", "source": "demo-harmful", "split": "align", "kind": "harmful",
+         "limit": 3}]}
+    monkeypatch.setattr(sweep, "DEFAULT_VALIDATION", default)  # ... as it once was
+    assert repair_stage(by_default).done()
+    assert repair_stage(REPAIR_CELL).done()
+    assert not repair_stage(REPAIR_CELL.replace("limit: 3}", "limit: 2}")).done()
+    assert not repair_stage(REPAIR_CELL.replace("max_new_tokens: 3", "max_new_tokens: 4")).done()
+
+
 def test_an_evaluation_of_a_remade_repair_is_not_reused(repair_study):
     """The repair cell is made again (here: its record changes, as when a wider sweep picks
     another strength into the same directory): its evaluation no longer counts as done, though

@@ -485,11 +485,8 @@ def _add_repair(cfg: StudyConfig, out: Path, stages: list, run_id: str, cell, se
         return run_repair(rcfg)
 
     def done():
-        from stayaligned.fingerprint import differences
-
         record = read_json(Path(rcfg.output_dir) / "repair.json") or {}
-        if "strength" not in record or differences(
-                record.get("config", {}), to_dict(rcfg), to_dict(type(rcfg)())):
+        if "strength" not in record or not _same_repair_setup(record, rcfg):
             return False
         # archived (its weights not in this checkout): made from the inputs as they were then,
         # like an archived fine-tune whose base was retrained since (see _train_done)
@@ -501,6 +498,30 @@ def _add_repair(cfg: StudyConfig, out: Path, stages: list, run_id: str, cell, se
                         f"{run_id}: repair {cell.repair.of} ({cell.repair.method})", run_id, run, done,
                         makes=rcfg.output_dir, uses=(rcfg.model, rcfg.aligned)))
     return rcfg.output_dir
+
+
+def _same_repair_setup(record: dict, rcfg) -> bool:
+    """repair.json was made with this repair config. Its validation counts as the benchmarks it
+    resolved to (repair.json's `validation`, the task hold-out aside), compared with what the
+    config resolves to now: a config that pins what an older default gave is the same setup,
+    and one relying on a default that changed since (the demo requests' align split until
+    0.x) is not; the block's other settings compare as written."""
+    from stayaligned.config import BenchmarkConfig
+    from stayaligned.fingerprint import differences
+    from stayaligned.repair.sweep import validation_config
+
+    old, new = dict(record.get("config", {})), to_dict(rcfg)
+    if "validation" in record:
+        resolved = to_dict(validation_config(rcfg, rcfg.aligned, Path(rcfg.output_dir), None))
+        now = resolved["benchmarks"]
+        then = [b for b in record["validation"] if b.get("name") != "task-holdout"]
+        if len(now) != len(then) or any(differences(a, b, to_dict(BenchmarkConfig()))
+                                        for a, b in zip(then, now)):
+            return False
+        old["validation"] = {k: v for k, v in (old.get("validation") or {}).items()
+                             if k != "benchmarks"}
+        new["validation"] = {k: v for k, v in new["validation"].items() if k != "benchmarks"}
+    return not differences(old, new, to_dict(type(rcfg)()))
 
 
 def _same_repair_inputs(record: dict, where: str) -> None:
