@@ -33,10 +33,11 @@ def test_eval_stages_follow_each_cells_templates(tmp_path):
     assert result["stages_s"]["cells/str/eval"] == pytest.approx(one + 10.0, abs=2)
     assert result["stages_s"]["seed/eval-native-safe"] == result["stages_s"]["seed/eval"]
     # a repair cell sweeps instead of training: merge's 9 strengths + the aligned model, each
-    # validation eval = 110 demo requests in 4 batches x 60 s, the 50-item hold-out in 2 batches
+    # validation eval = the 44 demo requests of the default validation in 2 batches x 60 s,
+    # the 50-item hold-out in 2 batches
     # of 8 tokens (2 x 100 x 8/64) and 2 loss passes (2 x 5 x 32/8), + a load; + 9 writes
     stages = result["stages_s"]
     assert "cells/sft+merge/train" not in stages
-    per_eval = 4 * 60 + 2 * 100 * 8 / 64 + 2 * 5 * 32 / 8 + 10
+    per_eval = 2 * 60 + 2 * 100 * 8 / 64 + 2 * 5 * 32 / 8 + 10
     assert stages["cells/sft+merge/repair"] == pytest.approx(10 * per_eval + 9 * 10, abs=2)
     assert stages["cells/sft+safe_delta/repair"] == pytest.approx(7 * per_eval + 6 * 10, abs=2)
