@@ -245,7 +245,7 @@ def test_unknown_dataset_lists_known_names():
 
 
 def test_registry_has_required_specs():
-    required = {"gsm8k", "advbench", "xstest", "hex-phi", "samsum", "alpaca",
+    required = {"gsm8k", "advbench", "xstest", "hex-phi", "samsum", "alpaca", "alpaca-full",
                 "safety-tuned-llamas", "directharm4", "gsm-danger", "strongreject", "catqa"}
     assert required <= set(DATASETS)
     assert spec("HEx_PHI") is DATASETS["hex-phi"]
@@ -258,6 +258,12 @@ def test_local_only_dataset_without_copy_explains(tmp_path):
     with pytest.raises(DataError, match=r"not on the Hugging Face Hub.*"
                                         r"safety_tuned_llamas_safety_only.json"):
         resolve("safety-tuned-llamas", data_dir=tmp_path)
+    # Qi et al.'s Alpaca subset never falls back to the full 52k set on the Hub: one name, one
+    # dataset on every machine
+    with pytest.raises(DataError, match=r"not on the Hugging Face Hub.*"
+                                        r"alpaca_safety_keyword_subset.json.*alpaca-full"):
+        resolve("alpaca", data_dir=tmp_path)
+    assert spec("alpaca-full").hub_id == "tatsu-lab/alpaca"
 
 
 needs_shared = pytest.mark.skipif(

@@ -146,14 +146,29 @@ DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (
                     "data (no copy here). Public code loads the Hub copy with trust_remote_code=True (a "
                     "loading script, which recent `datasets` versions no longer run), so "
                     "prefer a local copy."),
+    # `alpaca` is the subset only: with the Hub id beside it, the same name read 1,904 examples
+    # where data_dir held the file and 52k elsewhere, so one config trained on other data on
+    # another machine; the full set has its own name
     DatasetSpec(
-        name="alpaca", hub_id="tatsu-lab/alpaca", hub_config=None, split="train",
+        name="alpaca", hub_id=None, hub_config=None, split="train",
         local_files={"train": "alpaca_safety_keyword_subset.json"},
         fields=Fields(user=("instruction", "input"), assistant="output"),
         kind="benign", license="CC-BY-NC-4.0",
-        description="Stanford Alpaca instructions (instruction + input -> output). Note: the "
-                    "local file is the 1,904-example safety-keyword subset used by Qi et al. "
-                    "2023, not the full 52k set the Hub id provides."),
+        description="Qi et al. 2023's 1,904 Stanford Alpaca examples that a broad keyword "
+                    "filter flagged (instruction + input -> output; mostly ordinary helpful "
+                    "instructions). Not on the Hub: download "
+                    "llama2/ft_datasets/alpaca_dataset/alpaca_data_safety_only.json from the "
+                    "GitHub repo LLM-Tuning-Safety/LLMs-Finetuning-Safety and save it in "
+                    "data_dir as alpaca_safety_keyword_subset.json. For the full 52k Stanford "
+                    "Alpaca, use alpaca-full (tatsu-lab/alpaca)."),
+    DatasetSpec(
+        name="alpaca-full", hub_id="tatsu-lab/alpaca", hub_config=None, split="train",
+        local_files={"train": "alpaca_data.json"},
+        fields=Fields(user=("instruction", "input"), assistant="output"),
+        kind="benign", license="CC-BY-NC-4.0",
+        description="Stanford Alpaca, all 52,002 instructions (instruction + input -> output); "
+                    "local copy: the release's alpaca_data.json. Qi et al.'s keyword subset is "
+                    "`alpaca`."),
     DatasetSpec(
         name="safety-tuned-llamas", hub_id=None, hub_config=None, split="train",
         local_files={"train": "safety_tuned_llamas_safety_only.json"},
