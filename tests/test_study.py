@@ -463,6 +463,34 @@ def test_a_kill_while_writing_the_gitignore_leaves_none_torn(tmp_path, monkeypat
     assert (tmp_path / "study" / ".gitignore").read_text() == GITIGNORE
 
 
+def test_a_cell_whose_worker_cannot_start_fails_and_the_pool_goes_on(tmp_path, monkeypatch):
+    """An OSError starting a cell's worker (no memory to fork, say) fails that cell and the cells
+    after it; the other cells still run and the pool returns (the thread died: the study said
+    success without the cell, and a repair waiting for it waited for good)."""
+    import threading
+
+    from stayaligned import study
+
+    ran = []
+
+    def call(cmd, env, **kw):
+        if cmd[-1] == "sft":
+            raise OSError(12, "Cannot allocate memory")
+        ran.append(cmd[-1])
+        return 0
+
+    monkeypatch.setattr(study.subprocess, "call", call)
+    result = {}
+    pool = threading.Thread(target=lambda: result.update(failed=study._cell_pool(
+        ["sft", "other", "sft+merge"], ["workers.json"], study.Console(quiet=True),
+        [("slot", {})], logs=tmp_path / "logs", after={"sft+merge": {"sft"}})), daemon=True)
+    pool.start()
+    pool.join(timeout=60)
+    assert not pool.is_alive(), "the pool waited for a cell whose worker never started"
+    assert ran == ["other"]
+    assert sorted(result["failed"]) == ["cells/sft", "cells/sft+merge"]
+
+
 def test_a_worker_stops_when_the_study_process_that_started_it_is_killed(tmp_path, monkeypatch):
     """kill -9 of `stayaligned study` with `workers`: its workers stop too, instead of going on
     as orphans beside the workers a rerun starts on the same cells (two processes on a cell,

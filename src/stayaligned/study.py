@@ -945,35 +945,50 @@ def _cell_pool(ids: list[str], argv: list[str], console: Console, slots: list[tu
     --cells ID` for the next cell until none is left, a cell only after the cells it needs
     (`after`: a repair after its fine-tune); with `logs`, each cell's output goes to
     LOGS/ID.log instead of the console; with `progress`, a line of stages done and time left
-    after each cell. Returns the cells that failed."""
+    after each cell. Returns the cells that failed. A cell whose worker process could not be
+    started (an OSError: no memory to fork, its log not writable) counts as failed, and the
+    pool goes on: a thread that died there left the cell neither done nor failed, the study
+    reporting success without it, and the cells after it waiting for good."""
     jobs = _Queue(ids, after or {})
     if logs is not None:
         logs.mkdir(exist_ok=True)
 
+    def run_cell(run_id: str, label: str, env: dict) -> int:
+        cmd = [sys.executable, "-m", "stayaligned", "study", *argv, "--cells", run_id]
+        if logs is None:
+            console.print(f"[bold]{label}[/bold]: cell {run_id}")
+            return subprocess.call(cmd, env=env)
+        log = logs / f"{run_id}.log"
+        console.print(f"[bold]cell {run_id}[/bold]: started ({label}; output in {log})")
+        started = time.time()
+        with open(log, "w") as handle:
+            code = subprocess.call(cmd, env=env, stdout=handle, stderr=subprocess.STDOUT)
+        seconds = time.time() - started
+        console.print(f"[red]cell {run_id}: failed after {seconds:.0f} s; see {log}[/red]"
+                      if code != 0 else f"cell {run_id}: done in {seconds:.0f} s")
+        return code
+
     def worker(label: str, extra_env: dict) -> None:
         env = {**os.environ, **extra_env, PARENT_ENV: str(os.getpid())}
         while (run_id := jobs.take()) is not None:
-            cmd = [sys.executable, "-m", "stayaligned", "study", *argv, "--cells", run_id]
-            if logs is None:
-                console.print(f"[bold]{label}[/bold]: cell {run_id}")
-                code = subprocess.call(cmd, env=env)
-            else:
-                log = logs / f"{run_id}.log"
-                console.print(f"[bold]cell {run_id}[/bold]: started ({label}; output in {log})")
-                started = time.time()
-                with open(log, "w") as handle:
-                    code = subprocess.call(cmd, env=env, stdout=handle, stderr=subprocess.STDOUT)
-                seconds = time.time() - started
-                console.print(f"[red]cell {run_id}: failed after {seconds:.0f} s; see {log}[/red]"
-                              if code != 0 else f"cell {run_id}: done in {seconds:.0f} s")
-            jobs.finish(run_id, code == 0)
+            code = 1
+            try:
+                code = run_cell(run_id, label, env)
+            except Exception as err:  # noqa: BLE001 - the cell failed; the pool goes on
+                console.print(f"[red]cell {run_id}: could not be run ({type(err).__name__}: "
+                              f"{err}); run the same command again to retry it[/red]")
+            finally:
+                jobs.finish(run_id, code == 0)
             if progress is not None:
-                with progress.lock:
-                    progress.state = read_json(progress.path) or {}
-                    left = progress.not_done()
-                console.print(f"[dim]{len(progress.stages) - len(left)} of "
-                              f"{len(progress.stages)} stages done; "
-                              f"{progress.eta(left, len(slots))}[/dim]")
+                try:
+                    with progress.lock:
+                        progress.state = read_json(progress.path) or {}
+                        left = progress.not_done()
+                    console.print(f"[dim]{len(progress.stages) - len(left)} of "
+                                  f"{len(progress.stages)} stages done; "
+                                  f"{progress.eta(left, len(slots))}[/dim]")
+                except Exception as err:  # noqa: BLE001 - a progress line is not worth a cell
+                    console.print(f"[dim]progress unknown ({err})[/dim]")
 
     pool = [threading.Thread(target=worker, args=slot) for slot in slots[:max(1, len(ids))]]
     for t in pool:
