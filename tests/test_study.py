@@ -400,6 +400,20 @@ def test_dry_run_calls_a_stage_to_do_when_it_will_run_again(tmp_path, monkeypatc
     assert rows["failed"] == "to do (failed before)"
 
 
+def test_dry_run_with_cells_lists_the_shared_stages_and_those_cells(tmp_path, tiny_model_dir):
+    from rich.console import Console
+
+    from stayaligned.study import describe
+
+    cfg = study_config(tmp_path, tiny_model_dir)
+    every = [key for key, _ in describe(cfg, Console(quiet=True))]
+    keys = [key for key, _ in describe(cfg, Console(quiet=True), only=["ptst"])]
+    assert keys == [k for k in every if not k.startswith("cells/") or k.startswith("cells/ptst/")]
+    assert any(k.startswith("cells/sft/") for k in every) and "cells/ptst/train" in keys
+    with pytest.raises(ConfigError, match="--cells: 'nope' is not a cell of this study"):
+        describe(cfg, Console(quiet=True), only=["nope"])
+
+
 def test_depth_runs_again_when_its_model_was_remade_in_place(tmp_path):
     """A cell retrained in its directory (deleted after a config edit, as a StaleError tells)
     keeps the size and safetensors header of its weights, all that a large file's identity

@@ -257,7 +257,8 @@ def _dispatch(args) -> int:
         if args.dry_run:
             from stayaligned.study import describe
 
-            describe(load(StudyConfig, path, overrides))
+            describe(load(StudyConfig, path, overrides),
+                     only=args.cells.split(",") if args.cells else None)
             return 0
         result = run_study(
             load(StudyConfig, path, overrides),

@@ -709,17 +709,22 @@ def memory_mb() -> dict:
         return {}
 
 
-def describe(cfg: StudyConfig, console: Console | None = None) -> list[tuple[str, str]]:
-    """The stages and whether each is done, without running anything (`--dry-run`)."""
+def describe(cfg: StudyConfig, console: Console | None = None,
+             only: list[str] | None = None) -> list[tuple[str, str]]:
+    """The stages and whether each is done, without running anything (`--dry-run`); with
+    `only` (`--cells`), the shared stages and those cells' stages, as such a run would see."""
     from rich.table import Table
 
     console = console or Console()
+    _check_cells(cfg, only)
     state = read_json(Path(cfg.output_dir) / "progress.json") or {}
     rows = []
     before = {"failed": "to do (failed before)", "done": "to do again (its outputs are gone "
               "or were made from other inputs)", "redo": "to do again (its outputs are gone "
               "or were made from other inputs)"}
     for stage in plan(cfg):
+        if only is not None and stage.cell is not None and stage.cell not in only:
+            continue
         try:  # progress.json only says why a stage still to do is to do
             status = "done" if stage.done() else before.get(
                 state.get(stage.key, {}).get("status"), "to do")
@@ -802,12 +807,18 @@ def check_stages(cfg: StudyConfig, stages: list[Stage]) -> None:
             raise ConfigError(where + str(err)) from None
 
 
-def _run_study(cfg: StudyConfig, stages: list[Stage], only, devices, argv, console) -> dict:
-    out = Path(cfg.output_dir)
+def _check_cells(cfg: StudyConfig, only: list[str] | None) -> list[str]:
+    """The study's cell ids; a ConfigError naming an id of `only` (`--cells`) that is not one."""
     ids = [run_id for run_id, _, _ in cell_ids(cfg)]
     unknown = [c for c in only or [] if c not in ids]
     if unknown:
         raise ConfigError(f"--cells: {unknown[0]!r} is not a cell of this study ({', '.join(ids)})")
+    return ids
+
+
+def _run_study(cfg: StudyConfig, stages: list[Stage], only, devices, argv, console) -> dict:
+    out = Path(cfg.output_dir)
+    ids = _check_cells(cfg, only)
     if not (out / ".gitignore").exists():  # atomic: a torn one would be kept, weights committed
         atomic_write(out / ".gitignore", GITIGNORE)
     if only is None:
