@@ -89,6 +89,20 @@ def test_empty_and_overlong_examples_are_reported_not_dropped_silently(tokenizer
         render_dataset(tokenizer, [long], get_template("native"), 100, "error")
 
 
+def test_examples_whose_own_system_message_the_template_drops_are_reported(tokenizer):
+    """native keeps an example's system message; native:safe writes its own and string
+    templates write theirs or none: the example's is not rendered, and the report says so."""
+    own = Example("sys:1", ({"role": "system", "content": "You summarise dialogs."},
+                            *EX.messages))
+    for name, dropped in (("native", []), ("native:safe", ["sys:1"]),
+                          ("native:nosys", ["sys:1"]), ("text:vanilla", ["sys:1"])):
+        items, report = render_dataset(tokenizer, [EX, own], get_template(name), 512)
+        assert report.system_replaced == dropped, name
+        assert ("You summarise dialogs." in items[1].text) == (not dropped), name
+        assert any("sys:1" in line and "system message" in line
+                   for line in report.summary()) == bool(dropped), name
+
+
 def test_show_mask_marks_trained_span(tokenizer):
     shown = show_mask(tokenizer, render_for_training(tokenizer, EX, get_template("native")))
     assert "assistant\n⟦2 + 3 = 5.\n#### 5<|im_end|>\n⟧" in shown

@@ -37,6 +37,8 @@ class RenderReport:
     too_long: list[str] = field(default_factory=list)
     truncated: list[str] = field(default_factory=list)
     empty_mask: list[str] = field(default_factory=list)
+    # kept, but rendered without their own system message (the template writes its own or none)
+    system_replaced: list[str] = field(default_factory=list)
 
     def summary(self, first: int = 5) -> list[str]:
         lines = []
@@ -44,6 +46,9 @@ class RenderReport:
             ("longer than max_length, dropped", self.too_long),
             ("longer than max_length, truncated", self.truncated),
             ("with no assistant tokens to train on, dropped", self.empty_mask),
+            ("with a system message of their own that the template does not render (it writes "
+             "its own system prompt or none; the `native` template keeps theirs)",
+             self.system_replaced),
         ]:
             if ids:
                 shown = ", ".join(ids[:first]) + (" ..." if len(ids) > first else "")
@@ -56,6 +61,7 @@ class RenderReport:
             "too_long": self.too_long,
             "truncated": self.truncated,
             "empty_mask": self.empty_mask,
+            "system_replaced": self.system_replaced,
         }
 
 
@@ -281,6 +287,9 @@ def render_dataset(
         raise ValueError(f"overlong={overlong!r}: choose drop, truncate or error")
     report, out = RenderReport(), []
     for example in examples:
+        if any(m["role"] == "system" for m in example.messages) and (
+                template.kind == "string" or template.system != KEEP):
+            report.system_replaced.append(example.id)
         item = render_for_training(tokenizer, example, template, loss_on)
         if len(item.input_ids) > max_length:
             if overlong == "error":
