@@ -400,6 +400,25 @@ def test_dry_run_calls_a_stage_to_do_when_it_will_run_again(tmp_path, monkeypatc
     assert rows["failed"] == "to do (failed before)"
 
 
+def test_a_stage_found_done_again_keeps_its_measured_seconds(tmp_path):
+    """A stage reconciled to `redo` that turns out done when it runs (an archived model found
+    usable) keeps the seconds it was measured with: the time-left estimate uses them."""
+    from rich.console import Console
+
+    from stayaligned.study import Progress, Stage, run_stage
+
+    stage = Stage("cells/a/eval", "eval", "", "a", lambda: None, lambda: True)
+    fresh = Stage("cells/b/eval", "eval", "", "b", lambda: None, lambda: True)
+    (tmp_path / "progress.json").write_text(json.dumps({"cells/a/eval": {
+        "kind": "eval", "status": "redo", "seconds": 600.0, "cpu_seconds": 590.0}}))
+    progress = Progress(tmp_path, [stage, fresh], Console(quiet=True))
+    assert run_stage(stage, progress) and run_stage(fresh, progress)
+    state = json.loads((tmp_path / "progress.json").read_text())
+    assert state["cells/a/eval"] == {"kind": "eval", "status": "done", "seconds": 600.0,
+                                     "cpu_seconds": 590.0, "reused": True}
+    assert state["cells/b/eval"]["seconds"] is None and state["cells/b/eval"]["reused"]
+
+
 def test_dry_run_with_cells_lists_the_shared_stages_and_those_cells(tmp_path, tiny_model_dir):
     from rich.console import Console
 

@@ -653,8 +653,10 @@ def run_stage(stage: Stage, progress: Progress) -> bool:
     started, cpu_started = time.time(), cpu_seconds()
     try:
         if stage.done():
-            if progress.state.get(stage.key, {}).get("status") != "done":
-                progress.record(stage, status="done", seconds=None, reused=True)
+            before = progress.state.get(stage.key, {})
+            if before.get("status") != "done":  # a `redo` found done keeps its measured time
+                kept = {k: before[k] for k in ("seconds", "cpu_seconds") if k in before}
+                progress.record(stage, status="done", **{"seconds": None, **kept}, reused=True)
             return True
         stage.run()
     except KeyboardInterrupt:
