@@ -142,6 +142,9 @@ def _repair_words(spec: dict) -> str:
     ...                "target_kept": 0.95, "on_miss": "best", "reference": "base",
     ...                "task_holdout": 100})
     'resta repair of sft (reference base): the weakest of strengths 0, 0.5, 1 keeping >= 95% of the aligned refusal rate on validation data, else the best; task hold-out 100'
+    >>> _repair_words({"method": "merge", "of": "sft", "target_refusal": 0.9, "validation": {
+    ...     "benchmarks": [{"name": "v", "source": "demo-harmful", "split": "align"}]}})
+    "merge repair of sft: the weakest of the method's default strengths refusing >= 90% on validation data (demo-harmful, split align)"
     """
     method = spec.get("method", "merge")
     head = f"{method} repair of {spec.get('of')}"
@@ -150,12 +153,15 @@ def _repair_words(spec: dict) -> str:
             f", DARE p {spec['dare_p']}" if spec.get("dare_p") else "") + ")"
     sweep = (f"strengths {_value(spec['strengths'])}" if spec.get("strengths")
              else "the method's default strengths")
+    benches = (spec.get("validation") or {}).get("benchmarks") or []
+    data = "validation data" + (" (" + "; ".join(
+        f"{b.get('source') or b.get('name')}" + (f", split {b['split']}" if b.get("split") else "")
+        for b in benches) + ")" if benches else "")
     if spec.get("target_kept") is not None:
         rule = (f"the weakest of {sweep} keeping >= {spec['target_kept']:.0%} of the aligned "
-                "refusal rate on validation data")
+                f"refusal rate on {data}")
     elif spec.get("target_refusal") is not None:
-        rule = (f"the weakest of {sweep} refusing >= {spec['target_refusal']:.0%} on "
-                "validation data")
+        rule = f"the weakest of {sweep} refusing >= {spec['target_refusal']:.0%} on {data}"
     else:
         rule = f"strength {spec.get('strength', 'the default')}"
     if rule.startswith("the weakest") and spec.get("on_miss") == "best":
