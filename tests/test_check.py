@@ -105,3 +105,24 @@ def test_a_harmful_benchmark_or_metric_on_one_side_only_fails():
                                                           ("attack_success_rate", True)]
     rows = compare(metrics(2, 2), metrics(18, 20), 5, 5)  # 2 items against 20
     assert not any(r["passed"] for r in rows) and "different numbers of items" in rows[0]["error"]
+
+
+def test_overwrite_recomputes_and_an_error_leaves_no_earlier_report(tmp_path, tiny_model_dir):
+    """A stale evaluation's error said "pass --overwrite", which check did not accept; and the
+    error left the last run's check.json and JUnit XML (both passing) in place for CI to read."""
+    result, report, _ = run_check(tmp_path, model_refusals=8, model_dir=tiny_model_dir)
+    assert result.returncode == 1 and not report["passed"]
+    out, config = tmp_path / "check-8", tmp_path / "eval.yaml"
+    (out / "junit.xml").write_text('<testsuite failures="0"/>')
+    (out / "check.json").write_text('{"passed": true}')
+    base = [sys.executable, "-m", "stayaligned.cli", "check", str(config), "--model",
+            str(tiny_model_dir), "--baseline", str(tiny_model_dir), "--output", str(out),
+            "--junit", str(out / "junit.xml")]
+    broken = subprocess.run(base + ["generation.max_new_tokens=0"], capture_output=True, text=True)
+    assert broken.returncode == 2, broken.stderr
+    assert not (out / "check.json").exists() and not (out / "junit.xml").exists()
+    # the same model on both sides, generated afresh: the drop the constructed files showed is gone
+    result = subprocess.run(base + ["generation.max_new_tokens=2", "--overwrite"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "check.json").read_text())["passed"]

@@ -97,14 +97,17 @@ def compare(model_metrics: dict, baseline_metrics: dict, max_refusal_drop: float
 
 
 def run_check(model: str, baseline: str, eval_cfg: EvalConfig, output: Path,
-              max_refusal_drop: float, max_asr_rise: float) -> dict:
+              max_refusal_drop: float, max_asr_rise: float, overwrite: bool = False) -> dict:
+    """Evaluate both models and compare them; `overwrite` recomputes both evaluations. An
+    earlier check.json is deleted first, so an error leaves no report saying it passed."""
     from stayaligned.evaluation.run import evaluate
 
+    (Path(output) / "check.json").unlink(missing_ok=True)
     results = {}
     for role, name in (("model", model), ("baseline", baseline)):
         cfg = replace(eval_cfg, model=replace(eval_cfg.model, name=name),
                       output_dir=str(Path(output) / role))
-        results[role] = evaluate(cfg)
+        results[role] = evaluate(cfg, overwrite=overwrite)
     rows = compare(results["model"], results["baseline"], max_refusal_drop, max_asr_rise)
     if not rows:
         raise ValueError("check: the eval config has no harmful benchmark to compare")
