@@ -126,3 +126,16 @@ def test_overwrite_recomputes_and_an_error_leaves_no_earlier_report(tmp_path, ti
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert json.loads((out / "check.json").read_text())["passed"]
+
+
+def test_a_limit_that_is_not_a_finite_number_of_points_is_an_error(tmp_path):
+    """--max-asr-rise inf passed every row and nan failed every row, both without a word."""
+    (tmp_path / "eval.yaml").write_text("benchmarks: []\n")
+    for flag, value in (("--max-asr-rise", "inf"), ("--max-refusal-drop", "nan"),
+                        ("--max-refusal-drop", "-5")):
+        result = subprocess.run(
+            [sys.executable, "-m", "stayaligned.cli", "check", str(tmp_path / "eval.yaml"),
+             "--model", "m", "--baseline", "b", "--output", str(tmp_path / "out"), flag, value],
+            capture_output=True, text=True)
+        assert result.returncode == 2 and f"{flag} {float(value)} must be a finite" in result.stderr, \
+            result.stderr

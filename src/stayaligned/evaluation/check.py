@@ -12,6 +12,7 @@ different numbers of items) fails its row. Exit code: 0 pass, 1 fail.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
@@ -103,6 +104,10 @@ def run_check(model: str, baseline: str, eval_cfg: EvalConfig, output: Path,
     from stayaligned.evaluation.run import evaluate
 
     (Path(output) / "check.json").unlink(missing_ok=True)
+    for flag, limit in (("--max-refusal-drop", max_refusal_drop), ("--max-asr-rise", max_asr_rise)):
+        if not 0 <= limit < math.inf:  # NaN failed every row, inf passed every row
+            raise ValueError(f"check: {flag} {limit} must be a finite number of points >= 0 "
+                             "(5 = 5 percentage points)")
     results = {}
     for role, name in (("model", model), ("baseline", baseline)):
         cfg = replace(eval_cfg, model=replace(eval_cfg.model, name=name),
