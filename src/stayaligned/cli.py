@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--max-asr-rise", type=float, default=5.0, help="points (default 5)")
     check.add_argument("--output", default="runs/check", help="evaluations and check.json")
     check.add_argument("--junit", help="also write a JUnit XML report here")
+    check.add_argument("--overwrite", action="store_true",
+                       help="recompute both evaluations under --output instead of reusing them")
 
     depth = sub.add_parser("depth", help="per-token KL between a seed and a fine-tuned model")
     depth.add_argument("--seed", required=True, help="the seed (reference) model")

@@ -160,8 +160,11 @@ def check(args, eval_cfg: EvalConfig) -> int:
     """The safety gate; returns the exit code (0 pass, 1 fail)."""
     from stayaligned.evaluation.check import run_check, write_junit
 
+    if args.junit:  # an error below must not leave an earlier run's report to be read
+        Path(args.junit).unlink(missing_ok=True)
     report = run_check(args.model, args.baseline, eval_cfg, Path(args.output),
-                       args.max_refusal_drop, args.max_asr_rise)
+                       args.max_refusal_drop, args.max_asr_rise,
+                       overwrite=args.overwrite)
     table = Table(title=f"stayaligned check: {args.model} vs {args.baseline} ({eval_cfg.judge} judge)")
     for column in ("benchmark", "metric", "model", "baseline", "change [95% CI]", "limit", "result"):
         table.add_column(column)
