@@ -67,6 +67,7 @@ def test_a_drop_of_exactly_the_limit_passes_in_both_directions():
         limit = 100 * (before - after) / n
         rows = compare(metrics(after, n), metrics(before, n), limit, limit)
         assert [r["passed"] for r in rows] == [True, True], (before, after, rows)
+        assert [r["items"] for r in rows] == [n, n]  # what each rate is over, in check.json
         rows = compare(metrics(after - 1, n), metrics(before, n), limit, limit)
         assert [r["passed"] for r in rows] == [False, False], (before, after, rows)
 

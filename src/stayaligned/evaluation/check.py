@@ -90,7 +90,8 @@ def compare(model_metrics: dict, baseline_metrics: dict, max_refusal_drop: float
             worse_by = round(100 * diff * sign, 9)
             rows.append({
                 "benchmark": name, "metric": metric, "model": mine[metric]["value"],
-                "baseline": base[metric]["value"], "difference": diff,
+                "baseline": base[metric]["value"], "items": mine[metric]["n"],
+                "difference": diff,
                 "difference_ci": [low, high], "worse_by_points": round(worse_by, 2),
                 "limit_points": limit, "passed": worse_by <= limit,
             })
