@@ -515,8 +515,8 @@ def _same_repair_setup(record: dict, rcfg) -> bool:
         resolved = to_dict(validation_config(rcfg, rcfg.aligned, Path(rcfg.output_dir), None))
         now = resolved["benchmarks"]
         then = [b for b in record["validation"] if b.get("name") != "task-holdout"]
-        if len(now) != len(then) or any(differences(a, b, to_dict(BenchmarkConfig()))
-                                        for a, b in zip(then, now)):
+        defaults = to_dict(BenchmarkConfig())
+        if len(now) != len(then) or any(differences(a, b, defaults) for a, b in zip(then, now)):
             return False
         old["validation"] = {k: v for k, v in (old.get("validation") or {}).items()
                              if k != "benchmarks"}

@@ -58,6 +58,8 @@ class DatasetSpec:
 
 
 _PROMPT_ONLY = {"assistant": None}
+# Alpaca's layout (instruction + input -> output), shared by the Alpaca sets and Safety-Tuned LLaMAs
+_INSTRUCTION_FIELDS = Fields(user=("instruction", "input"), assistant="output")
 
 # HEx-PHI's file -> category. The names are Qi et al. 2023's 11 categories (from the OpenAI and
 # Meta usage policies). The file numbering of 1-6 and 9-11 agrees across the public loaders we
@@ -152,7 +154,7 @@ DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (
     DatasetSpec(
         name="alpaca", hub_id=None, hub_config=None, split="train",
         local_files={"train": "alpaca_safety_keyword_subset.json"},
-        fields=Fields(user=("instruction", "input"), assistant="output"),
+        fields=_INSTRUCTION_FIELDS,
         kind="benign", license="CC-BY-NC-4.0",
         description="Qi et al. 2023's 1,904 Stanford Alpaca examples that a broad keyword "
                     "filter flagged (instruction + input -> output; mostly ordinary helpful "
@@ -164,7 +166,7 @@ DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (
     DatasetSpec(
         name="alpaca-full", hub_id="tatsu-lab/alpaca", hub_config=None, split="train",
         local_files={"train": "alpaca_data.json"},
-        fields=Fields(user=("instruction", "input"), assistant="output"),
+        fields=_INSTRUCTION_FIELDS,
         kind="benign", license="CC-BY-NC-4.0",
         description="Stanford Alpaca, all 52,002 instructions (instruction + input -> output); "
                     "local copy: the release's alpaca_data.json. Qi et al.'s keyword subset is "
@@ -172,7 +174,7 @@ DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (
     DatasetSpec(
         name="safety-tuned-llamas", hub_id=None, hub_config=None, split="train",
         local_files={"train": "safety_tuned_llamas_safety_only.json"},
-        fields=Fields(user=("instruction", "input"), assistant="output"),
+        fields=_INSTRUCTION_FIELDS,
         kind="safety", license="CC-BY-NC-4.0",
         description="2,483 harmful instructions with safe responses (Bianchi et al. 2024), the "
                     "safety data PTST mixes into fine-tuning. Not on the Hub: download "
