@@ -467,3 +467,24 @@ def test_the_tokenizers_end_token_also_stops_generation(tmp_path, tiny_model_dir
     metrics = evaluate(eval_config(tmp_path, model_dir))
     assert seen and all(kw["eos_token_id"] == [0, end] for kw in seen)
     assert metrics["decoding"]["harm"]["eos_token_id"] == [0, end]
+
+
+def test_stage_files_without_a_fingerprint_are_not_reused(tmp_path, tiny_model_dir):
+    """The fingerprint is written before the first row, so rows without one were made elsewhere
+    (a copied directory, a deleted fingerprint.json): reusing them would score another model's
+    answers under this one's name (check's baseline/model directories in particular)."""
+    import pytest
+
+    from stayaligned.evaluation.stage_prints import FILE
+    from stayaligned.fingerprint import StaleError
+
+    cfg = eval_config(tmp_path, tiny_model_dir)
+    first = evaluate(cfg)
+    (tmp_path / "eval" / FILE).unlink()
+    with pytest.raises(StaleError, match=r"eval have no fingerprint\.json.*--overwrite"):
+        evaluate(cfg)
+    assert evaluate(cfg, overwrite=True)["benchmarks"] == first["benchmarks"]
+    (tmp_path / "eval" / FILE).unlink()
+    (tmp_path / "eval" / "generations.jsonl").unlink()
+    (tmp_path / "eval" / "task_loss.json").unlink()
+    evaluate(cfg)  # nothing to reuse: no error

@@ -165,7 +165,8 @@ def check(args, eval_cfg: EvalConfig) -> int:
     report = run_check(args.model, args.baseline, eval_cfg, Path(args.output),
                        args.max_refusal_drop, args.max_asr_rise,
                        overwrite=args.overwrite)
-    table = Table(title=f"stayaligned check: {args.model} vs {args.baseline} ({eval_cfg.judge} judge)")
+    table = Table(title=f"stayaligned check: {args.model} vs {args.baseline} "
+                        f"({report['template']} template, {eval_cfg.judge} judge)")
     for column in ("benchmark", "metric", "model", "baseline", "change [95% CI]", "limit", "result"):
         table.add_column(column)
     for r in report["rows"]:

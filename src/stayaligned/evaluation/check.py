@@ -8,6 +8,11 @@ refusal rate fell by more than `max_refusal_drop` points or the ASR rose by more
 interval so a reader can tell a real drop from noise). A rate it cannot compare (a
 benchmark or metric on one side only, no scored items, items the judge could not score,
 different numbers of items) fails its row. Exit code: 0 pass, 1 fail.
+
+Both sides are tested under one template (recorded in check.json): the eval config's
+`template`, else the eval template the model's run recorded (PTST's safety prompt, say), else
+the model's own chat template. Each side resolving its own would compare a PTST fine-tune
+tested with the safety prompt against a baseline tested without it.
 """
 
 from __future__ import annotations
@@ -109,16 +114,19 @@ def run_check(model: str, baseline: str, eval_cfg: EvalConfig, output: Path,
         if not 0 <= limit < math.inf:  # NaN failed every row, inf passed every row
             raise ValueError(f"check: {flag} {limit} must be a finite number of points >= 0 "
                              "(5 = 5 percentage points)")
+    from stayaligned.evaluation.run import eval_template_name
+
+    template = eval_template_name(replace(eval_cfg, model=replace(eval_cfg.model, name=model)))
     results = {}
     for role, name in (("model", model), ("baseline", baseline)):
-        cfg = replace(eval_cfg, model=replace(eval_cfg.model, name=name),
+        cfg = replace(eval_cfg, model=replace(eval_cfg.model, name=name), template=template,
                       output_dir=str(Path(output) / role))
         results[role] = evaluate(cfg, overwrite=overwrite)
     rows = compare(results["model"], results["baseline"], max_refusal_drop, max_asr_rise)
     if not rows:
         raise ValueError("check: the eval config has no harmful benchmark to compare")
     report = {"passed": all(r["passed"] for r in rows), "model": model, "baseline": baseline,
-              "judge": eval_cfg.judge, "limits": {"max_refusal_drop": max_refusal_drop,
+              "judge": eval_cfg.judge, "template": template, "limits": {"max_refusal_drop": max_refusal_drop,
                                                   "max_asr_rise": max_asr_rise},
               "rows": rows}
     write_json(Path(output) / "check.json", report)

@@ -7,7 +7,8 @@ settings (batch size aside), the precision, device and attention implementation 
 computed with (`compute`; not checked against fingerprints written before it was recorded)
 and the seed, and per benchmark on its settings, its rendered
 template and each item's content. A stored fingerprint that differs in any of these is an
-error naming the keys; a benchmark's item *selection* (limit, seed, where) may change, since
+error naming the keys, and so are rows without a fingerprint (it is written before the first
+row: such rows were made elsewhere); a benchmark's item *selection* (limit, seed, where) may change, since
 rows are reused per item, but an item whose content changed is an error. The judge and its
 options are recorded (judgments are recomputed from the generations on every run, through a
 cache keyed by the judge's name, options and model: evaluation.judging.judge_cache_name).
@@ -77,10 +78,14 @@ def check_reuse(out: Path, new: dict, has_rows: bool) -> None:
     """Raise `StaleError` if the stored fingerprint of `out` differs from `new` in anything
     the stored rows depend on."""
     stored = read_json(out / FILE)
-    if stored is None:
-        return
     fix = "pass --overwrite to recompute them, or choose another output_dir"
     what = f"the stage files in {out}"
+    if stored is None:
+        if has_rows:  # FILE is written before any row: these rows came from elsewhere
+            raise StaleError(f"{what} have no {FILE}, so nothing says which model, settings "
+                             f"and prompts made them (a copied or hand-made directory, or one "
+                             f"whose {FILE} was deleted); {fix}")
+        return
     defaults = _defaults()
     if has_rows:
         # fingerprints written before `compute` was recorded (v0.x studies) do not check it
