@@ -22,9 +22,10 @@ def test_resolve_names_devices_and_the_older_dtype_key():
         "precision": "fp32", "device": "cpu", "weights": "float32", "autocast": None}
     bf16 = resolve("bf16", device="cpu")
     assert (bf16.weights, bf16.autocast) == (torch.float32, torch.bfloat16)
-    cuda = resolve("auto", device="cuda")  # fp32 master weights + bf16 autocast on CUDA
+    # fp32 master weights + bf16 autocast on a CUDA GPU with native bf16
+    cuda = resolve("auto", device="cuda", cuda_bf16=True)
     assert (cuda.name, cuda.weights, cuda.autocast) == ("bf16", torch.float32, torch.bfloat16)
-    assert resolve("pure_bf16", device="cuda").weights == torch.bfloat16
+    assert resolve("pure_bf16", device="cuda", cuda_bf16=True).weights == torch.bfloat16
     assert resolve("auto", device="cpu", cpu_bf16=False).name == "fp32"
     # the older key: dtype bfloat16 meant bf16 weights and compute
     assert resolve("auto", "bfloat16", device="cpu").name == "pure_bf16"
@@ -205,3 +206,37 @@ def test_generation_and_task_loss_follow_the_loaded_precision(tmp_path, tiny_mod
         generate(model, tok, ["Hello"], native, GenerationConfig(max_new_tokens=2))
         reference_nll(model, tok, [example], native)
         assert dtypes and set(dtypes) == {expected}
+
+
+def test_auto_on_a_gpu_without_native_bf16_is_fp32(monkeypatch):
+    """`auto` picked bf16 autocast on every CUDA GPU: on a T4 or V100 (compute capability 7.x)
+    torch only emulates bf16, slowly, and QLoRA computed in bf16 there too."""
+    import warnings
+
+    import stayaligned.precision as precision
+    from stayaligned.config import LoraConfig
+    from stayaligned.training.hf_args import quantization_config
+
+    assert resolve("auto", device="cuda", cuda_bf16=False).name == "fp32"
+    asked = []
+
+    def is_bf16_supported(including_emulation=True):
+        asked.append(including_emulation)
+        return including_emulation  # a T4: emulated only
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    assert resolve("auto", device="cuda").name == "fp32" and asked == [False]
+    with pytest.warns(UserWarning, match="no native bf16.*model.precision fp32"):
+        assert resolve("bf16", device="cuda").name == "bf16"  # asked for: kept, with a warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resolve("bf16", device="cuda", cuda_bf16=True)
+        resolve("bf16", device="cpu")
+    lora = LoraConfig(quantize="4bit")
+    assert precision.compute_dtype(resolve("auto", device="cuda")) == torch.float32
+    assert precision.compute_dtype(resolve("bf16", device="cuda", cuda_bf16=True)) == torch.bfloat16
+    assert quantization_config(lora, resolve("auto", device="cuda")).bnb_4bit_compute_dtype \
+        == torch.float32
+    native = resolve("auto", device="cuda", cuda_bf16=True)
+    assert quantization_config(lora, native).bnb_4bit_compute_dtype == torch.bfloat16

@@ -8,7 +8,9 @@ run in. One config key, `model.precision`:
   pure_bf16  bfloat16 weights and compute: half the weight memory, but an AdamW step below half
              a bf16 ulp of a weight rounds away (lr 2e-5 on |w| > ~0.008), so full fine-tuning
              is silently under-trained; opt-in only, with a warning.
-  auto       CUDA: bf16. CPU: bf16 where the CPU has native bf16 matrix instructions
+  auto       CUDA: bf16 where the GPU computes in bf16 natively (Ampere and later: compute
+             capability 8.0+, and ROCm), else fp32 (a T4 or V100 only emulates bf16: slow,
+             and bitsandbytes' bf16 compute with it). CPU: bf16 where the CPU has native bf16 matrix instructions
              (avx512_bf16 or AMX) and CPU_AUTO_BF16 is True, else fp32. CPU_AUTO_BF16 records the
              measured decision (bench/overhead.py --precision; README "Overhead").
 
@@ -65,26 +67,45 @@ def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
     return any(flag in flags for flag in CPU_BF16_FLAGS)
 
 
+def cuda_has_bf16() -> bool:
+    """True when the current CUDA or ROCm device computes in bf16 natively; torch's emulation
+    on pre-Ampere GPUs (T4, V100) does not count."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def resolve(precision: str = "auto", dtype: str = "auto", device: str | None = None,
-            cpu_bf16: bool | None = None) -> Precision:
+            cpu_bf16: bool | None = None, cuda_bf16: bool | None = None) -> Precision:
     """The precision that `model.precision` and `model.dtype` ask for on `device` (default:
-    cuda when present, else cpu)."""
+    cuda when present, else cpu); `cpu_bf16` / `cuda_bf16` stand for the device's native bf16
+    (default: asked of the machine)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if precision not in PRECISIONS:
         raise ConfigError(f"model.precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     name = _from_dtype(precision, dtype)
     if name == "auto":
         if device == "cuda":
-            name = "bf16"
+            native = cuda_has_bf16() if cuda_bf16 is None else cuda_bf16
+            name = "bf16" if native else "fp32"
         else:
             native = cpu_has_bf16() if cpu_bf16 is None else cpu_bf16
             name = "bf16" if native and CPU_AUTO_BF16 else "fp32"
+    elif name in ("bf16", "pure_bf16") and device == "cuda" and not (
+            cuda_has_bf16() if cuda_bf16 is None else cuda_bf16):
+        warnings.warn(f"model.precision {name}: this GPU has no native bf16 (compute capability "
+                      "below 8.0, e.g. T4 or V100); torch emulates it, slowly. Use "
+                      "model.precision fp32 (or auto, which picks it here).", stacklevel=2)
     if name == "fp32":
         return Precision("fp32", device, torch.float32, None)
     if name == "bf16":
         return Precision("bf16", device, torch.float32, torch.bfloat16)
     low = torch.bfloat16 if name == "pure_bf16" else torch.float16
     return Precision(name, device, low, None)
+
+
+def compute_dtype(prec: Precision) -> torch.dtype:
+    """The dtype low-precision kernels (QLoRA's 4-bit matmul) should compute in: bf16 where the
+    precision computes in bf16, else float32."""
+    return torch.bfloat16 if torch.bfloat16 in (prec.autocast, prec.weights) else torch.float32
 
 
 def _from_dtype(precision: str, dtype: str) -> str:

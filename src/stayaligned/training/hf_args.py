@@ -132,17 +132,20 @@ def check_quantize(cfg) -> None:
                           "'stayaligned[qlora]'") from err
 
 
-def quantization_config(lora):
-    """transformers' BitsAndBytesConfig for QLoRA (NF4, double quantisation, bf16 compute),
-    as in Dettmers et al.; None without lora.quantize."""
+def quantization_config(lora, precision=None):
+    """transformers' BitsAndBytesConfig for QLoRA (NF4, double quantisation), as in Dettmers et
+    al.; computing in bf16 where `precision` (stayaligned.precision.Precision; default: what
+    `auto` resolves to here) computes in bf16, else in float32 (a GPU without native bf16).
+    None without lora.quantize."""
     if lora.quantize is None:
         return None
-    import torch
     from transformers import BitsAndBytesConfig
+
+    from stayaligned.precision import compute_dtype, resolve
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                               bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16)
+                              bnb_4bit_compute_dtype=compute_dtype(precision or resolve()))
 
 
 def check_push(cfg) -> None:

@@ -382,7 +382,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
     precision = resolve_precision(cfg.model.precision, cfg.model.dtype)
     warn_pure(precision, full_fine_tuning=not cfg.lora.enabled)
     bind_local_device(precision.device)
-    model, tokenizer = load_model(cfg.model, quantization=quantization_config(cfg.lora))
+    model, tokenizer = load_model(cfg.model, quantization=quantization_config(cfg.lora, precision))
     prep = prepare(cfg, tokenizer)
     for line in prep["report"].summary():
         print(f"[data] {line}")
