@@ -178,3 +178,24 @@ def test_card_of_a_run_on_an_aligned_seed_names_the_seed_run(tmp_path):
                                                          "methods": ["ptst"]}}))
     card = write_card(run).read_text()
     assert f"`{seed}` (from a stayaligned run: sft on `embedded`; see its README.md)" in card
+
+
+def test_an_accelerate_mixed_precision_that_contradicts_model_precision_is_an_error(
+        tmp_path, tiny_model_dir, monkeypatch):
+    """`accelerate launch` with mixed_precision bf16 (configs/accelerate/*.yaml) made the Trainer
+    autocast to bf16 whatever model.precision said: an fp32 run (auto on a T4, or asked for)
+    computed in bf16 while run.json and the model card said fp32."""
+    from stayaligned.training.hf_args import check_launcher_precision
+
+    fp32 = config(tmp_path, tiny_model_dir, "model.precision=fp32")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    with pytest.raises(ConfigError, match="mixed_precision bf16 .*model.precision resolves to "
+                                          "fp32.*set model.precision=bf16"):
+        train(fp32)
+    assert not (tmp_path / "run" / "run.json").exists()  # refused before anything was written
+    check_launcher_precision(config(tmp_path, tiny_model_dir, "model.precision=bf16"))
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    with pytest.raises(ConfigError, match="not fp16; set mixed_precision: no"):
+        check_launcher_precision(config(tmp_path, tiny_model_dir, "model.precision=bf16"))
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    check_launcher_precision(fp32)

@@ -103,8 +103,37 @@ def check_training_options(cfg) -> None:
         raise ConfigError(f"optim.warmup_ratio={cfg.optim.warmup_ratio}: must be in [0, 1)")
     trainer_arg_overrides(cfg)
     check_quantize(cfg)
+    check_launcher_precision(cfg)
     if cfg.push_to_hub:
         check_push(cfg)
+
+
+def check_launcher_precision(cfg) -> None:
+    """`accelerate launch` passes its config's `mixed_precision` in ACCELERATE_MIXED_PRECISION,
+    which the Trainer applies (its autocast, DeepSpeed's or FSDP's bf16 engine) on top of
+    model.precision, the autocast stayaligned applies itself. One that computes in a lower
+    precision than model.precision resolves to would train in it while run.json and the
+    evaluations say otherwise: an error naming both. `no` leaves model.precision alone; `bf16`
+    agrees with model.precision bf16 (and pure_bf16); fp16 and fp8 are not offered."""
+    import os
+
+    from stayaligned.precision import resolve
+
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if launched == "no":
+        return
+    prec = resolve(cfg.model.precision, cfg.model.dtype)
+    where = (f"accelerate's mixed_precision {launched} (ACCELERATE_MIXED_PRECISION, set by "
+             "`accelerate launch` from its config file or --mixed_precision)")
+    if launched != "bf16":
+        raise ConfigError(f"{where}: stayaligned computes in model.precision (fp32, bf16 or "
+                          f"pure_bf16), not {launched}; set mixed_precision: no (or bf16 on a "
+                          "GPU with native bf16) in the accelerate config")
+    if prec.name not in ("bf16", "pure_bf16"):
+        raise ConfigError(f"{where} would compute in bf16 while model.precision resolves to "
+                          f"{prec.name} on this machine (and run.json would say {prec.name}): "
+                          "set model.precision=bf16, or mixed_precision: no in the accelerate "
+                          "config (stayaligned applies model.precision's autocast itself)")
 
 
 def check_quantize(cfg) -> None:
