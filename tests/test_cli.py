@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def run(*args, check=True):
     result = subprocess.run([sys.executable, "-m", "stayaligned.cli", *args],
@@ -124,3 +126,46 @@ def test_trl_messages_file_trains_with_one_command(tmp_path, tiny_model_dir):
     assert manifest["status"] == "complete" and manifest["global_step"] == 2
     assert manifest["n_examples"] == 32
     assert "ptst" in (out / "README.md").read_text()
+
+
+def test_depth_of_a_lora_run_on_its_seed_loads_one_copy(tmp_path, tiny_model_dir, monkeypatch):
+    """`stayaligned depth` loaded the seed and the fine-tune separately: for a LoRA run on the
+    seed that is two copies of the base (a 7B model: 2 x 28 GB in float32), where the study's
+    depth uses the run's adapters-off view. The numbers are the same either way."""
+    import argparse
+
+    import stayaligned.models as models
+    from stayaligned.commands import depth
+    from stayaligned.config import TrainConfig, load
+    from stayaligned.training.run import train
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"What is {i} + 1?"},
+        {"role": "assistant", "content": f"It is {i + 1}."}]}) + "\n" for i in range(8)))
+    run_dir = tmp_path / "lora"
+    train(load(TrainConfig, None, [
+        f"model.name={tiny_model_dir}", f"data=[{{source: {data}}}]", "optim.batch_size=4",
+        "optim.max_steps=2", "optim.lr=0.05", "max_length=64", f"output_dir={run_dir}"]))
+    loads = []
+    original = models.load_model
+
+    def counting(cfg, *args, **kwargs):
+        loads.append(cfg.name)
+        return original(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(models, "load_model", counting)
+    args = argparse.Namespace(pairs_field=None, source="demo-safety", split=None, limit=4,
+                              data_dir=None, seed=str(tiny_model_dir), model=str(run_dir),
+                              template="native", tokens=3, output=str(tmp_path / "d1"))
+    one_copy = depth(args)
+    assert loads == [str(run_dir)]
+    assert max(one_copy["kl_mean"]) > 1e-6  # the adapter changed the model
+    seed, _ = original(models.ModelConfig(name=str(tiny_model_dir)))
+    tuned, tokenizer = original(models.ModelConfig(name=str(run_dir)))
+    from stayaligned.data.sources import load_source
+    from stayaligned.evaluation.depth import depth_kl
+
+    two_copies = depth_kl(seed, tuned, tokenizer, load_source("demo-safety", limit=4), "native",
+                          n_tokens=3)
+    assert one_copy["kl_mean"] == pytest.approx(two_copies["kl_mean"], rel=1e-4, abs=1e-7)

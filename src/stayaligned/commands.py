@@ -192,7 +192,7 @@ def depth(args) -> dict:
     from stayaligned.config import ModelConfig
     from stayaligned.data.sources import load_source
     from stayaligned.evaluation.depth import depth_kl, plot_depth, with_continuation, write_depth
-    from stayaligned.models import load_model
+    from stayaligned.models import load_pair
 
     if args.pairs_field:
         from stayaligned.data.pairs import load_pairs
@@ -202,8 +202,8 @@ def depth(args) -> dict:
     else:
         examples = load_source(args.source, split=args.split, limit=args.limit,
                                data_dir=args.data_dir)
-    seed_model, tokenizer = load_model(ModelConfig(name=args.seed))
-    tuned, _ = load_model(ModelConfig(name=args.model))
+    # a LoRA run on the seed: one copy in memory, the seed being its adapters-off view
+    seed_model, tuned, tokenizer = load_pair(ModelConfig(name=args.seed), ModelConfig(name=args.model))
     result = depth_kl(seed_model, tuned, tokenizer, examples, args.template, n_tokens=args.tokens)
     out = Path(args.output)
     write_depth(out / "depth.json", result)

@@ -264,3 +264,16 @@ class AdaptersOff(torch.nn.Module):
 
     def get_base_model(self):
         return self.peft_model.get_base_model()
+
+
+def load_pair(reference: ModelConfig, tuned: ModelConfig):
+    """(reference model, tuned model, tokenizer) for comparing a fine-tune with its reference
+    (depth): one copy in memory when `tuned` is an adapter run on exactly `reference` (the
+    reference is the tuned model with its adapters off), else both loaded; the tokenizer is the
+    tuned model's in the first case, the reference's in the second."""
+    if shares_base(tuned, reference):
+        model, tokenizer = load_model(tuned, merge_adapter=False)
+        return AdaptersOff(model), model, tokenizer
+    reference_model, tokenizer = load_model(reference)
+    tuned_model, _ = load_model(tuned)
+    return reference_model, tuned_model, tokenizer

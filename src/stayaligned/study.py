@@ -233,18 +233,13 @@ def _run_depth(cfg: StudyConfig, base: str, model: str, target: Path):
     from stayaligned.config import ModelConfig
     from stayaligned.data.sources import load_source
     from stayaligned.evaluation.depth import depth_kl, write_depth
-    from stayaligned.models import AdaptersOff, load_model, shares_base
+    from stayaligned.models import load_pair
 
     d = cfg.depth
     examples = load_source(d.source, split=d.split, limit=d.limit, data_dir=cfg.data_dir)
     base_cfg = ModelConfig(**{**to_dict(cfg.model), "name": base})
     tuned_cfg = ModelConfig(**{**to_dict(cfg.model), "name": model})
-    if shares_base(tuned_cfg, base_cfg):  # LoRA: the base is the tuned model, adapters off
-        tuned, tokenizer = load_model(tuned_cfg, merge_adapter=False)
-        reference = AdaptersOff(tuned)
-    else:
-        reference, tokenizer = load_model(base_cfg)
-        tuned, _ = load_model(tuned_cfg)
+    reference, tuned, tokenizer = load_pair(base_cfg, tuned_cfg)  # LoRA: one copy
     result = depth_kl(reference, tuned, tokenizer, examples, d.template, n_tokens=d.tokens)
     result.update(source=d.source, split=d.split, reference=base, model=model)
     result["fingerprint"] = _depth_fingerprint(cfg, base, model)
