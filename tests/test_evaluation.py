@@ -488,3 +488,45 @@ def test_stage_files_without_a_fingerprint_are_not_reused(tmp_path, tiny_model_d
     (tmp_path / "eval" / "generations.jsonl").unlink()
     (tmp_path / "eval" / "task_loss.json").unlink()
     evaluate(cfg)  # nothing to reuse: no error
+
+
+def test_a_batch_out_of_gpu_memory_is_halved_with_the_same_answers(tiny_model_dir, capsys,
+                                                                   monkeypatch):
+    """A generation batch that did not fit on the GPU ended the evaluation with an OOM (a 7B
+    model at batch 16 on a 24 GB card); now it is halved and retried, the answers those of a
+    smaller batch_size (greedy answers do not depend on the batch)."""
+    import pytest
+    import torch
+
+    import stayaligned.evaluation.generation as generation
+    from stayaligned.config import GenerationConfig, ModelConfig
+    from stayaligned.models import load_model
+    from stayaligned.templates.library import get_template
+
+    model, tokenizer = load_model(ModelConfig(name=str(tiny_model_dir)))
+    template = get_template("native")
+    prompts = [f"Question {i}: " + "why " * (i % 4) + "?" for i in range(7)]
+    prompts = [f"<|im_start|>user\n{p}<|im_end|>\n<|im_start|>assistant\n" for p in prompts]
+    gen = GenerationConfig(max_new_tokens=5, batch_size=4)
+    expected = generation.generate(model, tokenizer, prompts, template,
+                                   GenerationConfig(max_new_tokens=5, batch_size=1))
+    original, sizes = generation._generate, []
+
+    def small_gpu(model, gen, ids, *args, **kwargs):
+        sizes.append(ids.shape[0])
+        if ids.shape[0] > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(model, gen, ids, *args, **kwargs)
+
+    monkeypatch.setattr(generation, "_generate", small_gpu)
+    saved = []
+    got = generation.generate(model, tokenizer, prompts, template, gen,
+                              on_batch=lambda batch, texts: saved.extend(batch))
+    assert got == expected and sorted(saved) == list(range(7))
+    assert sizes[:3] == [4, 2, 1] and set(sizes[3:]) == {1}
+    out = capsys.readouterr().out
+    assert "batch of 4; going on with batches of 2" in out and "batch_size=1" in out
+    monkeypatch.setattr(generation, "_generate", lambda *a, **k: (_ for _ in ()).throw(
+        torch.OutOfMemoryError("CUDA out of memory")))
+    with pytest.raises(torch.OutOfMemoryError, match="one prompt of .* does not fit"):
+        generation.generate(model, tokenizer, prompts[:1], template, gen)

@@ -1,5 +1,10 @@
 """Batched generation: prompts sorted by length (so a batch pads little), left padding, greedy
-by default. Results come back in the input order."""
+by default. Results come back in the input order.
+
+A batch that runs out of GPU memory is split in halves and retried, and the smaller size is kept
+for the batches after it (said once per halving): greedy answers do not depend on the batch
+(left padding with its mask; tests/test_evaluation.py), so the rows are the ones a smaller
+`generation.batch_size` gives. One prompt that does not fit is an error naming the settings."""
 
 from __future__ import annotations
 
@@ -44,11 +49,31 @@ def generate(
     device = next(model.parameters()).device
     model.eval()
     bar = tqdm(total=len(prompts), desc=desc, unit="response")
-    for batch in length_batches([len(e) for e in encoded], gen.batch_size):
+    queue = length_batches([len(e) for e in encoded], gen.batch_size)
+    size = gen.batch_size
+    while queue:
+        batch = queue.pop(0)
         ids, mask = _left_pad([encoded[i] for i in batch], tokenizer.pad_token_id, device)
-        with autocast_for(model):  # the loaded model's precision (bf16: autocast)
-            output = _generate(model, gen, ids, mask, tokenizer.pad_token_id,
-                               stop_tokens(model, tokenizer))
+        try:
+            with autocast_for(model):  # the loaded model's precision (bf16: autocast)
+                output = _generate(model, gen, ids, mask, tokenizer.pad_token_id,
+                                   stop_tokens(model, tokenizer))
+        except torch.OutOfMemoryError as err:
+            del ids, mask
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if len(batch) == 1:
+                raise torch.OutOfMemoryError(
+                    f"{desc}: one prompt of {len(encoded[batch[0]])} tokens with "
+                    f"generation.max_new_tokens {gen.max_new_tokens} does not fit in memory; "
+                    "lower max_new_tokens, or hold the weights in bf16 "
+                    "(model.precision=pure_bf16)") from err
+            size = min(size, len(batch)) // 2
+            print(f"[eval] {desc}: out of memory at a batch of {len(batch)}; going on with "
+                  f"batches of {size} (set generation.batch_size={size} to start there)")
+            rest = [i for b in [batch, *queue] for i in b]  # still longest first
+            queue = [rest[i : i + size] for i in range(0, len(rest), size)]
+            continue
         new = output[:, ids.shape[1] :]
         texts = tokenizer.batch_decode(new, skip_special_tokens=True)
         for row, (i, text) in enumerate(zip(batch, texts)):
