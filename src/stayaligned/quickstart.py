@@ -185,7 +185,7 @@ def reading(summary: dict) -> str:
                      "apart), though no more than the aligned seed did.")
     if f["target_met"]:
         parts.append(f"So the recipe keeps at least {100 * f['keep_target']:.0f}% of the "
-                     "aligned refusal at the sft task accuracy.")
+                     "aligned refusal, at a task accuracy inside sft's 95% interval.")
     else:
         misses = []
         if (f["recipe_kept"] or 0) < f["keep_target"]:
