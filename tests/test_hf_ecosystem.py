@@ -67,6 +67,10 @@ def test_trainer_args_are_checked_against_training_arguments(tmp_path, tiny_mode
         train(config(tmp_path, tiny_model_dir, "trainer_args={dataloader_nm_workers: 2}"))
     with pytest.raises(ConfigError, match="trainer_args.learning_rate: .* set optim.lr instead"):
         train(config(tmp_path, tiny_model_dir, "trainer_args={learning_rate: 0.1}"))
+    # the Trainer's own mixed precision would run on top of model.precision, unrecorded
+    for name in ("fp16", "bf16"):
+        with pytest.raises(ConfigError, match=f"trainer_args.{name}: .* set model.precision"):
+            train(config(tmp_path, tiny_model_dir, f"trainer_args={{{name}: true}}"))
     with pytest.raises(ConfigError, match="report_to: 'tensorbord' is not a tracker"):
         train(config(tmp_path, tiny_model_dir, "report_to=tensorbord"))
     assert not (tmp_path / "run").exists()  # refused before anything was written

@@ -44,7 +44,10 @@ WRAPPED = {
     "save_total_limit": "save_total_limit", "logging_steps": "logging_steps",
     "report_to": "report_to", "run_name": "run_name", "torch_compile": "torch_compile",
     "push_to_hub": "push_to_hub", "hub_model_id": "hub_model_id",
-    "remove_unused_columns": None, "use_cpu": "model.dtype", "bf16": "model.dtype",
+    "remove_unused_columns": None, "use_cpu": None,
+    # precision is model.precision's (stayaligned applies its autocast itself): the Trainer's
+    # own bf16/fp16 would autocast (and loss-scale) on top of it, unrecorded
+    **{name: "model.precision" for name in ("bf16", "fp16", "bf16_full_eval", "fp16_full_eval")},
 }
 
 TRACKERS = ("none", "all", "tensorboard", "wandb", "trackio", "mlflow", "comet_ml",
