@@ -45,6 +45,9 @@ WRAPPED = {
     "report_to": "report_to", "run_name": "run_name", "torch_compile": "torch_compile",
     "push_to_hub": "push_to_hub", "hub_model_id": "hub_model_id",
     "remove_unused_columns": None, "use_cpu": None,
+    # it halves the batch on an out-of-memory error without raising gradient accumulation: the
+    # run would train at another batch size than run.json records
+    "auto_find_batch_size": "optim.batch_size (smaller) and optim.grad_accum (larger)",
     # precision is model.precision's (stayaligned applies its autocast itself): the Trainer's
     # own bf16/fp16 would autocast (and loss-scale) on top of it, unrecorded
     **{name: "model.precision" for name in ("bf16", "fp16", "bf16_full_eval", "fp16_full_eval")},
