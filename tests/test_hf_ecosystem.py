@@ -68,6 +68,10 @@ def test_trainer_args_are_checked_against_training_arguments(tmp_path, tiny_mode
     with pytest.raises(ConfigError, match="trainer_args.learning_rate: .* set optim.lr instead"):
         train(config(tmp_path, tiny_model_dir, "trainer_args={learning_rate: 0.1}"))
     # the Trainer's own mixed precision would run on top of model.precision, unrecorded
+    with pytest.raises(ConfigError, match="label_smoothing_factor: method constrained_sft "
+                                          "computes its own task loss"):
+        train(config(tmp_path, tiny_model_dir, "methods=[constrained_sft]",
+                     "trainer_args={label_smoothing_factor: 0.1}"))
     with pytest.raises(ConfigError, match="auto_find_batch_size: .* set optim.batch_size"):
         train(config(tmp_path, tiny_model_dir, "trainer_args={auto_find_batch_size: true}"))
     for name in ("fp16", "bf16"):

@@ -108,10 +108,26 @@ def check_training_options(cfg) -> None:
     if not 0 <= cfg.optim.warmup_ratio < 1:
         raise ConfigError(f"optim.warmup_ratio={cfg.optim.warmup_ratio}: must be in [0, 1)")
     trainer_arg_overrides(cfg)
+    check_label_smoothing(cfg)
     check_quantize(cfg)
     check_launcher_precision(cfg)
     if cfg.push_to_hub:
         check_push(cfg)
+
+
+def check_label_smoothing(cfg) -> None:
+    """The Trainer smooths labels inside its own cross-entropy; a method that replaces the task
+    loss (constrained SFT) computes its own and would ignore the setting."""
+    if not cfg.trainer_args.get("label_smoothing_factor"):
+        return
+    from stayaligned.methods import METHODS
+
+    owners = [name for name in cfg.methods if name in METHODS
+              and getattr(METHODS[name], "owns_task_loss", False)]
+    if owners:
+        raise ConfigError(f"trainer_args.label_smoothing_factor: method {owners[0]} computes its "
+                          "own task loss, without label smoothing; remove the setting or the "
+                          "method")
 
 
 def check_launcher_precision(cfg) -> None:
