@@ -209,3 +209,19 @@ def test_an_accelerate_mixed_precision_that_contradicts_model_precision_is_an_er
         check_launcher_precision(config(tmp_path, tiny_model_dir, "model.precision=bf16"))
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
     check_launcher_precision(fp32)
+
+
+def test_trainer_args_may_change_the_defaults_no_config_key_owns(tmp_path, tiny_model_dir):
+    """trainer_args that stayaligned also passes (adam_beta1, dataloader_num_workers, ...) ended
+    in "TypeError: got multiple values for keyword argument"; the ones a config key owns are now
+    a ConfigError naming the key, the others override stayaligned's default."""
+    from stayaligned.training.run import _training_args
+
+    args = _training_args(config(tmp_path, tiny_model_dir, "trainer_args={dataloader_num_workers"
+                                 ": 2, logging_first_step: false}"), tmp_path / "run")
+    assert args.dataloader_num_workers == 2 and args.logging_first_step is False
+    for name, key in (("adam_beta1", "optim.adam_beta1"), ("adam_beta2", "optim.adam_beta2"),
+                      ("gradient_checkpointing", "gradient_checkpointing")):
+        with pytest.raises(ConfigError, match=f"trainer_args.{name}: .* set {key} instead"):
+            _training_args(config(tmp_path, tiny_model_dir, f"trainer_args={{{name}: 0.5}}"),
+                           tmp_path / "run")

@@ -45,6 +45,11 @@ WRAPPED = {
     "report_to": "report_to", "run_name": "run_name", "torch_compile": "torch_compile",
     "push_to_hub": "push_to_hub", "hub_model_id": "hub_model_id",
     "remove_unused_columns": None, "use_cpu": None,
+    "adam_beta1": "optim.adam_beta1", "adam_beta2": "optim.adam_beta2",
+    "gradient_checkpointing": "gradient_checkpointing",
+    "activation_checkpointing": "gradient_checkpointing",
+    # non-reentrant checkpointing: methods run extra forward passes inside one step
+    "gradient_checkpointing_kwargs": None, "activation_checkpointing_kwargs": None,
     # it halves the batch on an out-of-memory error without raising gradient accumulation: the
     # run would train at another batch size than run.json records
     "auto_find_batch_size": "optim.batch_size (smaller) and optim.grad_accum (larger)",

@@ -176,7 +176,7 @@ def _training_args(cfg: TrainConfig, out: Path):
 
     device = pick_device(cfg.model.dtype, cfg.model.precision)
     o = cfg.optim
-    return TrainingArguments(
+    kwargs = dict(
         output_dir=str(out / "checkpoints"),
         per_device_train_batch_size=o.batch_size,
         gradient_accumulation_steps=o.grad_accum,
@@ -204,8 +204,10 @@ def _training_args(cfg: TrainConfig, out: Path):
         bf16=False,  # autocast is the trainer's own (precision.autocast), weights as loaded
         dataloader_num_workers=0,
         **_checkpointing_args(cfg),
-        **trainer_arg_overrides(cfg),
     )
+    # trainer_args may change the defaults above that no config key owns (data loader workers,
+    # logging_first_step); the ones a config key owns are refused by trainer_arg_overrides
+    return TrainingArguments(**{**kwargs, **trainer_arg_overrides(cfg)})
 
 
 def _checkpointing_args(cfg: TrainConfig) -> dict:
