@@ -10,7 +10,8 @@ run in. One config key, `model.precision`:
              is silently under-trained; opt-in only, with a warning.
   auto       CUDA: bf16 where the GPU computes in bf16 natively (Ampere and later: compute
              capability 8.0+, and ROCm), else fp32 (a T4 or V100 only emulates bf16: slow,
-             and bitsandbytes' bf16 compute with it). CPU: bf16 where the CPU has native bf16 matrix instructions
+             and bitsandbytes' bf16 compute with it).
+             CPU: bf16 where the CPU has native bf16 matrix instructions
              (avx512_bf16 or AMX) and CPU_AUTO_BF16 is True, else fp32. CPU_AUTO_BF16 records the
              measured decision (bench/overhead.py --precision; README "Overhead").
 
@@ -82,15 +83,14 @@ def resolve(precision: str = "auto", dtype: str = "auto", device: str | None = N
     if precision not in PRECISIONS:
         raise ConfigError(f"model.precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     name = _from_dtype(precision, dtype)
+    cuda_native = device == "cuda" and (cuda_has_bf16() if cuda_bf16 is None else cuda_bf16)
     if name == "auto":
         if device == "cuda":
-            native = cuda_has_bf16() if cuda_bf16 is None else cuda_bf16
-            name = "bf16" if native else "fp32"
+            name = "bf16" if cuda_native else "fp32"
         else:
             native = cpu_has_bf16() if cpu_bf16 is None else cpu_bf16
             name = "bf16" if native and CPU_AUTO_BF16 else "fp32"
-    elif name in ("bf16", "pure_bf16") and device == "cuda" and not (
-            cuda_has_bf16() if cuda_bf16 is None else cuda_bf16):
+    elif name in ("bf16", "pure_bf16") and device == "cuda" and not cuda_native:
         warnings.warn(f"model.precision {name}: this GPU has no native bf16 (compute capability "
                       "below 8.0, e.g. T4 or V100); torch emulates it, slowly. Use "
                       "model.precision fp32 (or auto, which picks it here).", stacklevel=2)
