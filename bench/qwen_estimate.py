@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from stayaligned.config import GenerationConfig, ModelConfig, StudyConfig, load  # noqa: E402
+from stayaligned.config import GenerationConfig, StudyConfig, load  # noqa: E402
 from stayaligned.runfiles import read_json, write_json  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
@@ -125,7 +125,7 @@ def time_inference(cfg: StudyConfig, gsm8k_tokens: int, save) -> dict:
     ecfg = build(EvalConfig, cfg.eval)
     gen = ecfg.generation
     start = cpu_clock()
-    model, tokenizer = load_model(ModelConfig(name=cfg.model.name))
+    model, tokenizer = load_model(cfg.model, inference=True)  # the study's precision, as eval
     native = get_template("native")
     out = {"batch_size": gen.batch_size, "load_s": round(cpu_clock() - start, 1)}
     for name, tokens, label in (("advbench", gen.max_new_tokens, "advbench"),

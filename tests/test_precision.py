@@ -240,3 +240,117 @@ def test_auto_on_a_gpu_without_native_bf16_is_fp32(monkeypatch):
         == torch.float32
     native = resolve("auto", device="cuda", cuda_bf16=True)
     assert quantization_config(lora, native).bnb_4bit_compute_dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------- inference weights in bf16
+
+
+def tiny_qwen2(target, tokenizer_dir):
+    """A tiny random Qwen2: biases on q/k/v and an untied head (SmolLM2's tokenizer)."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+        tie_word_embeddings=False, initializer_range=0.2, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(1)
+    Qwen2ForCausalLM(config).save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+def test_inference_holds_linear_weights_in_bf16_with_bit_identical_outputs(
+        tmp_path, tiny_model_dir, tokenizer_dir):
+    from stayaligned.config import GenerationConfig
+    from stayaligned.data.types import Example
+    from stayaligned.evaluation.generation import generate
+    from stayaligned.evaluation.task_loss import reference_nll
+    from stayaligned.models import load_model
+    from stayaligned.precision import autocast_for
+    from stayaligned.templates.library import get_template
+
+    native = get_template("native")
+    prompts = ["Hello there, how are you?", "Write a haiku about the sea."]
+    examples = [Example(f"x{i}", ({"role": "user", "content": f"Add {i} and 3."},
+                                  {"role": "assistant", "content": f"{i + 3}"})) for i in range(3)]
+    ids = torch.tensor([[1, 5, 9, 200, 31, 7]])
+    for model_dir, tied in ((tiny_model_dir, True), (tiny_qwen2(tmp_path / "q", tokenizer_dir),
+                                                      False)):
+        cfg = ModelConfig(name=str(model_dir), precision="bf16")
+        plain, tok = load_model(cfg)
+        held, _ = load_model(cfg, inference=True)
+        attn = held.model.layers[0].self_attn
+        assert attn.q_proj.weight.dtype == torch.bfloat16
+        assert (attn.q_proj.bias is None) == tied  # Qwen2 has q/k/v biases: held too
+        if attn.q_proj.bias is not None:
+            assert attn.q_proj.bias.dtype == torch.bfloat16
+        assert held.model.embed_tokens.weight.dtype == torch.float32
+        assert held.model.norm.weight.dtype == torch.float32
+        # a head tied to the embedding stays float32 (the embedding feeds the residual stream)
+        assert held.lm_head.weight.dtype == (torch.float32 if tied else torch.bfloat16)
+        size = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())  # noqa: E731
+        assert size(held) < size(plain)
+        with torch.no_grad(), autocast_for(plain):
+            a = plain(input_ids=ids).logits
+        with torch.no_grad(), autocast_for(held):
+            b = held(input_ids=ids).logits
+        assert torch.equal(a, b)
+        gen = GenerationConfig(max_new_tokens=8, batch_size=2)
+        assert generate(plain, tok, prompts, native, gen) == generate(held, tok, prompts,
+                                                                      native, gen)
+        assert reference_nll(plain, tok, examples, native) == reference_nll(held, tok, examples,
+                                                                            native)
+        with pytest.raises(RuntimeError):  # outside autocast: a loud dtype error, never fp32
+            held(input_ids=ids)
+    fp32, _ = load_model(ModelConfig(name=str(tiny_model_dir), precision="fp32"), inference=True)
+    assert {p.dtype for p in fp32.parameters()} == {torch.float32}
+
+
+def test_evaluation_under_bf16_holds_its_model_in_bf16_and_writes_the_same_rows(
+        tmp_path, tiny_model_dir, monkeypatch):
+    import stayaligned.models as models
+    from test_evaluation import eval_config
+
+    from stayaligned.evaluation.run import evaluate
+
+    def rows(out):
+        return [{k: r[k] for k in ("benchmark", "id", "response")} for r in
+                map(json.loads, (out / "generations.jsonl").read_text().splitlines())]
+
+    held = []
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    real = models.hold_for_autocast
+    monkeypatch.setattr(models, "hold_for_autocast",
+                        lambda model, prec: held.append(real(model, prec)) or held[-1])
+    cfg = replace_model(eval_config(tmp_path / "a", tiny_model_dir), "bf16")
+    new = evaluate(cfg)
+    assert held and held[0] > 0
+    monkeypatch.setattr(models, "hold_for_autocast", lambda model, prec: 0)  # float32 weights
+    old = evaluate(replace_model(eval_config(tmp_path / "b", tiny_model_dir), "bf16"))
+    assert rows(tmp_path / "a" / "eval") == rows(tmp_path / "b" / "eval")
+    assert new["benchmarks"]["arith"]["task_loss"] == old["benchmarks"]["arith"]["task_loss"]
+
+
+def replace_model(cfg, precision):
+    from dataclasses import replace
+
+    return replace(cfg, model=replace(cfg.model, precision=precision))
+
+
+def test_lora_under_pure_bf16_trains_a_float32_adapter(tmp_path, real_scale_dir):
+    """The README's advice for a 7B LoRA run on a 24 GB card: bf16 base weights, while PEFT keeps
+    the trained adapter in float32, so its AdamW updates do not round away."""
+    import warnings
+
+    from stayaligned.training.run import train
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no full-fine-tuning warning for LoRA
+        out = train(full_ft_config(tmp_path, real_scale_dir, "pure_bf16", "lora.enabled=true",
+                                   "lora.r=4", "optim.lr=1e-3"))
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert {v.dtype for v in adapter.values()} == {torch.float32}
+    assert any(float(v.abs().max()) > 0 for k, v in adapter.items() if "lora_B" in k)
+    assert json.loads((out / "run.json").read_text())["precision"]["weights"] == "bfloat16"

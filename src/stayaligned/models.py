@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from stayaligned.config import LoraConfig, ModelConfig
-from stayaligned.precision import Precision, tag
+from stayaligned.precision import Precision, hold_for_autocast, tag
 from stayaligned.precision import resolve as resolve_precision
 from stayaligned.runfiles import recorded_templates
 
@@ -178,12 +178,15 @@ def load_tokenizer(cfg: ModelConfig):
 
 
 def load_model(cfg: ModelConfig, device: Device | None = None, *, trainable_adapter=False,
-               quantization=None, merge_adapter=True):
+               quantization=None, merge_adapter=True, inference=False):
     """Load (model, tokenizer). A run directory with an adapter loads base + adapter, merged for
     inference unless `merge_adapter` is false; with `trainable_adapter` the adapter stays
     separate and trainable. The model is tagged with its precision's autocast dtype
     (`precision.autocast_for` reads it); an explicit `device` means no autocast. `quantization`
-    (a BitsAndBytesConfig, QLoRA) loads the base in 4 bits on this process's GPU."""
+    (a BitsAndBytesConfig, QLoRA) loads the base in 4 bits on this process's GPU. `inference`:
+    the model is only run under `autocast_for` (generation, task loss), so under bf16 its
+    Linear weights are held in bf16 (`precision.hold_for_autocast`: same outputs, half the
+    memory), converted before the model moves to the GPU."""
     from transformers import AutoModelForCausalLM
 
     prec = (resolve_precision(cfg.precision, cfg.dtype) if device is None
@@ -219,6 +222,8 @@ def load_model(cfg: ModelConfig, device: Device | None = None, *, trainable_adap
         if not trainable_adapter and merge_adapter:
             model = model.merge_and_unload()  # inference: one plain model, no adapter overhead
     if quantization is None:
+        if inference and not trainable_adapter:
+            hold_for_autocast(model, prec)
         model.to(device.type)
     else:
         from peft import prepare_model_for_kbit_training

@@ -206,7 +206,7 @@ def _generator(gen):
         from stayaligned.config import ModelConfig
         from stayaligned.models import load_model
 
-        model, tokenizer = load_model(ModelConfig(name=model_name))
+        model, tokenizer = load_model(ModelConfig(name=model_name), inference=True)
         native = get_template("native")
         prompts = [prompt_text(tokenizer, ex, native) for ex in examples]
         return generate(model, tokenizer, prompts, native, gen, desc=f"prefill by {model_name}")
@@ -350,7 +350,8 @@ def _evaluate(cfg: EvalConfig, model, tokenizer, overwrite: bool) -> dict:
         if "pair" not in loaded:
             from stayaligned.models import load_model
 
-            loaded["pair"] = (model, tokenizer) if model is not None else load_model(cfg.model)
+            loaded["pair"] = ((model, tokenizer) if model is not None
+                              else load_model(cfg.model, inference=True))
         return loaded["pair"]
 
     def tokenizer_holder():

@@ -88,7 +88,7 @@ class GuardJudge:
         if self._loaded is None:
             from stayaligned.models import load_model
 
-            self._loaded = load_model(self.model_config)
+            self._loaded = load_model(self.model_config, inference=True)
         return self._loaded
 
     def classifier_prompt(self, tokenizer, prompt: str, response: str) -> str:

@@ -232,7 +232,7 @@ class LocalChatBackend:
         if self._loaded is None:
             from stayaligned.models import load_model
 
-            self._loaded = load_model(self.model_config)
+            self._loaded = load_model(self.model_config, inference=True)
         return self._loaded
 
     def complete(self, prompts: list[str]) -> list[tuple[str | None, str | None]]:
