@@ -11,9 +11,9 @@ learnt about producing them), the virtual mode trains every answer to open with 
 Scored without any preview, as the study scores every cell, both can lose on the first tokens
 alone. This splits each model's task loss into the first `--first` answer tokens (one entry
 per position) and the rest, on the same examples, template, precision and batches as the
-study's evaluation (`total` is checked against its task_loss.json). For a virtual-mode cell it
-also scores the reference with P in front (`after_prefix`: the loss on the reference's tokens
-only, P's tokens skipped), i.e. the answer as that model would begin it.
+study's evaluation (`total` is checked against its task_loss.json, to 1e-4 relative). For a
+virtual-mode cell it also scores the reference with P in front (`after_prefix`: the loss on
+the reference's tokens only, P's tokens skipped), i.e. the answer as that model begins it.
 
 Models: the aligned seed and the named cells' runs (every seed found), read from the study's
 output directory; nothing is written there.
@@ -31,7 +31,7 @@ import torch
 
 from stayaligned.config import StudyConfig, build, load
 from stayaligned.evaluation.run import eval_template_name, expand_benchmarks, reference_answer
-from stayaligned.evaluation.task_loss import with_reference
+from stayaligned.evaluation.task_loss import MAX_LOGITS, with_reference
 from stayaligned.models import load_model
 from stayaligned.precision import autocast_for
 from stayaligned.runfiles import read_json, write_json
@@ -43,14 +43,21 @@ from stayaligned.templates.render import IGNORE_INDEX, render_for_training
 @torch.no_grad()
 def position_nll(model, tokenizer, examples, template, batch_size: int, skip: int = 0) -> list:
     """Per example, the NLL of each answer token in order (the first `skip` answer tokens
-    left out), batched as `task_loss.reference_nll` batches (sorted by length, right-padded)."""
+    left out), batched exactly as `task_loss.reference_nll` batches (sorted by length, split
+    to hold at most MAX_LOGITS logits, right-padded per pass): in bf16 the padded width
+    changes the sums' rounding."""
     items = [render_for_training(tokenizer, ex, template) for ex in examples]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
     order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
     out: list = [None] * len(items)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    passes = []
     for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
+        batch = order[start : start + batch_size]
+        step = max(1, MAX_LOGITS // (max(len(items[i].input_ids) for i in batch) * vocab))
+        passes += [batch[sub : sub + step] for sub in range(0, len(batch), step)]
+    for rows in passes:
         width = max(len(items[i].input_ids) for i in rows)
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         labels = torch.full_like(ids, IGNORE_INDEX)
@@ -135,7 +142,7 @@ def measure(where: str, cells: list[str], first: int) -> dict:
         eval_dir = Path(model_dir).parent / "eval"
         recorded = ((read_json(eval_dir / "task_loss.json") or {}).get(name) or {}).get("result")
         entry["recorded_total"] = recorded and recorded.get("loss")
-        if recorded and not math.isclose(entry["total"]["nll"], recorded["loss"], rel_tol=1e-3):
+        if recorded and not math.isclose(entry["total"]["nll"], recorded["loss"], rel_tol=1e-4):
             raise SystemExit(f"{label}: total NLL {entry['total']['nll']:.5f} differs from "
                              f"{eval_dir / 'task_loss.json'} ({recorded['loss']:.5f}): not the "
                              "study's computation")
