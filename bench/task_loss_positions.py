@@ -27,52 +27,25 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
 from stayaligned.config import StudyConfig, build, load
 from stayaligned.evaluation.run import eval_template_name, expand_benchmarks, reference_answer
-from stayaligned.evaluation.task_loss import MAX_LOGITS, with_reference
+from stayaligned.evaluation.task_loss import nll_passes, with_reference
 from stayaligned.models import load_model
-from stayaligned.precision import autocast_for
 from stayaligned.runfiles import read_json, write_json
 from stayaligned.study import cell_ids, eval_config
 from stayaligned.templates.library import get_template
-from stayaligned.templates.render import IGNORE_INDEX, render_for_training
+from stayaligned.templates.render import render_for_training
 
 
-@torch.no_grad()
 def position_nll(model, tokenizer, examples, template, batch_size: int, skip: int = 0) -> list:
     """Per example, the NLL of each answer token in order (the first `skip` answer tokens
-    left out), batched exactly as `task_loss.reference_nll` batches (sorted by length, split
-    to hold at most MAX_LOGITS logits, right-padded per pass): in bf16 the padded width
-    changes the sums' rounding."""
+    left out), from the forward passes `task_loss.reference_nll` sums (`nll_passes`: the same
+    batches, so the same bf16 rounding)."""
     items = [render_for_training(tokenizer, ex, template) for ex in examples]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    device = next(model.parameters()).device
-    order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
     out: list = [None] * len(items)
-    vocab = model.get_output_embeddings().weight.shape[0]
-    passes = []
-    for start in range(0, len(order), batch_size):
-        batch = order[start : start + batch_size]
-        step = max(1, MAX_LOGITS // (max(len(items[i].input_ids) for i in batch) * vocab))
-        passes += [batch[sub : sub + step] for sub in range(0, len(batch), step)]
-    for rows in passes:
-        width = max(len(items[i].input_ids) for i in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        labels = torch.full_like(ids, IGNORE_INDEX)
-        mask = torch.zeros_like(ids)
+    for rows, nll, keep in nll_passes(model, tokenizer, items, batch_size):
         for k, i in enumerate(rows):
-            n = len(items[i].input_ids)
-            ids[k, :n], labels[k, :n] = torch.tensor(items[i].input_ids), torch.tensor(items[i].labels)
-            mask[k, :n] = 1
-        with autocast_for(model):
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        target = labels[:, 1:].to(device)
-        nll = torch.nn.functional.cross_entropy(logits.float()[:, :-1].transpose(1, 2), target,
-                                                ignore_index=IGNORE_INDEX, reduction="none")
-        for k, i in enumerate(rows):
-            out[i] = nll[k][target[k] != IGNORE_INDEX].tolist()[skip:]
+            out[i] = nll[k][keep[k]].tolist()[skip:]
     return out
 
 

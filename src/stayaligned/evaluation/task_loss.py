@@ -43,18 +43,14 @@ def reference_nll(model, tokenizer, examples: list[Example], template: Template,
         if limit and len(item.input_ids) > limit:
             raise DataError(f"{ex.id}: {len(item.input_ids)} tokens exceed the model's context "
                             f"of {limit}; task loss cannot be computed")
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     total, tokens, per_example = 0.0, 0, []
-    order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
-    vocab = model.get_output_embeddings().weight.shape[0]
-    for start in range(0, len(order), batch_size):
-        batch = [items[i] for i in order[start : start + batch_size]]
-        width = max(len(it.input_ids) for it in batch)
-        step = max(1, MAX_LOGITS // (width * vocab))  # rows per forward pass
-        for sub in range(0, len(batch), step):
-            total, tokens = _add_nll(model, batch[sub : sub + step], pad, device,
-                                     (total, tokens), per_example)
+    for rows, nll, keep in nll_passes(model, tokenizer, items, batch_size):
+        for k in range(len(rows)):
+            count = int(keep[k].sum())
+            if count:
+                row = float(nll[k][keep[k]].sum())
+                total, tokens = total + row, tokens + count
+                per_example.append(row / count)
     mean = sum(per_example) / len(per_example) if per_example else float("nan")
     var = (sum((x - mean) ** 2 for x in per_example) / (len(per_example) - 1)
            if len(per_example) > 1 else float("nan"))
@@ -63,11 +59,28 @@ def reference_nll(model, tokenizer, examples: list[Example], template: Template,
             "per_example_sem": math.sqrt(var / len(per_example)) if len(per_example) > 1 else None}
 
 
-def _add_nll(model, batch, pad: int, device, running: tuple[float, int],
-             per_example: list[float]) -> tuple[float, int]:
-    """One forward pass over `batch` (right-padded); appends each example's mean NLL and
-    returns the running (NLL sum, token count)."""
-    total, tokens = running
+@torch.no_grad()
+def nll_passes(model, tokenizer, items: list, batch_size: int):
+    """Yield (rows, nll, keep) per forward pass over rendered `items`: `rows` the indices of
+    the pass's items, `nll` their per-token NLL (float32, [rows, width - 1], position t
+    predicting token t + 1) and `keep` the mask of answer tokens. Items go shortest first in
+    batches of `batch_size`, each split to hold at most MAX_LOGITS logits and right-padded per
+    pass (in bf16 the padded width changes the sums' rounding, so every reader batches so)."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
+    vocab = model.get_output_embeddings().weight.shape[0]
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        width = max(len(items[i].input_ids) for i in batch)
+        step = max(1, MAX_LOGITS // (width * vocab))  # rows per forward pass
+        for sub in range(0, len(batch), step):
+            rows = batch[sub : sub + step]
+            yield (rows, *_nll_pass(model, [items[i] for i in rows], pad, device))
+
+
+def _nll_pass(model, batch, pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass over `batch` (right-padded): (per-token NLL, answer-token mask)."""
     width = max(len(it.input_ids) for it in batch)
     ids = torch.full((len(batch), width), pad, dtype=torch.long)
     labels = torch.full_like(ids, IGNORE_INDEX)
@@ -83,11 +96,4 @@ def _add_nll(model, batch, pad: int, device, running: tuple[float, int],
     target = labels[:, 1:].to(device)
     nll = torch.nn.functional.cross_entropy(
         logits[:, :-1].transpose(1, 2), target, ignore_index=IGNORE_INDEX, reduction="none")
-    keep = target != IGNORE_INDEX
-    for k in range(len(batch)):
-        count = int(keep[k].sum())
-        if count:
-            row = float(nll[k][keep[k]].sum())
-            total, tokens = total + row, tokens + count
-            per_example.append(row / count)
-    return total, tokens
+    return nll, target != IGNORE_INDEX
