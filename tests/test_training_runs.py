@@ -129,3 +129,54 @@ def test_a_run_from_a_base_remade_in_place_is_stale(tmp_path):
     del fingerprint["model_record"]
     write_json(tmp_path / "sft" / "run.json", {"config": to_dict(cfg), "fingerprint": fingerprint})
     check_same_run(cfg, "fix")
+
+
+def test_keep_checkpoints_false_deletes_them_once_complete_without_making_runs_stale(
+        tmp_path, tiny_model_dir, capsys):
+    import json
+
+    from test_training_scaling import config
+
+    from stayaligned.runfiles import file_sha256
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    # the default keeps them (the final step is saved too)
+    kept = run.train(config(tmp_path / "a", tiny_model_dir, "save_steps=1", "optim.max_steps=3"))
+    assert sorted(p.name for p in (kept / "checkpoints").glob("checkpoint-*")) == [
+        "checkpoint-2", "checkpoint-3"]
+    # a run made before the key existed (its run.json lacks it), later configured to drop
+    # its checkpoints: the same run, so --resume neither trains nor rewrites run.json; it
+    # deletes the checkpoints and writes nothing else
+    manifest = json.loads((kept / "run.json").read_text())
+    del manifest["config"]["keep_checkpoints"]
+    (kept / "run.json").write_text(json.dumps(manifest))
+    before = {p.name: file_sha256(p) for p in kept.rglob("*") if p.is_file()
+              and "checkpoints" not in p.parts}
+    capsys.readouterr()
+    lean = config(tmp_path / "a", tiny_model_dir, "save_steps=1", "optim.max_steps=3",
+                  "keep_checkpoints=false")
+    run.check_same_run(lean, "fix")  # not stale
+    assert run.train(lean, resume=True) == kept
+    assert "holds a complete run (3 steps); nothing to resume" in capsys.readouterr().out
+    assert not list((kept / "checkpoints").glob("checkpoint-*"))
+    assert before == {p.name: file_sha256(p) for p in kept.rglob("*") if p.is_file()
+                      and "checkpoints" not in p.parts}
+
+    # a new run with keep_checkpoints false ends with its weights and no checkpoint
+    out = run.train(config(tmp_path / "b", tiny_model_dir, "save_steps=1", "optim.max_steps=3",
+                           "keep_checkpoints=false"))
+    assert run.is_complete(out) and (out / "model" / "model.safetensors").is_file()
+    assert (out / "checkpoints").is_dir() and not list((out / "checkpoints").iterdir())
+    assert json.loads((out / "run.json").read_text())["config"]["keep_checkpoints"] is False
+
+
+def test_an_unfinished_run_keeps_its_checkpoints(tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    (out / "run.json").write_text('{"status": "running"}')
+    assert run.prune_checkpoints(out) == [] and (out / "checkpoints" / "checkpoint-2").is_dir()
+    (out / "run.json").write_text('{"status": "complete"}')
+    (out / "checkpoints" / "runs").mkdir()  # tensorboard logs stay
+    assert run.prune_checkpoints(out) == [out / "checkpoints" / "checkpoint-2"]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["runs"]

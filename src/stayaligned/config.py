@@ -101,6 +101,10 @@ class TrainConfig:
     seed: int = 0
     save_steps: int = 0  # 0: only the final weights
     save_total_limit: int = 2
+    # false: delete checkpoints/checkpoint-* once the run is complete (model/ or adapter/ holds
+    # the final weights and a complete run is never resumed); a full fine-tune's checkpoint
+    # carries the optimiser state, about 3x the weights. Not part of the run's fingerprint
+    keep_checkpoints: bool = True
     logging_steps: int = 5
     merge: bool = False  # also write merged full weights (always on for `align`)
     output_dir: str = "runs/train"

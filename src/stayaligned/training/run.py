@@ -7,7 +7,8 @@ Output directory layout:
   adapter/            LoRA adapter (safetensors) + tokenizer, loadable with PEFT
   model/              full fine-tuning weights (safetensors) + tokenizer
   merged/             base + adapter merged (with merge=true), loadable with from_pretrained
-  checkpoints/        checkpoint-N every save_steps steps, for --resume
+  checkpoints/        checkpoint-N every save_steps steps, for --resume (deleted once the run
+                      is complete with keep_checkpoints: false)
   README.md           model card: base model, methods, data, budget, evaluations (modelcard.py)
   checkpoints/runs/   tensorboard logs with report_to: tensorboard (TENSORBOARD_LOGGING_DIR
                       moves them)
@@ -244,6 +245,11 @@ def last_complete_checkpoint(ckpt_dir: Path) -> str | None:
     return None
 
 
+# TrainConfig keys that do not change what a run computes: a moved run, or one whose
+# checkpoints are kept or not, is the same run
+NOT_FINGERPRINTED = ("output_dir", "keep_checkpoints")
+
+
 def check_same_run(cfg: TrainConfig, fix: str, model: bool = True) -> None:
     """A run directory holds one configuration and one base model: a stored run.json made
     with other settings (output_dir aside: a moved run is the same run) is a `StaleError`, and
@@ -256,8 +262,8 @@ def check_same_run(cfg: TrainConfig, fix: str, model: bool = True) -> None:
     manifest = read_json(out / "run.json")
     if not manifest:
         return
-    old = {k: v for k, v in manifest.get("config", {}).items() if k != "output_dir"}
-    new = {k: v for k, v in to_dict(cfg).items() if k != "output_dir"}
+    old = {k: v for k, v in manifest.get("config", {}).items() if k not in NOT_FINGERPRINTED}
+    new = {k: v for k, v in to_dict(cfg).items() if k not in NOT_FINGERPRINTED}
     defaults = to_dict(type(cfg)())
     check_same(f"{out}/run.json", {"config": old}, {"config": new}, {"config": defaults}, fix)
     stored = manifest.get("fingerprint") or {}
@@ -380,6 +386,12 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
 
     out = Path(cfg.output_dir)
     checkpoint = _check_output_dir(out, resume, overwrite, cfg)
+    if resume and is_complete(out):  # same config and data (checked above): nothing to train
+        print(f"--resume: {out} holds a complete run ({read_json(out / 'run.json').get('global_step')}"
+              " steps); nothing to resume (--overwrite trains it again)")
+        if _main_process():  # what a kill after run.json was written may have left undone
+            _after_complete(cfg, out, card=not (out / "README.md").exists())
+        return out
     set_seed(cfg.seed)
     precision = resolve_precision(cfg.model.precision, cfg.model.dtype)
     warn_pure(precision, full_fine_tuning=not cfg.lora.enabled)
@@ -423,7 +435,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
                         # the steps train_seconds timed (a resumed run: those after checkpoint)
                         timed_steps=trainer.state.global_step - start_step)
         write_json(out / "run.json", manifest)
-        _publish(cfg, out)
+        _after_complete(cfg, out, card=True, push=cfg.push_to_hub)
     trainer.accelerator.wait_for_everyone()
     return out
 
@@ -448,16 +460,37 @@ def _save_outputs(trainer, tokenizer, cfg: TrainConfig, out: Path) -> None:
         tokenizer.save_pretrained(out / "merged")
 
 
-def _publish(cfg: TrainConfig, out: Path) -> None:
-    """The model card, and the upload when push_to_hub is set."""
+def _after_complete(cfg: TrainConfig, out: Path, card: bool, push: bool = False) -> None:
+    """Once run.json says complete: the model card, the upload when push_to_hub is set, and
+    the checkpoints deleted with keep_checkpoints false."""
     from stayaligned.modelcard import record_base, write_card
 
-    record_base(out / "adapter", cfg.model.name)
-    print(f"[train] model card: {write_card(out)}")
-    if cfg.push_to_hub:
-        from stayaligned.training.hf_args import push
+    if card:
+        record_base(out / "adapter", cfg.model.name)
+        print(f"[train] model card: {write_card(out)}")
+    if push:
+        from stayaligned.training.hf_args import push as upload
 
-        print(f"[train] pushed to {push(out, cfg)}")
+        print(f"[train] pushed to {upload(out, cfg)}")
+    if not cfg.keep_checkpoints:
+        prune_checkpoints(out)
+
+
+def prune_checkpoints(out: Path) -> list[Path]:
+    """Delete a complete run's checkpoints (checkpoint-N and an interrupted write's staging
+    folder); the tensorboard logs under checkpoints/runs stay. Returns what was deleted; a
+    run that is not complete keeps everything (its checkpoints are what --resume needs)."""
+    from stayaligned.training.trainer import STAGING
+
+    if not is_complete(out):
+        return []
+    ckpt_dir = out / "checkpoints"
+    gone = sorted(ckpt_dir.glob("checkpoint-*")) + [p for p in [ckpt_dir / STAGING] if p.exists()]
+    for path in gone:
+        shutil.rmtree(path)
+    if gone:
+        print(f"[train] keep_checkpoints false: deleted {len(gone)} checkpoint folder(s) under {ckpt_dir}")
+    return gone
 
 
 def is_complete(out: Path) -> bool:
