@@ -236,3 +236,46 @@ def test_a_python_tokenizer_is_an_error_naming_the_fix(tokenizer, monkeypatch):
     monkeypatch.setattr(type(tok), "is_fast", property(lambda self: False))
     with pytest.raises(DataError, match=r"ex:1: .*fast \(Rust\) tokenizer.*tokenizer.json"):
         render_for_training(tok, EX, get_template("native"))
+
+
+# Llama 3.1's date handling (its system header), cut down
+DATED_JINJA = (
+    "{%- if not date_string is defined -%}{%- if strftime_now is defined -%}"
+    "{%- set date_string = strftime_now('%d %b %Y') -%}{%- else -%}"
+    "{%- set date_string = '26 Jul 2024' -%}{%- endif -%}{%- endif -%}"
+    "{{- 'Today Date: ' + date_string + '\\n' -}}"
+    "{%- for m in messages -%}{{- m['role'] + ': ' + m['content'] + '<|im_end|>\\n' -}}"
+    "{%- endfor -%}{%- if add_generation_prompt -%}{{- 'assistant: ' -}}{%- endif -%}"
+)
+
+
+def test_a_template_that_writes_todays_date_renders_the_fixed_date(tokenizer, monkeypatch):
+    """Llama 3.x templates write today's date through transformers' strftime_now: rendered as
+    is, a model trained on one day would be evaluated on another prompt the next. Every
+    rendering uses TEMPLATE_DATE, whatever the clock says; a date_string still wins."""
+    import datetime as dt
+
+    from stayaligned.templates.render import TEMPLATE_DATE, template_date
+
+    tok = _with_template(tokenizer, DATED_JINJA)
+    tok.stayaligned_chat_kwargs = {}
+    real = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False)
+    assert f"Today Date: {dt.datetime.now().strftime('%d %b %Y')}" in real  # what HF renders
+    prompt = prompt_text(tok, EX, get_template("native"))
+    assert prompt.startswith("Today Date: 26 Jul 2024\n") and prompt.endswith("assistant: ")
+    item = render_for_training(tok, EX, get_template("native"))
+    assert item.text.startswith(prompt) and "26 Jul 2024" not in trained_text(tok, item)
+    assert template_date(tok) == TEMPLATE_DATE.isoformat() == "2024-07-26"
+    assert template_date(tokenizer) is None  # SmolLM2's template has no date
+    tok.stayaligned_chat_kwargs = {"date_string": "01 Jan 2025"}
+    assert prompt_text(tok, EX, get_template("native")).startswith("Today Date: 01 Jan 2025\n")
+
+
+def test_the_guard_judge_prompt_has_the_fixed_date_too(tokenizer):
+    from stayaligned.config import ModelConfig
+    from stayaligned.evaluation.judges.guard import GuardJudge
+
+    tok = _with_template(tokenizer, DATED_JINJA)
+    judge = GuardJudge.__new__(GuardJudge)
+    judge.model_config = ModelConfig(name="guard")
+    assert judge.classifier_prompt(tok, "Hi", "Hello").startswith("Today Date: 26 Jul 2024\n")

@@ -9,12 +9,66 @@ assistant span get labels, so merges across the boundary cannot shift the mask.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import date, datetime
 
 from stayaligned.data.types import DataError, Example
 from stayaligned.templates.library import KEEP, Template
 
 IGNORE_INDEX = -100
+
+# Chat templates that write today's date (Llama 3.1-3.3 and 4's "Today Date: ...", Mistral
+# Small 3, Granite 3, through transformers' `strftime_now`) would render differently on each
+# day: a model trained on one day and evaluated on another would be asked another prompt, and
+# an evaluation resumed after midnight would mix two prompts in one file. stayaligned renders
+# them at this fixed date, the Llama 3 templates' own fallback when `strftime_now` is missing;
+# a `date_string` in model.chat_template_kwargs still wins where a template reads one (Llama).
+# transformers gives templates no way to replace the clock (it turns callables passed as
+# template variables into placeholder strings), so `fixed_clock` sets the `datetime` its
+# `strftime_now` reads for the duration of one rendering; tests/test_render.py fails if a
+# transformers release moves it.
+TEMPLATE_DATE = date(2024, 7, 26)
+
+
+def template_date(tokenizer) -> str | None:
+    """TEMPLATE_DATE (ISO) when the tokenizer's chat template reads today's date, else None
+    (recorded in run.json so that a reader knows which date the prompts carried)."""
+    template = getattr(tokenizer, "chat_template", None)
+    texts = template.values() if isinstance(template, dict) else [template or ""]
+    return TEMPLATE_DATE.isoformat() if any("strftime_now" in t for t in texts) else None
+
+
+class _TemplateDay(datetime):
+    @classmethod
+    def now(cls, tz=None):
+        return cls(TEMPLATE_DATE.year, TEMPLATE_DATE.month, TEMPLATE_DATE.day, tzinfo=tz)
+
+
+@contextmanager
+def fixed_clock(tokenizer):
+    """Within it, the tokenizer's chat template sees TEMPLATE_DATE as today (nothing changes
+    for a template that reads no date)."""
+    from transformers.utils import chat_template_utils as ctu
+
+    real = getattr(ctu, "datetime", None)
+    if template_date(tokenizer) is None or real is not datetime:
+        yield
+        return
+    ctu.datetime = _TemplateDay
+    try:
+        yield
+    finally:
+        ctu.datetime = real
+
+
+def apply_template(tokenizer, messages, **kwargs) -> str:
+    """`tokenizer.apply_chat_template(messages, tokenize=False, ...)` with the model config's
+    chat_template_kwargs (models.load_tokenizer sets them on the tokenizer) at TEMPLATE_DATE."""
+    with fixed_clock(tokenizer):
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, **kwargs,
+            **(getattr(tokenizer, "stayaligned_chat_kwargs", None) or {}))
 
 
 @dataclass(frozen=True)
@@ -101,10 +155,7 @@ def _native_text(tokenizer, messages: list[dict], generation_prompt: bool,
     from jinja2.exceptions import TemplateError
 
     try:
-        return tokenizer.apply_chat_template(  # the model config's chat_template_kwargs
-            messages, tokenize=False, add_generation_prompt=generation_prompt,
-            **(getattr(tokenizer, "stayaligned_chat_kwargs", None) or {}),
-        )
+        return apply_template(tokenizer, messages, add_generation_prompt=generation_prompt)
     except TemplateError as err:  # the template's own raise_exception (roles, system prompts)
         roles = "/".join(m["role"] for m in messages)
         system = (" Some chat templates (Gemma 2, early Mistral) take no system message: "

@@ -31,7 +31,7 @@ from stayaligned.models import add_lora, load_model, pick_device
 from stayaligned.precision import resolve as resolve_precision
 from stayaligned.precision import warn_pure
 from stayaligned.templates.library import get_template
-from stayaligned.templates.render import prompt_text, render_dataset, show_mask
+from stayaligned.templates.render import prompt_text, render_dataset, show_mask, template_date
 from stayaligned.training.collate import PadCollator, RenderedDataset
 from stayaligned.runlock import clear_dir, run_lock
 from stayaligned.runfiles import (
@@ -156,7 +156,8 @@ def _manifest(cfg: TrainConfig, prep: dict, tokenizer) -> dict:
         "templates": {"train": prep["train_template"], "eval": prep["eval_template"],
                       **({"chat_template_kwargs": kwargs}
                          if (kwargs := getattr(tokenizer, "stayaligned_chat_kwargs", None))
-                         else {})},
+                         else {}),
+                      **({"date": day} if (day := template_date(tokenizer)) else {})},
         "train_prompt_example": prompt_text(
             tokenizer, Example(trained.id, trained.prompt_messages),
             get_template(prep["train_template"])),

@@ -100,10 +100,9 @@ class GuardJudge:
             )
         conversation = [{"role": "user", "content": prompt},
                         {"role": "assistant", "content": response}]
-        return tokenizer.apply_chat_template(  # with the guard model's chat_template_kwargs
-            conversation, tokenize=False, add_generation_prompt=True,
-            **(getattr(tokenizer, "stayaligned_chat_kwargs", None) or {}),
-        )
+        from stayaligned.templates.render import apply_template
+
+        return apply_template(tokenizer, conversation, add_generation_prompt=True)
 
     def judge_batch(self, items: Sequence[tuple[str, str]]) -> list[dict]:
         """One judgment per (prompt, response), in order: {judge, harmful, categories, raw, error}."""
