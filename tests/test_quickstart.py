@@ -163,4 +163,22 @@ def test_quickstart_cli_passes_overrides_to_the_study(monkeypatch):
     assert str(seen["output"]) == "runs/x" and list(seen["overrides"]) == ["model.precision=fp32"]
     cfg = qs.study_config(Path("runs/x"), seen["overrides"])
     assert cfg.model.precision == "fp32"
+    monkeypatch.setattr(qs, "native_bf16", lambda: True)
     assert qs.study_config(Path("runs/x")).model.precision == "bf16"  # the bundled choice
+
+
+def test_quickstart_runs_in_fp32_where_bf16_would_be_emulated(monkeypatch):
+    """The bundled bf16 is a time lever only where the device multiplies in bf16 natively; on a
+    CPU without avx512_bf16 / AMX it is 6-11x slower than fp32 (bench/results/
+    cpu_bf16_kernels.json), so the quickstart runs in fp32 there, unless the command line asks."""
+    import stayaligned.precision as precision
+    import stayaligned.quickstart as qs
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    for native, expected in ((False, "fp32"), (True, "bf16")):
+        monkeypatch.setattr(precision, "cpu_has_bf16", lambda cpuinfo=None, n=native: n)
+        assert qs.study_config(Path("runs/x")).model.precision == expected
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda cpuinfo=None: False)
+    assert qs.study_config(Path("runs/x"), ["model.precision=bf16"]).model.precision == "bf16"
+    assert qs.study_config(Path("runs/x"), ["model.precision = pure_bf16"]).model.precision \
+        == "pure_bf16"

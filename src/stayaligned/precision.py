@@ -96,6 +96,12 @@ def resolve(precision: str = "auto", dtype: str = "auto", device: str | None = N
         else:
             native = cpu_has_bf16() if cpu_bf16 is None else cpu_bf16
             name = "bf16" if native and CPU_AUTO_BF16 else "fp32"
+    elif name in ("bf16", "pure_bf16") and device == "cpu" and not (
+            cpu_has_bf16() if cpu_bf16 is None else cpu_bf16):
+        warnings.warn(f"model.precision {name}: this CPU has no native bf16 matrix instructions "
+                      f"({' or '.join(CPU_BF16_FLAGS)}); torch emulates bf16 products, 6-11x "
+                      "slower than fp32 on such a CPU (bench/results/cpu_bf16_kernels.json). Use "
+                      "model.precision fp32 (or auto, which picks it here).", stacklevel=2)
     elif name in ("bf16", "pure_bf16") and device == "cuda" and not cuda_native:
         warnings.warn(f"model.precision {name}: this GPU has no native bf16 (compute capability "
                       "below 8.0, e.g. T4 or V100); torch emulates it, slowly. Use "

@@ -14,6 +14,12 @@ the recommended recipe, which is named there and only there):
 
 Every stage is a study stage (stayaligned.study) and is skipped when complete, so a second run
 reuses all training and evaluation and only rewrites the summary and the report.
+
+Precision: the bundled config asks for bf16 autocast, the quickstart's time lever on a CPU or
+GPU that multiplies in bf16 natively. Where the device only emulates bf16 (a CPU without
+avx512_bf16 / AMX, a T4 or V100) it is 6-11x slower than fp32 (bench/results/
+cpu_bf16_kernels.json), so there the quickstart runs in fp32 and says so; `model.precision=...`
+on the command line overrides either choice.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+
+from dataclasses import replace
 
 from stayaligned.config import StudyConfig, load
 from stayaligned.reports.tables import as_rate, fmt_rate
@@ -42,7 +50,25 @@ KEEP_TARGET = 0.90  # the recipe should keep this share of the aligned refusal r
 def study_config(output: Path, overrides: list[str] | tuple = ()) -> StudyConfig:
     """The quickstart's study config writing into `output`; `overrides` as on the CLI."""
     path = Path(str(files("stayaligned") / "resources" / STUDY))
-    return load(StudyConfig, path, [*overrides, f"output_dir={output}"])
+    cfg = load(StudyConfig, path, [*overrides, f"output_dir={output}"])
+    if cfg.model.precision == "bf16" and not _asks_precision(overrides) and not native_bf16():
+        cfg = replace(cfg, model=replace(cfg.model, precision="fp32"))
+    return cfg
+
+
+def _asks_precision(overrides) -> bool:
+    return any(str(o).split("=", 1)[0].strip() in ("model.precision", "model.dtype")
+               for o in overrides)
+
+
+def native_bf16() -> bool:
+    """Whether this machine's training device (CUDA when present, else the CPU) multiplies in
+    bf16 natively."""
+    import torch
+
+    from stayaligned import precision
+
+    return precision.cuda_has_bf16() if torch.cuda.is_available() else precision.cpu_has_bf16()
 
 
 def recipe_cell(cfg: StudyConfig):
@@ -59,6 +85,10 @@ def run_quickstart(output: Path, *, fresh: bool = False, console: Console | None
     if fresh and output.exists():
         shutil.rmtree(output)
     cfg = study_config(output, overrides)
+    if cfg.model.precision == "fp32" and not _asks_precision(overrides):
+        console.print("precision: fp32 (this machine has no native bf16, which it would emulate "
+                      "several times slower; the bundled config's bf16 is for machines that "
+                      "have it)")
     started = time.time()
     result = run_study(cfg, console=console)
     if result["failed"]:
@@ -101,6 +131,7 @@ def build_summary(output: Path, cfg: StudyConfig, seconds: float, report: Path) 
         "findings": findings(rows),
         "judge": cfg.eval.get("judge", "keyword"),
         "prefill_k": PREFILL_K,
+        "precision": cfg.model.precision,
         "report": str(report),
         "study_dir": str(output),
         "seconds": round(seconds, 1),  # this run; finished stages took no time

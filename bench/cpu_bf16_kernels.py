@@ -1,0 +1,96 @@
+"""bf16 autocast against fp32 for the embedded model's linear layers on this CPU, one thread.
+
+    .venv/bin/python bench/cpu_bf16_kernels.py [--repeats 20]
+
+Whether `model.precision: bf16` pays on a CPU depends on the CPU: with native bf16 matrix
+instructions (avx512_bf16 or AMX) oneDNN multiplies in bf16 (bench/results/overhead.json's
+`precision` entry: ~2x training throughput on such a machine); without them torch emulates bf16
+products, slowly. This bench times `F.linear` on SmolLM2-135M's three weight shapes (a 512-token
+batch) in fp32 and under bf16 autocast, interleaved so that both see the same load, and adds
+its row, keyed by the CPU's model name and bf16 flags, to bench/results/cpu_bf16_kernels.json
+(rows from other machines are kept). `precision.resolve` warns when bf16 is asked for on a CPU
+without those flags, citing these figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = {"q/o_proj 576x576": (576, 576), "gate/up_proj 576->1536": (576, 1536),
+          "down_proj 1536->576": (1536, 576)}
+TOKENS = 512
+
+
+def _time(fn, repeats: int) -> list[float]:
+    fn()
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def measure(repeats: int) -> dict:
+    torch.manual_seed(0)
+    rows = {}
+    for name, (fan_in, fan_out) in SHAPES.items():
+        x, w = torch.randn(TOKENS, fan_in), torch.randn(fan_out, fan_in)
+        fp32, bf16 = [], []
+        for i in range(repeats):  # interleaved, the order alternating
+            arms = [("fp32", fp32), ("bf16", bf16)][:: 1 if i % 2 == 0 else -1]
+            for arm, times in arms:
+                if arm == "fp32":
+                    times += _time(lambda: F.linear(x, w), 1)
+                else:
+                    with torch.autocast("cpu", dtype=torch.bfloat16):
+                        times += _time(lambda: F.linear(x, w), 1)
+        rows[name] = {"fp32_ms": round(statistics.median(fp32) * 1e3, 3),
+                      "bf16_autocast_ms": round(statistics.median(bf16) * 1e3, 3),
+                      "bf16_over_fp32": round(statistics.median(bf16) / statistics.median(fp32), 2)}
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--output", default="bench/results/cpu_bf16_kernels.json")
+    args = parser.parse_args(argv)
+
+    from stayaligned.precision import CPU_BF16_FLAGS, cpu_has_bf16
+
+    torch.set_num_threads(1)
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
+                  if line.startswith("model name")), platform.processor() or "unknown")
+    flags = sorted({f for f in cpuinfo.split() if f.startswith(("avx512", "amx", "avx2"))})
+    rows = measure(args.repeats)
+    ratios = [row["bf16_over_fp32"] for row in rows.values()]
+    key = f"{model} | native bf16: {cpu_has_bf16()}"
+    entry = {"cpu": model, "native_bf16": cpu_has_bf16(), "bf16_flags_checked": list(CPU_BF16_FLAGS),
+             "vector_flags": flags, "threads": 1, "tokens": TOKENS, "repeats": args.repeats,
+             "load_average": [round(x, 2) for x in os.getloadavg()],
+             "torch": torch.__version__, "oneDNN_bf16": torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+             "shapes": rows, "bf16_over_fp32_median": statistics.median(ratios),
+             "date": time.strftime("%Y-%m-%d"),
+             "command": "python bench/cpu_bf16_kernels.py " + " ".join(argv or sys.argv[1:])}
+    path = Path(args.output)
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    results[key] = entry
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    print(json.dumps(entry, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
