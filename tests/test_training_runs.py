@@ -3,7 +3,10 @@ refuses changed data, and the output directory is cleared by one process."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
+import torch
 
 from stayaligned.training import run
 
@@ -169,6 +172,20 @@ def test_keep_checkpoints_false_deletes_them_once_complete_without_making_runs_s
     assert run.is_complete(out) and (out / "model" / "model.safetensors").is_file()
     assert (out / "checkpoints").is_dir() and not list((out / "checkpoints").iterdir())
     assert json.loads((out / "run.json").read_text())["config"]["keep_checkpoints"] is False
+
+    # its weights deleted too: run.json's "complete" no longer stands for a finished run, so
+    # --resume trains it again (from step 0: no checkpoint is left) to the same weights
+    from safetensors.torch import load_file
+
+    reference = load_file(out / "model" / "model.safetensors")
+    shutil.rmtree(out / "model")
+    capsys.readouterr()
+    assert run.train(config(tmp_path / "b", tiny_model_dir, "save_steps=1", "optim.max_steps=3",
+                            "keep_checkpoints=false"), resume=True) == out
+    said = capsys.readouterr().out
+    assert "run.json says complete but model/ (its weights) is missing; training it again" in said
+    again = load_file(out / "model" / "model.safetensors")
+    assert all(torch.equal(again[k], reference[k]) for k in reference) and run.is_complete(out)
 
 
 def test_an_unfinished_run_keeps_its_checkpoints(tmp_path):

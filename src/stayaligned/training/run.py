@@ -387,7 +387,11 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
 
     out = Path(cfg.output_dir)
     checkpoint = _check_output_dir(out, resume, overwrite, cfg)
-    if resume and is_complete(out):  # same config and data (checked above): nothing to train
+    missing = _missing_outputs(out, cfg) if resume and is_complete(out) else []
+    if missing:
+        print(f"--resume: {out}/run.json says complete but {', '.join(missing)} is missing; "
+              "training it again" + (f" from {checkpoint}" if checkpoint else ""))
+    elif resume and is_complete(out):  # same config and data (checked above): nothing to train
         print(f"--resume: {out} holds a complete run ({read_json(out / 'run.json').get('global_step')}"
               " steps); nothing to resume (--overwrite trains it again)")
         if _main_process():  # what a kill after run.json was written may have left undone
@@ -459,6 +463,16 @@ def _save_outputs(trainer, tokenizer, cfg: TrainConfig, out: Path) -> None:
         merged = model.merge_and_unload()
         merged.save_pretrained(out / "merged", safe_serialization=True)
         tokenizer.save_pretrained(out / "merged")
+
+
+def _missing_outputs(out: Path, cfg: TrainConfig) -> list[str]:
+    """The final weights a complete run writes (_save_outputs) that are not in `out`: a run
+    whose run.json says complete but whose weights were deleted is not finished."""
+    wanted = [out / ("adapter" if cfg.lora.enabled else "model")]
+    if cfg.lora.enabled and cfg.merge:
+        wanted.append(out / "merged")
+    return [f"{path.name}/ (its weights)" for path in wanted
+            if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin"))]
 
 
 def _after_complete(cfg: TrainConfig, out: Path, card: bool, push: bool = False) -> None:
