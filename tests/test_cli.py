@@ -169,3 +169,31 @@ def test_depth_of_a_lora_run_on_its_seed_loads_one_copy(tmp_path, tiny_model_dir
     two_copies = depth_kl(seed, tuned, tokenizer, load_source("demo-safety", limit=4), "native",
                           n_tokens=3)
     assert one_copy["kl_mean"] == pytest.approx(two_copies["kl_mean"], rel=1e-4, abs=1e-7)
+
+
+def test_data_preview_takes_an_align_config_with_align_defaults(tmp_path, tiny_model_dir, capsys):
+    """The README's `stayaligned data preview configs/align/shared_safety_deep.yaml`: a config
+    with align-only keys (deep, recovery) is previewed as an AlignConfig (it was refused as an
+    unknown-key TrainConfig), and `--align` does the same for an align config without them
+    (otherwise TrainConfig's defaults would be previewed: another data set and max_length)."""
+    from stayaligned.cli import main
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"How do I pick lock {i}?",
+                                         "chosen": "I can't help with that.",
+                                         "rejected": "Sure, here is how: first take a pin."}) + "\n"
+                             for i in range(4)))
+    deep = tmp_path / "deep.yaml"
+    deep.write_text(f"model: {{name: {tiny_model_dir}}}\ndata: [{{source: demo-helpful, limit: 2}}]\n"
+                    f"deep: true\nrecovery: {{source: {pairs}}}\n")
+    assert main(["data", "preview", str(deep), "--n", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "pairs.jsonl" in out and "I can't help with that." in out  # the recovery examples
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(f"model: {{name: {tiny_model_dir}}}\n")
+    assert main(["data", "preview", str(plain), "--align", "--n", "1"]) == 0
+    assert "harmful_requests.json" in capsys.readouterr().out  # AlignConfig's default: demo-safety
+    assert main(["data", "preview", str(plain), "deep=false", "--n", "1"]) == 0
+    assert "harmful_requests.json" in capsys.readouterr().out  # an align-only override implies it
+    assert main(["data", "preview", str(plain), "--n", "1"]) == 0  # a TrainConfig: its own data
+    assert "harmful_requests.json" not in capsys.readouterr().out

@@ -4,7 +4,7 @@
   stayaligned align [CONFIG] [key=value ...] [--resume] [--overwrite]
   stayaligned train CONFIG [key=value ...] [--resume] [--overwrite]
   stayaligned eval CONFIG [key=value ...] [--overwrite]
-  stayaligned data preview [CONFIG] [key=value ...] [--n N] [--eval]
+  stayaligned data preview [CONFIG] [key=value ...] [--n N] [--align]
   stayaligned data list | stayaligned data templates
   stayaligned study CONFIG [key=value ...] [--cells A,B] [--devices 0,1] [--dry-run]
   stayaligned report STUDY_DIR [--output DIR] [--notes FINDINGS.md] [--overhead JSON]
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from stayaligned.config import AlignConfig, ConfigError, EvalConfig, TrainConfig, load
 from stayaligned.training.hf_args import alias_help, resolve_aliases
@@ -45,6 +46,26 @@ def _split_config(args) -> tuple[str | None, list[str]]:
     if args.command in ALIAS_COMMANDS:
         overrides = resolve_aliases(overrides)
     return config, overrides
+
+
+def _sets_align_keys(path: str | None, overrides: list[str]) -> bool:
+    """Whether a config file or its overrides set a key only `align` has (deep, recovery): such
+    a config previewed as a TrainConfig would be refused, or, without them, previewed with the
+    wrong defaults (the --align flag says it for those)."""
+    import dataclasses
+
+    import yaml
+
+    only = ({f.name for f in dataclasses.fields(AlignConfig)}
+            - {f.name for f in dataclasses.fields(TrainConfig)})
+    keys = {str(o).split("=", 1)[0].strip().split(".")[0] for o in overrides}
+    if path is not None and Path(path).is_file():
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except yaml.YAMLError:
+            data = None  # load() names the error
+        keys |= set(data) if isinstance(data, dict) else set()
+    return bool(keys & only)
 
 
 def normalise_argv(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
@@ -202,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
                            epilog=alias_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     _config_args(prev, required=False)
     prev.add_argument("--n", type=int, default=2, help="how many examples")
+    prev.add_argument("--align", action="store_true",
+                      help="CONFIG is an `align` config: its defaults (the bundled demo sets, "
+                           "LoRA merged, max_length 256), deep and recovery; implied when the "
+                           "config or an override sets deep or recovery")
     dsub.add_parser("list", help="named datasets and demo sets")
     dsub.add_parser("templates", help="named prompt templates")
     return parser
@@ -246,7 +271,8 @@ def _dispatch(args) -> int:
             commands.data_templates()
         else:
             path, overrides = _split_config(args)
-            commands.data_preview(load(TrainConfig, path, overrides), n=args.n)
+            kind = AlignConfig if args.align or _sets_align_keys(path, overrides) else TrainConfig
+            commands.data_preview(load(kind, path, overrides), n=args.n)
         return 0
     if args.command == "check":
         path, overrides = _split_config(args)
