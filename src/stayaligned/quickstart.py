@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import replace
 from importlib.resources import files
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
-
-from dataclasses import replace
 
 from stayaligned.config import StudyConfig, load
 from stayaligned.reports.tables import as_rate, fmt_rate

@@ -387,11 +387,12 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
 
     out = Path(cfg.output_dir)
     checkpoint = _check_output_dir(out, resume, overwrite, cfg)
-    missing = _missing_outputs(out, cfg) if resume and is_complete(out) else []
+    complete = resume and is_complete(out)
+    missing = _missing_outputs(out, cfg) if complete else []
     if missing:
         print(f"--resume: {out}/run.json says complete but {', '.join(missing)} is missing; "
               "training it again" + (f" from {checkpoint}" if checkpoint else ""))
-    elif resume and is_complete(out):  # same config and data (checked above): nothing to train
+    elif complete:  # same config and data (checked above): nothing to train
         print(f"--resume: {out} holds a complete run ({read_json(out / 'run.json').get('global_step')}"
               " steps); nothing to resume (--overwrite trains it again)")
         if _main_process():  # what a kill after run.json was written may have left undone
