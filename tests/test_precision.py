@@ -13,7 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from stayaligned.config import ConfigError, ModelConfig, TrainConfig, load
-from stayaligned.precision import cpu_has_bf16, resolve
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from stayaligned.precision import ATTENTION, GEMMS, cpu_has_bf16, fp32_gemms, resolve
 
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -69,6 +71,160 @@ def test_bf16_asked_for_on_a_cpu_that_emulates_it_is_kept_with_a_warning(monkeyp
         resolve("auto", device="cpu")
         monkeypatch.setattr(precision, "cpu_has_bf16", lambda cpuinfo=None: True)
         resolve("bf16", device="cpu")
+
+
+def test_bf16_products_take_float32_gemms_only_on_a_cpu_that_emulates_bf16():
+    """Where torch would emulate bf16 (no avx512_bf16 / AMX), bf16 and pure_bf16 compute their
+    products as float32 GEMMs (`Fp32Gemms`) and record it; a native CPU, a GPU, fp32 and auto
+    keep torch's kernels and the record they had."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        emulated = [resolve(name, device="cpu", cpu_bf16=False) for name in ("bf16", "pure_bf16")]
+        native = [resolve("bf16", device="cpu", cpu_bf16=True),
+                  resolve("pure_bf16", device="cpu", cpu_bf16=True),
+                  resolve("fp32", device="cpu", cpu_bf16=False),
+                  resolve("auto", device="cpu", cpu_bf16=False),
+                  resolve("bf16", device="cuda", cuda_bf16=True)]
+    assert [p.fp32_gemm for p in emulated] == [True, True]
+    assert [p.to_dict()["gemm"] for p in emulated] == ["fp32", "fp32"]
+    assert not any(p.fp32_gemm or "gemm" in p.to_dict() for p in native)
+
+
+class GemmLog(TorchDispatchMode):
+    """Records the dtypes of every matrix product that reaches it (entered outside
+    `Fp32Gemms`, it sees the products that mode lets through or makes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in GEMMS or func in ATTENTION:
+            self.dtypes.append(next(a for a in args if isinstance(a, torch.Tensor)).dtype)
+        return func(*args, **(kwargs or {}))
+
+
+def test_fp32_gemms_compute_the_bf16_product_rounded_once():
+    """Each bf16 product under `fp32_gemms` runs as a float32 GEMM (the log behind it sees only
+    float32) and returns bf16: the exact product, summed in float32 and rounded once, which
+    the correctly rounded float64 result matches in all but rare near-ties (float32 sums);
+    float32 products are untouched, bit for bit; nesting does not convert twice."""
+    torch.manual_seed(0)
+    bf = torch.bfloat16
+    a, b, c = (torch.randn(64, 300).to(bf), torch.randn(300, 48).to(bf), torch.randn(48).to(bf))
+    a3, b3, c3 = a.view(4, 16, 300), torch.randn(4, 300, 48).to(bf), torch.randn(4, 16, 48).to(bf)
+    v = torch.randn(300).to(bf)
+    cases = {
+        "mm": (lambda: a @ b, lambda: a.double() @ b.double()),
+        "addmm": (lambda: torch.addmm(c, a, b, beta=0.5, alpha=2.0),
+                  lambda: 0.5 * c.double() + 2.0 * (a.double() @ b.double())),
+        "bmm": (lambda: torch.bmm(a3, b3), lambda: a3.double() @ b3.double()),
+        "baddbmm": (lambda: torch.baddbmm(c3, a3, b3), lambda: c3.double() + a3.double() @ b3.double()),
+        "mv": (lambda: a @ v, lambda: a.double() @ v.double()),
+        "linear": (lambda: torch.nn.functional.linear(a, b.T, c),
+                   lambda: a.double() @ b.double() + c.double()),
+    }
+    for name, (op, exact) in cases.items():
+        with GemmLog() as log, fp32_gemms(), fp32_gemms():
+            out = op()
+        assert out.dtype == bf, name
+        assert log.dtypes and set(log.dtypes) == {torch.float32}, (name, log.dtypes)
+        assert len(log.dtypes) == 1, name  # nested: one conversion, not two
+        rounded = exact().to(bf)
+        assert (out != rounded).float().mean() < 1e-3, name
+        ulp = rounded.double().abs() * 2.0 ** -7 + 1e-30
+        assert ((out.double() - rounded.double()).abs() <= ulp).all(), name
+    with GemmLog() as log:
+        plain = a @ b
+    assert log.dtypes == [bf]  # outside the mode torch's own bf16 kernel runs
+    x, y = torch.randn(64, 300), torch.randn(300, 48)
+    with fp32_gemms():
+        inside = x @ y
+    assert torch.equal(inside, x @ y) and plain.dtype == bf
+    with GemmLog() as log, fp32_gemms(False):
+        a @ b
+    assert log.dtypes == [bf]
+
+
+def test_fp32_gemms_run_cpu_flash_attention_in_float32_and_round_its_outputs():
+    """bf16 attention under `fp32_gemms`: the float32 flash kernel forward and backward (the log
+    behind sees no bf16 call), bf16 output and gradients, and values as close to a float64
+    reference as torch's bf16 kernel gets (it also rounds the probabilities to bf16)."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 40, 16).to(torch.bfloat16) for _ in range(3))
+    grad = torch.randn(2, 4, 40, 16).to(torch.bfloat16)
+
+    def run(emulate):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        with GemmLog() as log, fp32_gemms(emulate):
+            out = F.scaled_dot_product_attention(*leaves, is_causal=True)
+            out.backward(grad)
+        return log.dtypes, [out.detach()] + [t.grad for t in leaves]
+
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    out = F.scaled_dot_product_attention(*leaves, is_causal=True)
+    out.backward(grad.double())
+    exact = [out.detach()] + [t.grad for t in leaves]
+    log, emulated = run(True)
+    assert log and set(log) == {torch.float32}
+    torch_log, native = run(False)
+    assert set(torch_log) == {torch.bfloat16}
+    for name, e, n, x in zip(("out", "dq", "dk", "dv"), emulated, native, exact):
+        assert e.dtype == torch.bfloat16, name
+        err = lambda t: float((t.double() - x).norm() / x.norm())  # noqa: E731
+        assert err(e) <= max(err(n), 2.0 ** -8), (name, err(e), err(n))
+
+
+def test_training_and_evaluation_under_emulated_bf16_take_float32_gemms(
+        tmp_path, real_scale_dir, monkeypatch):
+    """On a CPU without native bf16, a bf16 run's forward and backward products and its
+    evaluation's all run as float32 GEMMs (none reaches torch's bf16 kernel), the record says
+    so, and the run trains as torch's bf16 kernels would (loss and weights within bf16 noise)."""
+    import stayaligned.precision as precision
+    from stayaligned.evaluation.task_loss import reference_nll
+    from stayaligned.data.types import Example
+    from stayaligned.models import load_model
+    from stayaligned.templates.library import get_template
+    from stayaligned.training.run import train
+
+    outs = {}
+    for native in (False, True):
+        monkeypatch.setattr(precision, "cpu_has_bf16", lambda cpuinfo=None, n=native: n)
+        cfg = full_ft_config(tmp_path, real_scale_dir, "bf16", "optim.max_steps=3",
+                             f"output_dir={tmp_path / str(native)}")
+        with warnings.catch_warnings(), GemmLog() as log:
+            warnings.simplefilter("ignore")
+            outs[native] = train(cfg)
+        if not native:
+            assert log.dtypes and set(log.dtypes) == {torch.float32}
+            # forward and backward: each Linear's backward adds two products to its forward's one
+            assert len(log.dtypes) >= 3 * 3 * 2 * len(LINEAR)
+            assert json.loads((outs[native] / "run.json").read_text())["precision"]["gemm"] == "fp32"
+    losses = {n: [json.loads(line)["loss"] for line in (out / "train_log.jsonl").open()
+                  if '"loss"' in line] for n, out in outs.items()}
+    assert len(losses[False]) == 3
+    assert losses[False] == pytest.approx(losses[True], rel=1e-2)
+    weights = {n: load_file(str(out / "model" / "model.safetensors")) for n, out in outs.items()}
+    for key in weights[True]:
+        assert torch.allclose(weights[False][key], weights[True][key], atol=1e-4), key
+
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda cpuinfo=None: False)
+    example = Example("x", ({"role": "user", "content": "Add 2 and 3."},
+                            {"role": "assistant", "content": "5"}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, tok = load_model(ModelConfig(name=str(outs[False] / "model"), precision="bf16"),
+                                inference=True)
+    with GemmLog() as log:
+        emulated = reference_nll(model, tok, [example], get_template("native"))
+    assert log.dtypes and set(log.dtypes) == {torch.float32}
+    setattr(model, precision.GEMM_ATTR, False)
+    with GemmLog() as log:
+        torch_bf16 = reference_nll(model, tok, [example], get_template("native"))
+    assert set(log.dtypes) == {torch.bfloat16}
+    assert emulated["loss"] == pytest.approx(torch_bf16["loss"], rel=1e-2)
 
 
 # ---------------------------------------------------------------- the bug class
@@ -133,7 +289,8 @@ def test_pure_bf16_adamw_rounds_updates_away_and_autocast_keeps_them(tmp_path, r
     assert moved_share(before, mixed_after, torch.float32) > 0.99
     manifest = json.loads((mixed / "run.json").read_text())
     assert manifest["precision"] == {"precision": "bf16", "device": "cpu",
-                                     "weights": "float32", "autocast": "bfloat16"}
+                                     "weights": "float32", "autocast": "bfloat16",
+                                     **({} if cpu_has_bf16() else {"gemm": "fp32"})}
     assert json.loads((pure / "run.json").read_text())["precision"]["weights"] == "bfloat16"
 
 

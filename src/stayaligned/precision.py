@@ -15,6 +15,18 @@ run in. One config key, `model.precision`:
              (avx512_bf16 or AMX) and CPU_AUTO_BF16 is True, else fp32. CPU_AUTO_BF16 records the
              measured decision (bench/overhead.py --precision; README "Overhead").
 
+On a CPU without native bf16 (AVX2 only: most AMD EPYC and older Xeons) torch's own bf16
+matrix products are 6-11x slower than float32 (bench/results/cpu_bf16_kernels.json). There a
+bf16 run computes each bf16 matrix product as a float32 GEMM of the bf16 operands, rounded to
+bf16 (`Fp32Gemms`, recorded as `"gemm": "fp32"` in run.json and metrics.json): the product of
+two bf16 numbers is exact in float32 and the native kernels (avx512_bf16, AMX, oneDNN) also sum
+in float32 and round once, so this is their arithmetic in another summation order, the same
+kind of difference as between two machines' kernels. Everything else stays in torch's bf16
+kernels, except CPU flash attention, which likewise runs its float32 kernel on the bf16 q, k, v
+(`Fp32Gemms` says where that departs). Measured on an AVX2 AMD EPYC (bench/cpu_bf16_kernels.py):
+a SmolLM2 training step takes 1.15x the float32 time, against 15.9x with torch's bf16 kernels,
+and its gradient is 2.6% (relative norm) from torch's bf16 gradient, against 23% from fp32's.
+
 `model.dtype` (older key) still works: left at `auto` it follows the precision; set to
 bfloat16 / float16 with `precision: auto` it means pure low-precision weights as before
 (pure_bf16), float32 means fp32. Setting both to disagreeing values is an error.
@@ -33,11 +45,14 @@ depth and pair building keep float32 weights (SAP and depth compute in float32 o
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from stayaligned.config import ConfigError
 
@@ -47,6 +62,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "pure_bf16")
 CPU_AUTO_BF16 = False
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 MODEL_ATTR = "_stayaligned_autocast"  # set on a loaded model: its autocast dtype or None
+GEMM_ATTR = "_stayaligned_fp32_gemm"  # set on a loaded model: Precision.fp32_gemm
 
 
 @dataclass(frozen=True)
@@ -55,11 +71,13 @@ class Precision:
     device: str  # cuda | cpu
     weights: torch.dtype  # the dtype the model (and its master weights) is held in
     autocast: torch.dtype | None  # compute dtype under autocast, None: no autocast
+    fp32_gemm: bool = False  # bf16 products as float32 GEMMs (a CPU without native bf16)
 
     def to_dict(self) -> dict:
         return {"precision": self.name, "device": self.device,
                 "weights": str(self.weights).removeprefix("torch."),
-                "autocast": str(self.autocast).removeprefix("torch.") if self.autocast else None}
+                "autocast": str(self.autocast).removeprefix("torch.") if self.autocast else None,
+                **({"gemm": "fp32"} if self.fp32_gemm else {})}
 
 
 def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
@@ -90,6 +108,7 @@ def resolve(precision: str = "auto", dtype: str = "auto", device: str | None = N
         raise ConfigError(f"model.precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     name = _from_dtype(precision, dtype)
     cuda_native = device == "cuda" and (cuda_has_bf16() if cuda_bf16 is None else cuda_bf16)
+    emulated = False
     if name == "auto":
         if device == "cuda":
             name = "bf16" if cuda_native else "fp32"
@@ -98,10 +117,14 @@ def resolve(precision: str = "auto", dtype: str = "auto", device: str | None = N
             name = "bf16" if native and CPU_AUTO_BF16 else "fp32"
     elif name in ("bf16", "pure_bf16") and device == "cpu" and not (
             cpu_has_bf16() if cpu_bf16 is None else cpu_bf16):
+        emulated = True
         warnings.warn(f"model.precision {name}: this CPU has no native bf16 matrix instructions "
-                      f"({' or '.join(CPU_BF16_FLAGS)}); torch emulates bf16 products, 6-11x "
-                      "slower than fp32 on such a CPU (bench/results/cpu_bf16_kernels.json). Use "
-                      "model.precision fp32 (or auto, which picks it here).", stacklevel=2)
+                      f"({' or '.join(CPU_BF16_FLAGS)}); bf16 matrix products run as float32 "
+                      "GEMMs of the bf16 operands (the native kernels' arithmetic; torch's own "
+                      "bf16 kernels are 6-16x slower than fp32 here), about 1.15x the fp32 time "
+                      "(bench/results/cpu_bf16_kernels.json). "
+                      "Use model.precision fp32 (or auto, which picks it here) unless the run "
+                      "must be bf16.", stacklevel=2)
     elif name in ("bf16", "pure_bf16") and device == "cuda" and not cuda_native:
         warnings.warn(f"model.precision {name}: this GPU has no native bf16 (compute capability "
                       "below 8.0, e.g. T4 or V100); torch emulates it, slowly. Use "
@@ -109,9 +132,9 @@ def resolve(precision: str = "auto", dtype: str = "auto", device: str | None = N
     if name == "fp32":
         return Precision("fp32", device, torch.float32, None)
     if name == "bf16":
-        return Precision("bf16", device, torch.float32, torch.bfloat16)
+        return Precision("bf16", device, torch.float32, torch.bfloat16, emulated)
     low = torch.bfloat16 if name == "pure_bf16" else torch.float16
-    return Precision(name, device, low, None)
+    return Precision(name, device, low, None, emulated and low == torch.bfloat16)
 
 
 def compute_dtype(prec: Precision) -> torch.dtype:
@@ -144,26 +167,93 @@ def warn_pure(prec: Precision, full_fine_tuning: bool) -> None:
             "autocast) unless memory forces this.", stacklevel=2)
 
 
+@contextlib.contextmanager
 def autocast(prec: Precision | None):
-    """The autocast context for `prec` (a no-op context without autocast)."""
-    if prec is None or prec.autocast is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=prec.device, dtype=prec.autocast)
+    """The autocast context for `prec` (a no-op context without autocast), with its bf16
+    products as float32 GEMMs where `prec.fp32_gemm`."""
+    with contextlib.ExitStack() as stack:
+        if prec is not None:
+            stack.enter_context(fp32_gemms(prec.fp32_gemm))
+            if prec.autocast is not None:
+                stack.enter_context(torch.autocast(device_type=prec.device,
+                                                   dtype=prec.autocast))
+        yield
 
 
 def tag(model, prec: Precision) -> None:
-    """Record `prec`'s autocast dtype on a loaded model, for `autocast_for`."""
+    """Record `prec`'s autocast dtype and GEMM path on a loaded model, for `autocast_for`."""
     setattr(model, MODEL_ATTR, prec.autocast)
+    setattr(model, GEMM_ATTR, prec.fp32_gemm)
 
 
+@contextlib.contextmanager
 def autocast_for(model):
     """Inference under the autocast its loader tagged the model with (none for an untagged
     model). Parameters are float32 leaves, so autocast casts each weight once per context."""
-    dtype = getattr(model, MODEL_ATTR, None)
-    if dtype is None:
-        return contextlib.nullcontext()
-    device = next(model.parameters()).device.type
-    return torch.autocast(device_type=device, dtype=dtype)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(fp32_gemms(getattr(model, GEMM_ATTR, False)))
+        dtype = getattr(model, MODEL_ATTR, None)
+        if dtype is not None:
+            device = next(model.parameters()).device.type
+            stack.enter_context(torch.autocast(device_type=device, dtype=dtype))
+        yield
+
+
+_aten = torch.ops.aten
+GEMMS = frozenset(getattr(_aten, name).default for name in (
+    "mm", "addmm", "bmm", "baddbmm", "addbmm", "mv", "addmv", "dot", "vdot", "addr"))
+# CPU flash attention and its backward: (op, how many leading arguments are bf16 tensors)
+ATTENTION = {_aten._scaled_dot_product_flash_attention_for_cpu.default: 3,
+             _aten._scaled_dot_product_flash_attention_for_cpu_backward.default: 5}
+_active = threading.local()
+
+
+def _bf16_cpu(tensors) -> bool:
+    return bool(tensors) and all(isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16
+                                 and t.device.type == "cpu" for t in tensors)
+
+
+def _up(value):
+    """A bf16 tensor as float32 (exact); anything else as it is."""
+    if isinstance(value, torch.Tensor) and value.dtype == torch.bfloat16:
+        return value.float()
+    return value
+
+
+class Fp32Gemms(TorchDispatchMode):
+    """bf16 matrix products on the CPU as float32 GEMMs of the same bf16 operands, the result
+    rounded to bf16 (module docstring). CPU flash attention with bf16 q, k, v likewise runs its
+    float32 kernel on them: its output and gradients are rounded to bf16 as the bf16 kernel's
+    are, its log-sum-exp stays float32 as the bf16 kernel's does; inside, the attention
+    probabilities stay float32 where the bf16 kernel rounds them to bf16 before the product with
+    v (a small departure, towards float32). Every other op, and any product with a non-bf16 or
+    non-CPU operand, runs as it would. Below autograd, so the backward takes it too."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in GEMMS:
+            if _bf16_cpu([a for a in args if isinstance(a, torch.Tensor)]):
+                return func(*map(_up, args), **kwargs).to(torch.bfloat16)
+        elif func in ATTENTION and _bf16_cpu(args[:ATTENTION[func]]):
+            out = func(*map(_up, args), **{k: _up(v) for k, v in kwargs.items()})
+            if ATTENTION[func] == 3:  # forward: (output, logsumexp)
+                return out[0].to(torch.bfloat16), out[1]
+            return tuple(grad.to(torch.bfloat16) for grad in out)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def fp32_gemms(enabled: bool = True):
+    """`Fp32Gemms` for the block where `enabled` (once per thread: nested blocks reuse it)."""
+    if not enabled or getattr(_active, "on", False):
+        yield
+        return
+    _active.on = True
+    try:
+        with Fp32Gemms():
+            yield
+    finally:
+        _active.on = False
 
 
 def hold_for_autocast(model, prec: Precision) -> int:

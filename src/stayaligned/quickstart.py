@@ -16,10 +16,11 @@ Every stage is a study stage (stayaligned.study) and is skipped when complete, s
 reuses all training and evaluation and only rewrites the summary and the report.
 
 Precision: the bundled config asks for bf16 autocast, the quickstart's time lever on a CPU or
-GPU that multiplies in bf16 natively. Where the device only emulates bf16 (a CPU without
-avx512_bf16 / AMX, a T4 or V100) it is 6-11x slower than fp32 (bench/results/
-cpu_bf16_kernels.json), so there the quickstart runs in fp32 and says so; `model.precision=...`
-on the command line overrides either choice.
+GPU that multiplies in bf16 natively. Where the device only emulates bf16 it is slower than
+fp32 (a CPU without avx512_bf16 / AMX: 1.15x with stayaligned's float32-GEMM path, 16x with
+torch's bf16 kernels, bench/results/cpu_bf16_kernels.json; a T4 or V100: torch's emulation), so
+there the quickstart runs in fp32 and says so; `model.precision=...` on the command line
+overrides either choice.
 """
 
 from __future__ import annotations
@@ -86,8 +87,7 @@ def run_quickstart(output: Path, *, fresh: bool = False, console: Console | None
     cfg = study_config(output, overrides)
     if cfg.model.precision == "fp32" and not _asks_precision(overrides):
         console.print("precision: fp32 (this machine has no native bf16, which it would emulate "
-                      "several times slower; the bundled config's bf16 is for machines that "
-                      "have it)")
+                      "more slowly; the bundled config's bf16 is for machines that have it)")
     started = time.time()
     result = run_study(cfg, console=console)
     if result["failed"]:

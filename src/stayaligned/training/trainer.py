@@ -30,7 +30,7 @@ import torch
 from transformers import Trainer
 
 from stayaligned.methods.base import Method, StepContext
-from stayaligned.precision import Precision, autocast
+from stayaligned.precision import Precision, autocast, fp32_gemms
 from stayaligned.training.collate import AUX
 
 
@@ -154,11 +154,13 @@ class StayTrainer(Trainer):
         def default_step():
             return super(StayTrainer, self).training_step(model, inputs, num_items_in_batch)
 
-        if self.step_owner is not None:
-            ctx = StepContext(self, model, inputs, num_items_in_batch, default_step)
-            loss = self.step_owner.training_step(ctx)
-        else:
-            loss = default_step()
+        # the backward's bf16 products too, on a CPU without native bf16 (precision.Fp32Gemms)
+        with fp32_gemms(self.precision is not None and self.precision.fp32_gemm):
+            if self.step_owner is not None:
+                ctx = StepContext(self, model, inputs, num_items_in_batch, default_step)
+                loss = self.step_owner.training_step(ctx)
+            else:
+                loss = default_step()
         if not math.isfinite(float(loss.detach())):
             step = self.state.global_step + 1
             raise NonFiniteLossError(
