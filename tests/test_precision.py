@@ -533,3 +533,53 @@ def test_lora_under_pure_bf16_trains_a_float32_adapter(tmp_path, real_scale_dir)
     assert {v.dtype for v in adapter.values()} == {torch.float32}
     assert any(float(v.abs().max()) > 0 for k, v in adapter.items() if "lora_B" in k)
     assert json.loads((out / "run.json").read_text())["precision"]["weights"] == "bfloat16"
+
+
+@pytest.mark.parametrize("method", ["sft", "constrained_sft", "constrained_sft-per-step", "str"])
+def test_lora_under_bf16_holds_its_frozen_base_in_bf16_with_the_same_bits(
+        tmp_path, real_scale_dir, monkeypatch, method):
+    """A LoRA run under bf16 autocast holds its frozen base Linear weights in bf16 (autocast
+    rounds them to bf16 for each product anyway): the adapter and the merged model are the same
+    bits as with a float32 base, and run.json says how much memory it saved. STR runs its
+    reference model outside autocast, so its run keeps the float32 base (and still trains)."""
+    from stayaligned.training import run as run_module
+
+    options = {"sft": [], "constrained_sft": [],
+               "constrained_sft-per-step": ["options={constrained_sft: {precompute: false}}"],
+               "str": ["options={str: {n_prompts: 4, max_new_tokens: 8, k_tokens: 8, lam: 1.0, "
+                       "min_refusal_share: 0}}"]}[method]
+    extra = ["lora.enabled=true", "lora.r=4", "optim.lr=1e-3", "optim.max_steps=2", "merge=true",
+             f"methods=[{method.removesuffix('-per-step')}]", *options]
+    seen = {}
+    real_hold = run_module._hold_frozen_base
+
+    def spy(cfg, trainer, precision, methods):
+        saved = real_hold(cfg, trainer, precision, methods)
+        seen["dtypes"] = {p.dtype for n, p in trainer.model.named_parameters()
+                          if "base_layer" in n}
+        return saved
+
+    outs = {}
+    for held in (True, False):
+        monkeypatch.setattr(run_module, "_hold_frozen_base",
+                            spy if held else (lambda *args: 0))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            outs[held] = run_module.train(full_ft_config(
+                tmp_path, real_scale_dir, "bf16", *extra, f"output_dir={tmp_path / str(held)}"))
+    record = json.loads((outs[True] / "run.json").read_text())
+    if method == "str":
+        assert "frozen_base" not in record and seen["dtypes"] == {torch.float32}
+    else:
+        assert seen["dtypes"] == {torch.bfloat16}
+        assert record["frozen_base"]["dtype"] == "bfloat16"
+        assert record["frozen_base"]["bytes_saved"] > 0
+    for folder, name in (("adapter", "adapter_model.safetensors"),
+                         ("merged", "model.safetensors")):
+        a, b = (load_file(str(outs[h] / folder / name)) for h in (True, False))
+        assert a.keys() == b.keys()
+        assert {v.dtype for v in a.values()} == {torch.float32}, folder
+        for key in a:
+            assert torch.equal(a[key], b[key]), (folder, key)
+    adapter = load_file(str(outs[True] / "adapter" / "adapter_model.safetensors"))
+    assert any(float(v.abs().max()) > 0 for k, v in adapter.items() if "lora_B" in k)

@@ -39,7 +39,8 @@ Evaluation under `bf16` holds the weights of every `nn.Linear` in bf16 (`hold_fo
 from `load_model(..., inference=True)`): autocast casts them to bf16 for each product anyway,
 so the outputs are the same bits at about half the weight memory (a 7B model: ~15 GB instead
 of 28); embeddings, norms and a Linear weight tied to an embedding stay float32. Training,
-depth and pair building keep float32 weights (SAP and depth compute in float32 on purpose).
+depth and pair building keep float32 weights (SAP and depth compute in float32 on purpose), except
+a LoRA run's frozen base, held the same way (`training.run._hold_frozen_base`).
 """
 
 from __future__ import annotations
@@ -256,7 +257,7 @@ def fp32_gemms(enabled: bool = True):
         _active.on = False
 
 
-def hold_for_autocast(model, prec: Precision) -> int:
+def hold_for_autocast(model, prec: Precision, frozen_only: bool = False) -> int:
     """Hold each float32 `nn.Linear` weight and bias of an inference model in `prec`'s autocast
     dtype; returns the bytes saved (0 without autocast or with low-precision weights).
 
@@ -266,7 +267,9 @@ def hold_for_autocast(model, prec: Precision) -> int:
     is not an nn.Linear (embeddings, norms: they feed the float32 residual stream), a weight an
     nn.Linear shares with another module (a head tied to the input embedding), and quantised
     layers (not float32). The model must then run under `autocast_for(model)`: a pass without it
-    fails on mixed dtypes instead of computing in another precision."""
+    fails on mixed dtypes instead of computing in another precision. `frozen_only`: only the
+    weights that do not train (a LoRA run's base layers; its adapters stay float32 for AdamW).
+    """
     if prec.autocast is None or prec.weights != torch.float32:
         return 0
     linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
@@ -276,7 +279,8 @@ def hold_for_autocast(model, prec: Precision) -> int:
     for module in linear:
         for name in ("weight", "bias"):
             param = getattr(module, name, None)
-            if param is None or param.dtype != torch.float32 or id(param) in shared:
+            if (param is None or param.dtype != torch.float32 or id(param) in shared
+                    or (frozen_only and param.requires_grad)):
                 continue
             param.data = param.data.to(prec.autocast)
             saved += param.numel() * (4 - param.element_size())

@@ -52,6 +52,9 @@ class Method:
     options_cls: type = NoOptions
     owns_training_step = False
     owns_task_loss = False
+    # runs the model outside the run's autocast (SAP's fp32 probe, STR's fp32 mining), so a
+    # LoRA run keeps its frozen base in float32 (training.run._hold_frozen_base)
+    needs_float32_base = False
 
     def __init__(self, options: Any, seed: int = 0):
         self.options = options

@@ -154,6 +154,7 @@ class SafetyAwareProbing(Method):
     name = "sap"
     options_cls = SapOptions
     owns_training_step = True
+    needs_float32_base = True  # the probe signal is taken with autocast off
 
     def __init__(self, options: SapOptions, seed: int = 0):
         super().__init__(options, seed)

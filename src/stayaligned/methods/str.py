@@ -278,6 +278,7 @@ def _share_from_main(payload, trainer):
 class SafetyTokenRegularization(Method):
     name = "str"
     options_cls = StrOptions
+    needs_float32_base = True  # mining runs the reference model in float32
 
     def __init__(self, options: StrOptions, seed: int = 0):
         super().__init__(options, seed)

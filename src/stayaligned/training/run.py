@@ -27,9 +27,9 @@ from stayaligned.data.types import DataError, Example
 from stayaligned.data.transforms import split_turns
 from stayaligned.methods import METHODS
 from stayaligned.methods.base import Method, build_methods
-from stayaligned.models import add_lora, load_model, pick_device
+from stayaligned.models import Device, add_lora, load_model, pick_device
+from stayaligned.precision import hold_for_autocast, warn_pure
 from stayaligned.precision import resolve as resolve_precision
-from stayaligned.precision import warn_pure
 from stayaligned.templates.library import get_template
 from stayaligned.templates.render import prompt_text, render_dataset, show_mask, template_date
 from stayaligned.training.collate import PadCollator, RenderedDataset
@@ -415,7 +415,10 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
     )
     trainer.accelerator.wait_for_everyone()  # the main process has cleared the output dir
     main = trainer.is_world_process_zero()
+    held = _hold_frozen_base(cfg, trainer, precision, prep["methods"])
     manifest = _manifest(cfg, prep, tokenizer)
+    if held:
+        manifest["frozen_base"] = {"dtype": "bfloat16", "bytes_saved": held}
     manifest["world_size"] = trainer.args.world_size
     manifest["fingerprint"] = {"model": _model_identity(cfg),
                                "model_record": run_record(cfg.model.name)}
@@ -433,7 +436,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
         except RuntimeError as err:
             write_json(out / "run.json", {**manifest, "status": "failed", "error": str(err)})
             raise
-        _save_outputs(trainer, tokenizer, cfg, out)
+        _save_outputs(trainer, tokenizer, cfg, out, held_base=bool(held))
         write_jsonl(out / "train_log.jsonl", trainer.state.log_history)
         manifest.update(status="complete", train_seconds=round(time.time() - started, 1),
                         train_metrics=result.metrics, global_step=trainer.state.global_step,
@@ -455,12 +458,34 @@ def _checkpoint_step(checkpoint: str | None) -> int:
     return step if isinstance(step, int) else checkpoint_step(checkpoint) or 0
 
 
-def _save_outputs(trainer, tokenizer, cfg: TrainConfig, out: Path) -> None:
+def _hold_frozen_base(cfg: TrainConfig, trainer, precision, methods) -> int:
+    """A LoRA run under bf16 autocast holds its frozen base Linear weights in bf16: autocast
+    casts them to bf16 for every product anyway, so forward, backward and the trained adapter
+    are the same bits at about half the base's memory (an 8B model: ~16 GB instead of 32;
+    `precision.hold_for_autocast`). Not with QLoRA (already 4-bit), FSDP or DeepSpeed (their
+    engines hold the parameters), or a method that runs the model outside autocast
+    (`needs_float32_base`: SAP, STR). Returns the bytes saved (0: not held)."""
+    if (not cfg.lora.enabled or cfg.lora.quantize is not None
+            or getattr(trainer, "is_fsdp_enabled", False)
+            or getattr(trainer, "is_deepspeed_enabled", False)
+            or any(m.needs_float32_base for m in methods)):
+        return 0
+    return hold_for_autocast(trainer.model, precision, frozen_only=True)
+
+
+def _save_outputs(trainer, tokenizer, cfg: TrainConfig, out: Path,
+                  held_base: bool = False) -> None:
     model = trainer.accelerator.unwrap_model(trainer.model)
     target = out / ("adapter" if cfg.lora.enabled else "model")
     model.save_pretrained(target, safe_serialization=True)
     tokenizer.save_pretrained(target)
     if cfg.lora.enabled and cfg.merge:
+        if held_base:  # merge into the float32 base, not the bf16 copy training held
+            import torch
+            from peft import PeftModel
+
+            base, _ = load_model(cfg.model, device=Device("cpu", torch.float32))
+            model = PeftModel.from_pretrained(base, str(target))
         merged = model.merge_and_unload()
         merged.save_pretrained(out / "merged", safe_serialization=True)
         tokenizer.save_pretrained(out / "merged")
