@@ -27,7 +27,8 @@ import os
 import sys
 from pathlib import Path
 
-from stayaligned.config import AlignConfig, ConfigError, EvalConfig, TrainConfig, load
+from stayaligned.config import (AlignConfig, ConfigError, EvalConfig, TrainConfig, load,
+                                override_key)
 from stayaligned.training.hf_args import alias_help, resolve_aliases
 
 ALIAS_COMMANDS = ("align", "train", "data")
@@ -58,7 +59,7 @@ def _sets_align_keys(path: str | None, overrides: list[str]) -> bool:
 
     only = ({f.name for f in dataclasses.fields(AlignConfig)}
             - {f.name for f in dataclasses.fields(TrainConfig)})
-    keys = {str(o).split("=", 1)[0].strip().split(".")[0] for o in overrides}
+    keys = {override_key(o).split(".")[0] for o in overrides}
     if path is not None and Path(path).is_file():
         try:
             data = yaml.safe_load(Path(path).read_text())

@@ -385,16 +385,25 @@ def _plain(value: Any) -> Any:
 # ---------------------------------------------------------------- files and overrides
 
 
+def override_key(item: str) -> str:
+    """The dotted key of an ``a.b=value`` override.
+
+    >>> override_key(" model.precision = fp32")
+    'model.precision'
+    """
+    return str(item).split("=", 1)[0].strip()
+
+
 def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     """Apply ``a.b=value`` overrides to a nested dict (lists indexed by number)."""
     data = _plain(data)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. optim.lr=1e-4")
-        key, raw = item.split("=", 1)
+        key, raw = override_key(item), item.split("=", 1)[1]
         value = yaml.safe_load(raw) if raw.strip() else ""
         node: Any = data
-        parts = key.strip().split(".")
+        parts = key.split(".")
         for part in parts[:-1]:
             node = _child(node, part, key)
         last = parts[-1]

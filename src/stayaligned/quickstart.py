@@ -34,7 +34,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from stayaligned.config import StudyConfig, load
+from stayaligned.config import StudyConfig, load, override_key
 from stayaligned.reports.tables import as_rate, fmt_rate
 from stayaligned.runfiles import read_json, write_json
 
@@ -57,8 +57,7 @@ def study_config(output: Path, overrides: list[str] | tuple = ()) -> StudyConfig
 
 
 def _asks_precision(overrides) -> bool:
-    return any(str(o).split("=", 1)[0].strip() in ("model.precision", "model.dtype")
-               for o in overrides)
+    return any(override_key(o) in ("model.precision", "model.dtype") for o in overrides)
 
 
 def native_bf16() -> bool:

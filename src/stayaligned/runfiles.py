@@ -12,6 +12,16 @@ from pathlib import Path
 
 from stayaligned.config import DataConfig
 
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.gguf", "*.pt", "*.pth")
+
+
+def has_weights(directory: Path) -> bool:
+    """Model weights under `directory` outside its checkpoints/ (a merged model, an adapter,
+    a repaired model, a full fine-tune's model/)."""
+    directory = Path(directory)
+    return any("checkpoints" not in path.relative_to(directory).parts
+               for pattern in WEIGHT_PATTERNS for path in directory.rglob(pattern))
+
 # the packages whose versions can change a result: the training stack, and the GGUF reader,
 # tokenizer and numerics libraries the embedded model's weights and tokens come through
 PACKAGES = ("stayaligned", "torch", "transformers", "peft", "accelerate", "datasets",

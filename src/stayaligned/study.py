@@ -59,8 +59,8 @@ from stayaligned.config import (
     load,
     to_dict,
 )
-from stayaligned.runfiles import (atomic_write, machine_info, package_versions, read_json,
-                                  write_json)
+from stayaligned.runfiles import (WEIGHT_PATTERNS, atomic_write, has_weights, machine_info,
+                                  package_versions, read_json, write_json)
 
 
 @dataclass
@@ -286,21 +286,12 @@ def _depth_done(cfg: StudyConfig, base: str, model: str, target: Path) -> bool:
 # the tokenizer copies that only serve them. The rest (configs, run records, training logs,
 # generations, judgments, metrics, repair curves) is small and can be committed, and a
 # checkout without the weights resumes the study: see _archive_aware.
-WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.gguf", "*.pt", "*.pth")
 GITIGNORE = "\n".join([
     "# written by `stayaligned study`: weights and checkpoints stay out of git. Everything else",
     "# (configs, run.json, training logs, generations, judgments, metrics) can be committed; in a",
     "# checkout without the weights the study reuses every finished cell and retrains a model only",
     "# when a stage that still has to run needs its weights.",
     *WEIGHT_PATTERNS, "checkpoints/", "tokenizer.json", ".stayaligned.lock", ".progress.lock", ""])
-
-
-def has_weights(directory: Path) -> bool:
-    """Model weights under `directory` outside its checkpoints/ (a merged model, an adapter,
-    a repaired model)."""
-    directory = Path(directory)
-    return any("checkpoints" not in path.relative_to(directory).parts
-               for pattern in WEIGHT_PATTERNS for path in directory.rglob(pattern))
 
 
 def _present(model: str) -> bool:

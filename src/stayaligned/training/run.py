@@ -36,6 +36,7 @@ from stayaligned.training.collate import PadCollator, RenderedDataset
 from stayaligned.runlock import clear_dir, run_lock
 from stayaligned.runfiles import (
     checkpoint_step,
+    has_weights,
     data_fingerprint,
     machine_info,
     recovery_fingerprint,
@@ -497,8 +498,7 @@ def _missing_outputs(out: Path, cfg: TrainConfig) -> list[str]:
     wanted = [out / ("adapter" if cfg.lora.enabled else "model")]
     if cfg.lora.enabled and cfg.merge:
         wanted.append(out / "merged")
-    return [f"{path.name}/ (its weights)" for path in wanted
-            if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin"))]
+    return [f"{path.name}/ (its weights)" for path in wanted if not has_weights(path)]
 
 
 def _after_complete(cfg: TrainConfig, out: Path, card: bool, push: bool = False) -> None:
