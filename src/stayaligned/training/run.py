@@ -36,8 +36,8 @@ from stayaligned.training.collate import PadCollator, RenderedDataset
 from stayaligned.runlock import clear_dir, run_lock
 from stayaligned.runfiles import (
     checkpoint_step,
-    has_weights,
     data_fingerprint,
+    has_weights,
     machine_info,
     recovery_fingerprint,
     package_versions,
@@ -463,7 +463,9 @@ def _hold_frozen_base(cfg: TrainConfig, trainer, precision, methods) -> int:
     """A LoRA run under bf16 autocast holds its frozen base Linear weights in bf16: autocast
     casts them to bf16 for every product anyway, so forward, backward and the trained adapter
     are the same bits at about half the base's memory (an 8B model: ~16 GB instead of 32;
-    `precision.hold_for_autocast`). Not with QLoRA (already 4-bit), FSDP or DeepSpeed (their
+    `precision.hold_for_autocast`) for the whole of training. The model is loaded, and moved to
+    its device, in float32 first: the load itself still peaks at the float32 size (holding
+    before the move, with the adapters initialised as now, is not done yet). Not with QLoRA (already 4-bit), FSDP or DeepSpeed (their
     engines hold the parameters), or a method that runs the model outside autocast
     (`needs_float32_base`: SAP, STR). Returns the bytes saved (0: not held)."""
     if (not cfg.lora.enabled or cfg.lora.quantize is not None
