@@ -53,7 +53,7 @@ def test_cpu_bf16_flags_and_the_measured_cpu_default(monkeypatch):
 
 
 def test_bf16_asked_for_on_a_cpu_that_emulates_it_is_kept_with_a_warning(monkeypatch):
-    """Without avx512_bf16 / AMX torch emulates bf16 products, 6-11x slower than fp32 (measured
+    """Without avx512_bf16 / AMX torch emulates bf16 products, 8.5-16x slower than fp32 (measured
     on a 2026-12 AVX2 machine): an explicit bf16 is honoured (a study must not change precision
     between machines) but says so, and names the fix; a CPU with the flags stays quiet."""
     import stayaligned.precision as precision

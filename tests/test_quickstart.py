@@ -169,7 +169,7 @@ def test_quickstart_cli_passes_overrides_to_the_study(monkeypatch):
 
 def test_quickstart_runs_in_fp32_where_bf16_would_be_emulated(monkeypatch):
     """The bundled bf16 is a time lever only where the device multiplies in bf16 natively; on a
-    CPU without avx512_bf16 / AMX it is 6-11x slower than fp32 (bench/results/
+    CPU without avx512_bf16 / AMX it is 8.5-16x slower than fp32 (bench/results/
     cpu_bf16_kernels.json), so the quickstart runs in fp32 there, unless the command line asks."""
     import stayaligned.precision as precision
     import stayaligned.quickstart as qs

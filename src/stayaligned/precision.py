@@ -15,9 +15,9 @@ run in. One config key, `model.precision`:
              (avx512_bf16 or AMX) and CPU_AUTO_BF16 is True, else fp32. CPU_AUTO_BF16 records the
              measured decision (bench/overhead.py --precision; README "Overhead").
 
-On a CPU without native bf16 (AVX2 only: most AMD EPYC and older Xeons) torch's own bf16
-matrix products are 6-11x slower than float32 (bench/results/cpu_bf16_kernels.json). There a
-bf16 run computes each bf16 matrix product as a float32 GEMM of the bf16 operands, rounded to
+On a CPU without native bf16 (AVX2 only: AMD EPYC before Zen 4, older Xeons) torch's own bf16
+matrix products are 8.5-9x slower than float32 per layer, 16x per training step
+(bench/results/cpu_bf16_kernels.json). There a bf16 run computes each bf16 matrix product as a float32 GEMM of the bf16 operands, rounded to
 bf16 (`Fp32Gemms`, recorded as `"gemm": "fp32"` in run.json and metrics.json): the product of
 two bf16 numbers is exact in float32 and the native kernels (avx512_bf16, AMX, oneDNN) also sum
 in float32 and round once, so this is their arithmetic in another summation order, the same
@@ -122,7 +122,7 @@ def resolve(precision: str = "auto", dtype: str = "auto", device: str | None = N
         warnings.warn(f"model.precision {name}: this CPU has no native bf16 matrix instructions "
                       f"({' or '.join(CPU_BF16_FLAGS)}); bf16 matrix products run as float32 "
                       "GEMMs of the bf16 operands (the native kernels' arithmetic; torch's own "
-                      "bf16 kernels are 6-16x slower than fp32 here), about 1.15x the fp32 time "
+                      "bf16 kernels are 9-16x slower than fp32 here), about 1.15x the fp32 time "
                       "(bench/results/cpu_bf16_kernels.json). "
                       "Use model.precision fp32 (or auto, which picks it here) unless the run "
                       "must be bf16.", stacklevel=2)
