@@ -17,15 +17,16 @@ run in. One config key, `model.precision`:
 
 On a CPU without native bf16 (AVX2 only: AMD EPYC before Zen 4, older Xeons) torch's own bf16
 matrix products are 8.5-9x slower than float32 per layer, 16x per training step
-(bench/results/cpu_bf16_kernels.json). There a bf16 run computes each bf16 matrix product as
-a float32 GEMM of the bf16 operands, rounded to bf16 (`Fp32Gemms`, recorded as
-`"gemm": "fp32"` in run.json and metrics.json): the product of two bf16 numbers is exact in float32 and the native kernels (avx512_bf16, AMX, oneDNN) also sum
-in float32 and round once, so this is their arithmetic in another summation order, the same
-kind of difference as between two machines' kernels. Everything else stays in torch's bf16
-kernels, except CPU flash attention, which likewise runs its float32 kernel on the bf16 q, k, v
-(`Fp32Gemms` says where that departs). Measured on an AVX2 AMD EPYC (bench/cpu_bf16_kernels.py):
-a SmolLM2 training step takes 1.15x the float32 time, against 15.9x with torch's bf16 kernels,
-and its gradient is 2.6% (relative norm) from torch's bf16 gradient, against 23% from fp32's.
+(bench/results/cpu_bf16_kernels.json). There a bf16 run computes each bf16 matrix product as a
+float32 GEMM of the bf16 operands, rounded to bf16 (`Fp32Gemms`, recorded as `"gemm": "fp32"` in
+run.json and metrics.json): the product of two bf16 numbers is exact in float32 and the native
+kernels (avx512_bf16, AMX, oneDNN) also sum in float32 and round once, so this is their
+arithmetic in another summation order, the same kind of difference as between two machines'
+kernels. Everything else stays in torch's bf16 kernels, except CPU flash attention, which
+likewise runs its float32 kernel on the bf16 q, k, v (`Fp32Gemms` says where that departs).
+Measured on an AVX2 AMD EPYC (bench/cpu_bf16_kernels.py): a SmolLM2 training step takes 1.15x
+the float32 time, against 15.9x with torch's bf16 kernels, and its gradient is 2.6% (relative
+norm) from torch's bf16 gradient, against 23% from fp32's.
 
 `model.dtype` (older key) still works: left at `auto` it follows the precision; set to
 bfloat16 / float16 with `precision: auto` it means pure low-precision weights as before
