@@ -73,6 +73,39 @@ def test_bf16_asked_for_on_a_cpu_that_emulates_it_is_kept_with_a_warning(monkeyp
         resolve("bf16", device="cpu")
 
 
+def test_pure_float16_training_warns_that_it_has_no_loss_scaling_lora_included():
+    """The older model.dtype float16 trains in pure fp16 without a loss scaler: a LoRA run is
+    warned too (its base's activations and their gradients are fp16), and pure bf16 LoRA is
+    not (bf16 has float32's range)."""
+    from stayaligned.precision import warn_pure
+
+    fp16 = resolve("auto", "float16", device="cuda", cuda_bf16=False)
+    for full in (True, False):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*master weights")  # full FT's own
+            with pytest.warns(UserWarning, match="float16.*no loss scaling.*precision fp32"):
+                warn_pure(fp16, full_fine_tuning=full)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_pure(resolve("pure_bf16", device="cuda", cuda_bf16=True), full_fine_tuning=False)
+
+
+def test_the_emulation_warning_is_printed_once_a_process():
+    """Training, its data check and its evaluation each resolve the precision: under Python's
+    default filter the warning must print once a process, not once a calling line."""
+    def from_another_caller():
+        return resolve("bf16", device="cpu", cpu_bf16=False)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        resolve("bf16", device="cpu", cpu_bf16=False)
+        from_another_caller()
+        resolve("pure_bf16", device="cpu", cpu_bf16=False)  # another model.precision: its own
+    assert [str(w.message).split(":")[0] for w in caught
+            if "no native bf16" in str(w.message)] == ["model.precision bf16",
+                                                      "model.precision pure_bf16"]
+
+
 def test_bf16_products_take_float32_gemms_only_on_a_cpu_that_emulates_bf16():
     """Where torch would emulate bf16 (no avx512_bf16 / AMX), bf16 and pure_bf16 compute their
     products as float32 GEMMs (`Fp32Gemms`) and record it; a native CPU, a GPU, fp32 and auto
@@ -540,8 +573,9 @@ def test_lora_under_bf16_holds_its_frozen_base_in_bf16_with_the_same_bits(
         tmp_path, real_scale_dir, monkeypatch, method):
     """A LoRA run under bf16 autocast holds its frozen base Linear weights in bf16 (autocast
     rounds them to bf16 for each product anyway): the adapter and the merged model are the same
-    bits as with a float32 base, and run.json says how much memory it saved. STR runs its
-    reference model outside autocast, so its run keeps the float32 base (and still trains)."""
+    bits as with a float32 base, and run.json says how much memory it saved. The hold comes
+    before the model first moves to its device, so a GPU never holds the float32 base. STR runs
+    its reference model outside autocast, so its run keeps the float32 base (and still trains)."""
     from stayaligned.training import run as run_module
 
     options = {"sft": [], "constrained_sft": [],
@@ -552,17 +586,24 @@ def test_lora_under_bf16_holds_its_frozen_base_in_bf16_with_the_same_bits(
              f"methods=[{method.removesuffix('-per-step')}]", *options]
     seen = {}
     real_hold = run_module._hold_frozen_base
+    real_to = torch.nn.Module.to
 
-    def spy(cfg, trainer, precision, methods):
-        saved = real_hold(cfg, trainer, precision, methods)
-        seen["dtypes"] = {p.dtype for n, p in trainer.model.named_parameters()
-                          if "base_layer" in n}
+    def spy(cfg, model, args, precision, methods):
+        saved = real_hold(cfg, model, args, precision, methods)
+        seen["dtypes"] = {p.dtype for n, p in model.named_parameters() if "base_layer" in n}
         return saved
+
+    def move(module, *args, **kwargs):  # the base's dtypes each time the LoRA model moves
+        base = {p.dtype for n, p in module.named_parameters() if "base_layer" in n}
+        if base:
+            seen.setdefault("moves", []).append(base)
+        return real_to(module, *args, **kwargs)
 
     outs = {}
     for held in (True, False):
         monkeypatch.setattr(run_module, "_hold_frozen_base",
                             spy if held else (lambda *args: 0))
+        monkeypatch.setattr(torch.nn.Module, "to", move if held else real_to)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             outs[held] = run_module.train(full_ft_config(
@@ -572,6 +613,7 @@ def test_lora_under_bf16_holds_its_frozen_base_in_bf16_with_the_same_bits(
         assert "frozen_base" not in record and seen["dtypes"] == {torch.float32}
     else:
         assert seen["dtypes"] == {torch.bfloat16}
+        assert seen["moves"][0] == {torch.bfloat16}  # its first move already carries bf16
         assert record["frozen_base"]["dtype"] == "bfloat16"
         assert record["frozen_base"]["bytes_saved"] > 0
     for folder, name in (("adapter", "adapter_model.safetensors"),
@@ -583,3 +625,25 @@ def test_lora_under_bf16_holds_its_frozen_base_in_bf16_with_the_same_bits(
             assert torch.equal(a[key], b[key]), (folder, key)
     adapter = load_file(str(outs[True] / "adapter" / "adapter_model.safetensors"))
     assert any(float(v.abs().max()) > 0 for k, v in adapter.items() if "lora_B" in k)
+
+
+def test_the_sharded_engines_are_read_before_the_trainer_exists(tmp_path, monkeypatch):
+    """The frozen-base hold is decided before the Trainer exists, so FSDP and DeepSpeed must be
+    read from the training arguments and accelerate's environment: a plain run is not sharded,
+    each of the four ways to ask for an engine is."""
+    from types import SimpleNamespace
+
+    from transformers import TrainingArguments
+
+    from stayaligned.training.run import _sharded
+
+    for key in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
+        monkeypatch.delenv(key, raising=False)
+    assert not _sharded(TrainingArguments(output_dir=str(tmp_path), use_cpu=True))
+    assert not _sharded(SimpleNamespace(fsdp=None, deepspeed=None))
+    assert _sharded(SimpleNamespace(fsdp=True, deepspeed=None))
+    assert _sharded(SimpleNamespace(fsdp=None, deepspeed="ds_config.json"))
+    for key in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
+        monkeypatch.setenv(key, "true")
+        assert _sharded(SimpleNamespace(fsdp=None, deepspeed=None)), key
+        monkeypatch.setenv(key, "false")

@@ -178,7 +178,7 @@ def load_tokenizer(cfg: ModelConfig):
 
 
 def load_model(cfg: ModelConfig, device: Device | None = None, *, trainable_adapter=False,
-               quantization=None, merge_adapter=True, inference=False):
+               quantization=None, merge_adapter=True, inference=False, place=True):
     """Load (model, tokenizer). A run directory with an adapter loads base + adapter, merged for
     inference unless `merge_adapter` is false; with `trainable_adapter` the adapter stays
     separate and trainable. The model is tagged with its precision's autocast dtype
@@ -186,7 +186,8 @@ def load_model(cfg: ModelConfig, device: Device | None = None, *, trainable_adap
     (a BitsAndBytesConfig, QLoRA) loads the base in 4 bits on this process's GPU. `inference`:
     the model is only run under `autocast_for` (generation, task loss), so under bf16 its
     Linear weights are held in bf16 (`precision.hold_for_autocast`: same outputs, half the
-    memory), converted before the model moves to the GPU."""
+    memory), converted before the model moves to the GPU. `place=False` leaves a model that is
+    not quantised on the CPU for the caller to move (training holds its frozen base first)."""
     from transformers import AutoModelForCausalLM
 
     prec = (resolve_precision(cfg.precision, cfg.dtype) if device is None
@@ -224,7 +225,8 @@ def load_model(cfg: ModelConfig, device: Device | None = None, *, trainable_adap
     if quantization is None:
         if inference and not trainable_adapter:
             hold_for_autocast(model, prec)
-        model.to(device.type)
+        if place:
+            model.to(device.type)
     else:
         from peft import prepare_model_for_kbit_training
 

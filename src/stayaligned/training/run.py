@@ -403,20 +403,29 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
     precision = resolve_precision(cfg.model.precision, cfg.model.dtype)
     warn_pure(precision, full_fine_tuning=not cfg.lora.enabled)
     bind_local_device(precision.device)
-    model, tokenizer = load_model(cfg.model, quantization=quantization_config(cfg.lora, precision))
+    args = _training_args(cfg, out)
+    quantization = quantization_config(cfg.lora, precision)
+    # loaded on the CPU and moved below, once LoRA is added and the frozen base held
+    model, tokenizer = load_model(cfg.model, quantization=quantization, place=False)
     prep = prepare(cfg, tokenizer)
     for line in prep["report"].summary():
         print(f"[data] {line}")
     if cfg.lora.enabled:
         model = add_lora(model, cfg.lora)
+    held = _hold_frozen_base(cfg, model, args, precision, prep["methods"])
+    if quantization is None:  # (QLoRA's 4-bit base is already on its GPU)
+        model.to(precision.device)
     trainer = StayTrainer(
-        model=model, args=_training_args(cfg, out), train_dataset=RenderedDataset(prep["items"]),
+        model=model, args=args, train_dataset=RenderedDataset(prep["items"]),
         data_collator=PadCollator(tokenizer.pad_token_id), methods=prep["methods"],
         precision=precision,
     )
+    if held and (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
+        raise RuntimeError(  # _sharded read the engines wrongly: never train a held base there
+            "the frozen base was held in bf16 but the Trainer runs FSDP or DeepSpeed; report "
+            "this, and set lora.quantize or model.precision: pure_bf16 meanwhile")
     trainer.accelerator.wait_for_everyone()  # the main process has cleared the output dir
     main = trainer.is_world_process_zero()
-    held = _hold_frozen_base(cfg, trainer, precision, prep["methods"])
     manifest = _manifest(cfg, prep, tokenizer)
     if held:
         manifest["frozen_base"] = {"dtype": "bfloat16", "bytes_saved": held}
@@ -459,21 +468,34 @@ def _checkpoint_step(checkpoint: str | None) -> int:
     return step if isinstance(step, int) else checkpoint_step(checkpoint) or 0
 
 
-def _hold_frozen_base(cfg: TrainConfig, trainer, precision, methods) -> int:
+def _hold_frozen_base(cfg: TrainConfig, model, args, precision, methods) -> int:
     """A LoRA run under bf16 autocast holds its frozen base Linear weights in bf16: autocast
     casts them to bf16 for every product anyway, so forward, backward and the trained adapter
     are the same bits at about half the base's memory (an 8B model: ~16 GB instead of 32;
-    `precision.hold_for_autocast`) for the whole of training. The model is loaded, and moved to
-    its device, in float32 first: the load itself still peaks at the float32 size (holding
-    before the move, with the adapters initialised as now, is not done yet). Not with QLoRA (already 4-bit), FSDP or DeepSpeed (their
-    engines hold the parameters), or a method that runs the model outside autocast
-    (`needs_float32_base`: SAP, STR). Returns the bytes saved (0: not held)."""
-    if (not cfg.lora.enabled or cfg.lora.quantize is not None
-            or getattr(trainer, "is_fsdp_enabled", False)
-            or getattr(trainer, "is_deepspeed_enabled", False)
+    `precision.hold_for_autocast`). It happens on the CPU, after LoRA is added and before the
+    model moves to its device, so the device never holds the float32 base (the host loads it
+    in float32 first). PEFT initialises the adapters on the CPU either way: their init is the
+    same bits. Not with QLoRA (already 4-bit), FSDP or DeepSpeed (their engines hold the
+    parameters; read from the TrainingArguments and accelerate's environment, see `_sharded`),
+    or a method that runs the model outside autocast (`needs_float32_base`: SAP, STR). Returns
+    the bytes saved (0: not held)."""
+    if (not cfg.lora.enabled or cfg.lora.quantize is not None or _sharded(args)
             or any(m.needs_float32_base for m in methods)):
         return 0
-    return hold_for_autocast(trainer.model, precision, frozen_only=True)
+    return hold_for_autocast(model, precision, frozen_only=True)
+
+
+def _sharded(args) -> bool:
+    """Whether the Trainer built from `args` will run FSDP or DeepSpeed, decided before it
+    exists: the `fsdp` / `deepspeed` training arguments (config `trainer_args`), or `accelerate
+    launch`'s ACCELERATE_USE_FSDP / ACCELERATE_USE_DEEPSPEED. `_train` checks the Trainer's own
+    answer afterwards."""
+    def env(key: str) -> bool:
+        return os.environ.get(key, "false").strip().lower() in ("1", "true", "yes", "on")
+
+    return (bool(getattr(args, "fsdp", None)) or getattr(args, "deepspeed", None) is not None
+            or getattr(args, "deepspeed_plugin", None) is not None
+            or env("ACCELERATE_USE_FSDP") or env("ACCELERATE_USE_DEEPSPEED"))
 
 
 def _save_outputs(trainer, tokenizer, cfg: TrainConfig, out: Path,
