@@ -126,11 +126,11 @@ def resolve(precision: str = "auto", dtype: str = "auto", device: str | None = N
                       "bf16 kernels are 9-16x slower than fp32 here), about 1.15x the fp32 time "
                       "(bench/results/cpu_bf16_kernels.json). "
                       "Use model.precision fp32 (or auto, which picks it here) unless the run "
-                      "must be bf16.", stacklevel=2)
+                      "must be bf16.")  # stacklevel 1: one warning a process, not one a caller
     elif name in ("bf16", "pure_bf16") and device == "cuda" and not cuda_native:
         warnings.warn(f"model.precision {name}: this GPU has no native bf16 (compute capability "
                       "below 8.0, e.g. T4 or V100); torch emulates it, slowly. Use "
-                      "model.precision fp32 (or auto, which picks it here).", stacklevel=2)
+                      "model.precision fp32 (or auto, which picks it here).")  # (as above)
     if name == "fp32":
         return Precision("fp32", device, torch.float32, None)
     if name == "bf16":
@@ -160,7 +160,15 @@ def _from_dtype(precision: str, dtype: str) -> str:
 
 
 def warn_pure(prec: Precision, full_fine_tuning: bool) -> None:
-    """Full fine-tuning in pure low precision loses small updates: say so."""
+    """Full fine-tuning in pure low precision loses small updates: say so. Pure float16 (the
+    older `model.dtype: float16`) also trains without loss scaling, LoRA included: say that."""
+    if prec.weights == torch.float16:
+        warnings.warn(
+            "model.dtype float16: the model trains in pure float16 with no loss scaling, so "
+            "gradients below float16's range (~6e-8) flush to zero and large activations "
+            "overflow to inf (the run then stops at its finiteness check). Use model.precision "
+            "fp32 (what auto picks on a GPU without native bf16, such as a T4 or V100), bf16 on "
+            "a GPU that has it, or lora.quantize=4bit for memory.", stacklevel=2)
     if prec.weights != torch.float32 and full_fine_tuning:
         warnings.warn(
             f"model.precision {prec.name}: full fine-tuning without float32 master weights; "
@@ -173,12 +181,10 @@ def warn_pure(prec: Precision, full_fine_tuning: bool) -> None:
 def autocast(prec: Precision | None):
     """The autocast context for `prec` (a no-op context without autocast), with its bf16
     products as float32 GEMMs where `prec.fp32_gemm`."""
-    with contextlib.ExitStack() as stack:
-        if prec is not None:
-            stack.enter_context(fp32_gemms(prec.fp32_gemm))
-            if prec.autocast is not None:
-                stack.enter_context(torch.autocast(device_type=prec.device,
-                                                   dtype=prec.autocast))
+    if prec is None:
+        yield
+        return
+    with _mixed(prec.fp32_gemm, prec.autocast, lambda: prec.device):
         yield
 
 
@@ -192,13 +198,21 @@ def tag(model, prec: Precision) -> None:
 def autocast_for(model):
     """Inference under the autocast its loader tagged the model with (none for an untagged
     model). Parameters are float32 leaves, so autocast casts each weight once per context."""
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(fp32_gemms(getattr(model, GEMM_ATTR, False)))
-        dtype = getattr(model, MODEL_ATTR, None)
-        if dtype is not None:
-            device = next(model.parameters()).device.type
-            stack.enter_context(torch.autocast(device_type=device, dtype=dtype))
+    with _mixed(getattr(model, GEMM_ATTR, False), getattr(model, MODEL_ATTR, None),
+                lambda: next(model.parameters()).device.type):
         yield
+
+
+@contextlib.contextmanager
+def _mixed(fp32_gemm: bool, dtype, device):
+    """Float32 GEMMs where `fp32_gemm`, inside autocast to `dtype` on `device()` (a callable:
+    read only when there is an autocast) where `dtype` is set."""
+    with fp32_gemms(fp32_gemm):
+        if dtype is None:
+            yield
+        else:
+            with torch.autocast(device_type=device(), dtype=dtype):
+                yield
 
 
 _aten = torch.ops.aten
