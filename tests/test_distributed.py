@@ -16,8 +16,10 @@ from safetensors.torch import load_file
 ACCELERATE_CPU = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "ddp_cpu.yaml"
 
 
-# sap's own two-process check (identical δ and probe on both ranks) is in tests/test_sap.py
-@pytest.mark.parametrize("method", ["sft", "str"])
+# sap's own two-process check (identical δ and probe on both ranks) is in tests/test_sap.py.
+# str covers plain sft's data parallel path too (its loss is the same cross-entropy plus λ·STR:
+# a wrong gradient sync or data split fails it); sft alone was dropped to keep the suite < 15 min
+@pytest.mark.parametrize("method", ["str"])
 def test_two_process_ddp_matches_single_process(tmp_path, tiny_model_dir, method):
     rows = [{"instruction": f"Add {i} and {i + 1}.", "output": f"{i} + {i + 1} = {2 * i + 1}."}
             for i in range(4)]  # global batch = the whole set: same batch on every step
