@@ -489,13 +489,13 @@ def _sharded(args) -> bool:
     """Whether the Trainer built from `args` will run FSDP or DeepSpeed, decided before it
     exists: the `fsdp` / `deepspeed` training arguments (config `trainer_args`), or `accelerate
     launch`'s ACCELERATE_USE_FSDP / ACCELERATE_USE_DEEPSPEED. `_train` checks the Trainer's own
-    answer afterwards."""
-    def env(key: str) -> bool:
-        return os.environ.get(key, "false").strip().lower() in ("1", "true", "yes", "on")
+    answer afterwards (accelerate's own reader of those variables, `parse_flag_from_env`)."""
+    from accelerate.utils import parse_flag_from_env
 
     return (bool(getattr(args, "fsdp", None)) or getattr(args, "deepspeed", None) is not None
             or getattr(args, "deepspeed_plugin", None) is not None
-            or env("ACCELERATE_USE_FSDP") or env("ACCELERATE_USE_DEEPSPEED"))
+            or parse_flag_from_env("ACCELERATE_USE_FSDP")
+            or parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"))
 
 
 def _save_outputs(trainer, tokenizer, cfg: TrainConfig, out: Path,
