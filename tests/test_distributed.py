@@ -19,6 +19,7 @@ ACCELERATE_CPU = Path(__file__).resolve().parents[1] / "configs" / "accelerate" 
 # sap's own two-process check (identical δ and probe on both ranks) is in tests/test_sap.py.
 # str covers plain sft's data parallel path too (its loss is the same cross-entropy plus λ·STR:
 # a wrong gradient sync or data split fails it); sft alone was dropped to keep the suite < 15 min
+@pytest.mark.xdist_group("ddp-port")  # torchrun's default port: with test_sap's, in turn
 @pytest.mark.parametrize("method", ["str"])
 def test_two_process_ddp_matches_single_process(tmp_path, tiny_model_dir, method):
     rows = [{"instruction": f"Add {i} and {i + 1}.", "output": f"{i} + {i + 1} = {2 * i + 1}."}

@@ -69,3 +69,39 @@ def test_chat_template_kwargs_come_from_the_config_else_the_run_directory(tmp_pa
     (run / "run.json").write_text("{not json")
     with pytest.raises(ModelError, match=r"run.json: unreadable.*chat_template_kwargs"):
         chat_template_kwargs(ModelConfig(name=str(run)))
+
+
+def test_two_processes_converting_one_gguf_convert_it_once(tmp_path, monkeypatch):
+    """Two test workers (or two commands on a fresh machine) asking for the embedded model at
+    once: the second waits on the lock file and uses the first one's conversion."""
+    import threading
+    import time
+
+    from stayaligned import models
+
+    calls = []
+
+    def slow_convert(gguf_path, target):
+        calls.append(target)
+        time.sleep(0.5)
+        target.mkdir(parents=True)  # fails if a second conversion reaches the same target
+        (target / "config.json").write_text("{}")
+        return target
+
+    monkeypatch.setattr(models, "convert_gguf", slow_convert)
+    target = tmp_path / "embedded" / "model"
+    errors = []
+
+    def convert():
+        try:
+            models.convert_once(tmp_path / "model.gguf", target)
+        except Exception as err:  # noqa: BLE001 - the other thread's failure, reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=convert) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(calls) == 1
+    assert (target / "config.json").is_file()

@@ -302,6 +302,8 @@ def test_paper_mode_resume_restores_the_probe_state(tmp_path, tiny_model_dir, mo
         train_log(resumed)[-2]["loss/sap_probe_norm"], rel=1e-5)
 
 
+# both DDP tests rendezvous on torchrun's default port: one xdist worker runs them in turn
+@pytest.mark.xdist_group("ddp-port")
 def test_data_parallel_matches_one_process(tmp_path, tiny_model_dir):
     """Two gloo processes, each with half the task batch and one pair of each contrastive
     batch, log the single process's L_c and ‖g‖ and reach its adapter (δ and v synced)."""

@@ -71,7 +71,21 @@ def embedded_dir(cfg: ModelConfig) -> Path:
     """The converted embedded model (safetensors), converting it on first use."""
     target = cache_root(cfg) / "embedded" / EMBEDDED_NAME
     if not (target / "config.json").is_file():
-        convert_gguf(embedded_gguf_path(), target)
+        convert_once(embedded_gguf_path(), target)
+    return target
+
+
+def convert_once(gguf_path: Path, target: Path) -> Path:
+    """`convert_gguf` unless `target` is already converted, under a lock file beside it: a
+    second process (two commands started together on a fresh machine, two test workers)
+    waits for the first one's conversion and uses it, instead of racing it through the same
+    temporary directory."""
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target.with_name(target.name + ".lock"))):
+        if not (target / "config.json").is_file():
+            convert_gguf(gguf_path, target)
     return target
 
 
