@@ -220,6 +220,8 @@ def estimate(cfg: StudyConfig, train_t: dict, inf: dict, load_s: float) -> dict:
     stages = {f"seed/{folder}": one_eval["total"] + load_s
               for _, folder in eval_views(cfg.eval_templates)}
     for run_id, cell, seed in cell_ids(cfg):
+        if cell.model_of is not None:  # a reading of another cell's model: no stages
+            continue
         if cell.repair is not None:
             stages[f"cells/{run_id}/repair"] = repair_seconds(cfg, cell, inf, load_s)
         else:
@@ -247,9 +249,23 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=str(ROOT / "bench/results/qwen_coder_estimate.json"))
     parser.add_argument("--min-free-gb", type=float, default=16.0)
     parser.add_argument("--wait-s", type=float, default=1800.0)
+    parser.add_argument("--project", action="store_true",
+                        help="measure nothing: redo the estimate from --out's measurements for "
+                             "the config as it is now (cells edited since they were measured)")
     args = parser.parse_args(argv)
     cfg = load(StudyConfig, args.config)
     out = Path(args.out)
+    if args.project:
+        result = read_json(out) or {}
+        if not {"training", "inference"} <= set(result):
+            raise SystemExit(f"{out}: no measurements to project from; run without --project")
+        result["estimate"] = estimate(cfg, result["training"], result["inference"],
+                                      result["inference"]["load_s"])
+        result["meta"]["projected_again"] = (f"python bench/qwen_estimate.py --project (config "
+                                             f"{Path(args.config).relative_to(ROOT)})")
+        write_json(out, result)
+        print(json.dumps(result["estimate"], indent=2))
+        return
     # the training step holds the 7 GB of weights, activations and logits: ~14 GB; on a shared
     # machine with less free, the kernel kills this process (or a neighbour)
     wait_for_memory(args.min_free_gb, args.wait_s, "a LoRA step of the 1.5B model")

@@ -107,11 +107,18 @@ def _repair_record(seed: int) -> dict:
             "reverted": strength == 1.0, "seconds": seconds}
 
 
-def make_study(root: Path, *, drop: tuple[str, ...] = (), repair: bool = False) -> Path:
+READING = {"name": "ptst", "model_of": "sft", "read_under": SAFE}
+
+
+def make_study(root: Path, *, drop: tuple[str, ...] = (), repair: bool = False,
+               reading: bool = False) -> Path:
     """The study directory; `drop`: eval folders to leave out, e.g. "aligned/eval-native-safe";
-    `repair`: with a repair cell of sft (REPAIR: repair.json and evaluations, no training)."""
+    `repair`: with a repair cell of sft (REPAIR: repair.json and evaluations, no training);
+    `reading`: ptst is READING, sft's model read under the safe template (no files of its own)."""
     root = Path(root)
     cells = [*CELLS[:1], REPAIR, *CELLS[1:]] if repair else CELLS
+    if reading:
+        cells = [READING if c["name"] == "ptst" else c for c in cells]
     templates = ["native", SAFE]
     seeds = [0, 1, 2]
     config = {"name": "fake-v2", "model": {"name": "embedded"}, "align": {"config": "x.yaml"},
@@ -131,6 +138,8 @@ def make_study(root: Path, *, drop: tuple[str, ...] = (), repair: bool = False) 
     _model(root, "seed", "seed", templates, 0.0, None)
     _model(root, "aligned", "aligned", templates, 0.0, None)
     for cell in cells:
+        if "model_of" in cell:
+            continue
         if "repair" in cell:
             for s, offset in zip(seeds, (-0.05, 0.0, 0.05)):
                 _model(root, f"cells/{cell['name']}-seed{s}", cell["name"], templates, offset,

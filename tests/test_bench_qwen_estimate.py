@@ -1,6 +1,6 @@
 """bench/qwen_estimate.py's projection from measured timings (given here, no model): one eval
 stage per template a model is evaluated under, the Qwen study's cells narrowed to native
-except sft and ptst, each stage's seconds from the timings."""
+except sft and sft-safe (ptst is a reading of sft's model: no stages), each stage's seconds from the timings."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def test_eval_stages_follow_each_cells_templates(tmp_path):
     evals = sorted(k for k in result["stages_s"] if "/eval" in k)
     assert evals == sorted(
         ["seed/eval", "seed/eval-native-safe", "cells/sft/eval", "cells/sft/eval-native-safe",
-         "cells/ptst/eval", "cells/ptst/eval-native-safe"]
+         "cells/sft-safe/eval", "cells/sft-safe/eval-native-safe"]
         + [f"cells/{c}/eval" for c in ("lookahead", "str", "safety_mix", "stack", "sft+merge",
                                        "sft+resta", "sft+safe_delta")])
     # one template: AdvBench 3 variants x ceil(100/32) batches x 60 s; XSTest 4 x 60 s; GSM8K
@@ -32,6 +32,7 @@ def test_eval_stages_follow_each_cells_templates(tmp_path):
     one = 3 * 4 * 60 + 4 * 60 + 2 * 100 * 256 / 64 + 2 * 5.0 * 32 / 8
     assert result["stages_s"]["cells/str/eval"] == pytest.approx(one + 10.0, abs=2)
     assert result["stages_s"]["seed/eval-native-safe"] == result["stages_s"]["seed/eval"]
+    assert not [k for k in result["stages_s"] if k.startswith("cells/ptst")]
     # a repair cell sweeps instead of training: merge's 9 strengths + the aligned model, each
     # validation eval = the 44 demo requests of the default validation in 2 batches x 60 s,
     # the 50-item hold-out in 2 batches

@@ -323,3 +323,33 @@ def test_an_unreadable_dose_block_is_an_error_not_cells_in_the_headline(tmp_path
         _model_runs(tmp_path, {"config": config})
     assert [r.label for r in _model_runs(tmp_path, {"config": {**config, "dose": None}})] == \
         ["seed", "sft"]
+
+
+def test_a_model_of_reading_is_a_headline_row_and_counted_once(tmp_path):
+    """ptst as a reading of sft's model (`model_of: sft, read_under: native:safe`, what PTST
+    is when its training template is sft's): a headline row read under the safe template with
+    exactly sft's numbers there, the PTST paragraph saying the difference from sft is zero by
+    construction, and no model counted twice (judge agreement, per-model tables)."""
+    from stayaligned.reports.headline import template_rows
+
+    root = make_study(tmp_path / "study", reading=True)
+    write_report(root)
+    study = load_study(root)
+    assert [m.label for m in study.readings] == ["ptst-seed0", "ptst-seed1", "ptst-seed2"]
+    assert [m.key for m in study.readings] == ["cells/sft-seed0", "cells/sft-seed1",
+                                               "cells/sft-seed2"]
+    rows = _rows(root)
+    assert list(rows) == ["sft", "sft-safe", "ptst", "str"]  # the config's cell order
+    under_safe = {r.name: r for r in template_rows(study, SAFE, "classifier")}
+    assert "ptst" not in under_safe  # a template table lists models, not readings
+    assert rows["ptst"].template == SAFE and rows["sft"].template == "native"
+    assert rows["ptst"].kept.value == pytest.approx(under_safe["sft"].kept.value)
+    assert rows["ptst"].kept.value != pytest.approx(rows["sft"].kept.value)
+    markdown = (root / "report.md").read_text()
+    assert "ptst − sft: 0 by construction (the same model)" in markdown
+    assert "ptst − sft-safe: +" in markdown
+    assert "ptst (sft's model read under native:safe: no training" in markdown
+    harm = next(line for line in markdown.split("## Judges", 1)[1].splitlines()
+                if "| harm |" in line)
+    assert "| 960 |" in harm  # (2 + 9) models x 2 templates x 40 + 2 dose runs x 40
+    assert "ptst-seed" not in markdown  # no per-model row repeats sft's

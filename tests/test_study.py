@@ -639,3 +639,37 @@ def test_a_finished_run_whose_data_file_was_edited_is_stale(tmp_path):
         _train_done(cfg)
     (tmp_path / "run" / "model" / "model.safetensors").unlink()
     assert _train_done(cfg)
+
+
+def test_a_model_of_cell_is_a_reading_with_no_stages_and_its_mistakes_are_named(tmp_path,
+                                                                                tiny_model_dir):
+    """`{name: ptst, model_of: sft, read_under: native:safe}`: the study runs nothing for it
+    (its model and evaluations are sft's); anything it would ignore is an error."""
+    two = "eval_templates=[native, 'native:safe']"
+    reading = "{name: ptst, model_of: sft, read_under: 'native:safe'}"
+
+    def cells(*entries, out="s"):
+        return study_config(tmp_path, tiny_model_dir, out, two,
+                            f"cells=[{{name: sft, methods: [sft]}}, {', '.join(entries)}]")
+
+    cfg = cells(reading)
+    keys = [s.key for s in plan(cfg)]
+    assert not [k for k in keys if k.startswith("cells/ptst")]
+    assert "cells/sft/eval-native-safe" in keys
+    assert [i for i, _, _ in cell_ids(cfg)] == ["sft", "ptst"]  # the report reads it
+    problems = {
+        "{name: ptst, model_of: nope, read_under: 'native:safe'}": "model_of: 'nope' must name",
+        "{name: ptst, model_of: sft, read_under: 'native:safe', methods: [ptst]}":
+            "methods would be ignored",
+        "{name: ptst, model_of: sft, read_under: 'chat:llama'}":
+            "read_under: 'chat:llama' is not a template sft is evaluated under",
+        "{name: ptst, model_of: sft}": "read_under: None is not a template",
+        "{name: str, methods: [str], read_under: 'native:safe'}": "only a cell with `model_of`",
+    }
+    for entry, message in problems.items():
+        with pytest.raises(ConfigError, match=message):
+            plan(cells(entry))
+    with pytest.raises(ConfigError, match="is itself a reading of 'sft'"):
+        plan(cells(reading, "{name: again, model_of: ptst, read_under: native}"))
+    with pytest.raises(ConfigError, match="repair.of: 'ptst' must name an earlier training"):
+        plan(cells(reading, "{name: fix, repair: {of: ptst, method: merge}}"))

@@ -251,6 +251,12 @@ class CellConfig:
     # the study's eval_templates this cell is evaluated under (empty: all of them); the first
     # of the study's must be among them (its eval/ folder holds the cell's main metrics)
     eval_templates: tuple[str, ...] = ()
+    # a reading of an earlier cell's model, with no stages of its own: that cell's fine-tune
+    # and evaluations (same seed), read under `read_under`, one of its eval templates. PTST
+    # whose training template is the plain fine-tune's is that fine-tune tested with a safety
+    # prompt: {name: ptst, model_of: sft, read_under: "native:safe"} (study.check_readings)
+    model_of: str | None = None
+    read_under: str | None = None
 
 
 @dataclass(frozen=True)

@@ -138,6 +138,10 @@ def dose_points(cfg: StudyConfig, train_defaults: dict) -> list[DosePoint]:
                           f"({', '.join(cells)})")
     if not dose.cells:
         raise ConfigError("dose.cells: name the cells to train at each dose, e.g. [sft]")
+    untrained = [c for c in dose.cells if cells[c].repair is not None or cells[c].model_of]
+    if untrained:
+        raise ConfigError(f"dose.cells: {untrained[0]!r} trains nothing (a repair, or a reading "
+                          "of another cell's model): name cells that train")
     if _lookup(train_defaults, dose.key) is None:
         raise ConfigError(f"dose.key: {dose.key!r} is not a train config key with a value "
                           "(e.g. optim.lr, optim.max_steps)")

@@ -51,6 +51,7 @@ from rich.console import Console
 
 from stayaligned.config import (
     AlignConfig,
+    CellConfig,
     ConfigError,
     EvalConfig,
     StudyConfig,
@@ -387,11 +388,13 @@ def plan(cfg: StudyConfig) -> list[Stage]:
 
     judges = judge_names(cfg.judges, cfg.eval)
     dose_runs = {p.run_id for p in _dose_points(cfg) if p.extra}
+    check_readings(cfg)
     if cfg.depth.enabled and cfg.depth.disjoint:
         from stayaligned.grid import check_depth_disjoint
 
         trained = {run_id: cell_train_config(cfg, out, run_id, cell, seed)
-                   for run_id, cell, seed in cell_ids(cfg) if cell.repair is None}
+                   for run_id, cell, seed in cell_ids(cfg)
+                   if cell.repair is None and cell.model_of is None}
         check_depth_disjoint(cfg, {k: (list(t.methods), t.options) for k, t in trained.items()})
 
     def add_eval(key, title, model, cell=None, views=None):  # key: the model's directory
@@ -416,6 +419,8 @@ def plan(cfg: StudyConfig) -> list[Stage]:
         add_eval("aligned", "evaluate the aligned seed", str(out / "aligned" / "train"))
     base = base_model(cfg, out)
     for run_id, cell, seed in cell_ids(cfg):
+        if cell.model_of is not None:  # a reading of another cell's model: nothing to run
+            continue
         if cell.repair is not None:
             trained = _add_repair(cfg, out, stages, run_id, cell, seed)
         else:
@@ -438,6 +443,45 @@ def plan(cfg: StudyConfig) -> list[Stage]:
     return _archive_aware(stages)
 
 
+def check_readings(cfg: StudyConfig) -> None:
+    """A cell with `model_of` has no stages: the report reads the named cell's model and
+    evaluations under `read_under`. Anything else it sets would be ignored, so it is an error,
+    as are a `read_under` without `model_of` and a template the named cell is not evaluated
+    under."""
+    from stayaligned.grid import cell_views
+
+    names = [c.name for c in cfg.cells]
+    for cell in cfg.cells:
+        key = f"cells.{cell.name}"
+        if cell.model_of is None:
+            if cell.read_under is not None:
+                raise ConfigError(f"{key}.read_under: only a cell with `model_of` (a reading of "
+                                  "another cell's model) has one; a trained cell is read under "
+                                  "its run's recorded eval template (train.eval_template)")
+            continue
+        of = cell.model_of
+        if of not in names[:names.index(cell.name)]:
+            raise ConfigError(f"{key}.model_of: {of!r} must name a cell listed before it "
+                              f"({', '.join(names[:names.index(cell.name)]) or 'none'})")
+        other = cfg.cells[names.index(of)]
+        if other.model_of is not None:
+            raise ConfigError(f"{key}.model_of: {of!r} is itself a reading of "
+                              f"{other.model_of!r}; name {other.model_of!r}")
+        ignored = [k for k, v in (("methods", cell.methods != CellConfig().methods),
+                                  ("options", cell.options), ("train", cell.train),
+                                  ("repair", cell.repair),
+                                  ("eval_templates", cell.eval_templates)) if v]
+        if ignored:
+            raise ConfigError(f"{key}: {', '.join(ignored)} would be ignored: a `model_of` cell "
+                              f"trains and evaluates nothing (it reads {of}'s model); remove "
+                              "them, or make it a cell of its own")
+        views = [t for t, _ in cell_views(cfg, other) if t is not None]
+        if cell.read_under not in views:
+            under = ", ".join(views) or "none: set the study's eval_templates"
+            raise ConfigError(f"{key}.read_under: {cell.read_under!r} is not a template {of} is "
+                              f"evaluated under ({under}); name one of them")
+
+
 def repair_config(cfg: StudyConfig, out: Path, run_id: str, cell, seed: int):
     """The RepairConfig of a repair cell: the `of` cell's fine-tune (same seed), the study's
     aligned seed, and the seed as the pre-alignment base when the study aligns it."""
@@ -445,9 +489,10 @@ def repair_config(cfg: StudyConfig, out: Path, run_id: str, cell, seed: int):
 
     names = [c.name for c in cfg.cells]
     of = cell.repair.of
-    if of not in names or of == cell.name or cfg.cells[names.index(of)].repair is not None:
+    trained = [n for n, c in zip(names, cfg.cells) if c.repair is None and c.model_of is None]
+    if of not in trained or of == cell.name:
         raise ConfigError(f"cells.{cell.name}.repair.of: {of!r} must name an earlier training "
-                          f"cell of this study ({', '.join(n for n, c in zip(names, cfg.cells) if c.repair is None)})")
+                          f"cell of this study ({', '.join(trained)})")
     if names.index(of) > names.index(cell.name):
         raise ConfigError(f"cells.{cell.name}: list it after the cell it repairs ({of})")
     of_id = f"{of}-seed{seed}" if len(cfg.seeds) > 1 else of

@@ -31,10 +31,16 @@ def group_rate(runs: list[ModelRun], name: str | None):
     return pooling.pooled_rate(pooling.verdict_matrix(per_seed, ids)) if ids else None
 
 
-def groups(study: Study) -> dict[str, list[ModelRun]]:
-    """Model groups in row order: seed, aligned, each cell pooled over its seeds, each dose run."""
+def groups(study: Study, readings: bool = False) -> dict[str, list[ModelRun]]:
+    """Model groups in row order: seed, aligned, each cell pooled over its seeds, each dose
+    run; with `readings`, the `model_of` cells too, in the study's cell order."""
+    runs = list(study.models)
+    if readings and study.readings:
+        rank = {run_id: i for i, run_id in enumerate(study.manifest.get("cells") or [])}
+        runs = sorted(runs + study.readings,
+                      key=lambda m: (m.cell is not None, rank.get(m.label, len(rank))))
     out: dict[str, list[ModelRun]] = {}
-    for m in study.models:
+    for m in runs:
         out.setdefault(m.group, []).append(m)
     return out
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from stayaligned.reports import groups as grouping
 from stayaligned.reports import pooling
 from stayaligned.reports.pooling import Pooled
 from stayaligned.reports.study_files import ModelRun, Study
@@ -87,20 +88,17 @@ def benchmark_roles(study: Study) -> dict[str, str | None]:
             "task": next((n for n, k in kinds.items() if k == "task"), None)}
 
 
-def groups(study: Study) -> dict[str, list[ModelRun]]:
-    """Fine-tune cell -> its seed runs (dose runs are not headline rows)."""
-    out: dict[str, list[ModelRun]] = {}
-    for m in study.cells:
-        if m.dose is None:
-            out.setdefault(m.group, []).append(m)
-    return out
+def groups(study: Study, readings: bool = False) -> dict[str, list[ModelRun]]:
+    """Fine-tune cell -> its seed runs (dose runs are not headline rows); with `readings`,
+    the `model_of` cells too, in the study's cell order."""
+    return {name: runs for name, runs in grouping.groups(study, readings).items()
+            if runs[0].cell is not None and runs[0].dose is None}
 
 
 def own_template(runs: list[ModelRun], available: list[str]) -> str | None:
     """The template a cell is read under: its runs' recorded eval template when evaluated
     under it, else the first available one."""
-    recorded = next((((m.run or {}).get("templates") or {}).get("eval") for m in runs
-                     if (m.run or {}).get("templates")), None)
+    recorded = next((m.read_template for m in runs if m.read_template), None)
     if recorded in available:
         return recorded
     return available[0] if available else None
@@ -327,7 +325,7 @@ def headline_rows(study: Study, overhead: dict | None = None) -> list[Headline]:
     judge_list, available = judges(study), templates(study)
     roles = benchmark_roles(study)
     aligned = next((m for m in study.models if m.label == "aligned"), None)
-    cells = groups(study)
+    cells = groups(study, readings=True)
     sft = cells.get(study.reference_name, [])
     rows = []
     for name, runs in cells.items():

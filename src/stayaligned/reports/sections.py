@@ -171,6 +171,9 @@ def _repair_words(spec: dict) -> str:
 
 
 def _cell_words(cell: dict) -> str:
+    if cell.get("model_of"):
+        return (f"{cell.get('name')} ({cell['model_of']}'s model read under "
+                f"{cell.get('read_under')}: no training or evaluation of its own)")
     if cell.get("repair"):
         extra = (f"; evaluated under {', '.join(cell['eval_templates'])} only"
                  if cell.get("eval_templates") else "")
@@ -300,7 +303,6 @@ def template_blocks(study: Study) -> list[Block]:
         return []
     roles, judge, ref = benchmark_roles(study), js[0], study.reference_name
     aligned = next((m for m in study.models if m.label == "aligned"), None)
-    cells = groups(study)
     blocks: list[Block] = [Heading("Templates"), Paragraph(
         f"Each model under each template ({judge} judge); kept share and Δ only within a "
         "template.")]
@@ -314,7 +316,7 @@ def template_blocks(study: Study) -> list[Block]:
         blocks += [Heading(f"Under {t}", 3), Table(
             ("Model", "Refusal", "Kept share", f"Kept − {ref}", "Over-refusal", "Task loss"),
             rows)]
-    blocks += _ptst_blocks(study, cells, aligned, roles, judge)
+    blocks += _ptst_blocks(study, groups(study, readings=True), aligned, roles, judge)
     return blocks
 
 
@@ -324,22 +326,31 @@ def _fmt(x: float | None) -> str:
 
 def _ptst_blocks(study, cells, aligned, roles, judge) -> list[Block]:
     """PTST as the paper reads it: (ptst, safe template) against (sft, safe template) and the
-    same-template cell sft-safe (trained and tested with the safety prompt)."""
+    same-template cell sft-safe (trained and tested with the safety prompt). A ptst that is a
+    reading of sft's model (`model_of`) is sft tested under the safe template: its difference
+    from sft there is zero by construction, and said so."""
     ptst = cells.get("ptst")
     if not ptst or aligned is None:
         return []
-    t = next((((m.run or {}).get("templates") or {}).get("eval") for m in ptst), None)
+    t = next((m.read_template for m in ptst if m.read_template), None)
     if t not in templates(study):
         return []
     lines = []
+    of = ptst[0].reading_of
     for other in (study.reference_name, "sft-safe"):
-        if other in cells:
+        if other == of:
+            lines.append(f"ptst − {other}: 0 by construction (the same model)")
+        elif other in cells:
             d = kept_vs(ptst, cells[other], aligned, t, judge, roles["harmful"])
             lines.append(f"ptst − {other}: {pct(d, signed=True)}")
     k = kept(ptst, aligned, t, judge, roles["harmful"])
+    trained = next((((m.run or {}).get("templates") or {}).get("train") for m in ptst), None)
+    what = (f"ptst is {of}'s fine-tune (trained under {trained or 'its recorded template'}) "
+            f"tested under {t}: a `model_of` reading, with no training of its own. " if of else "")
     return [Heading("PTST like for like", 3), Paragraph(
-        f"Under {t} (PTST's test template), ptst keeps {pct(k)} of the aligned seed's refusal "
-        f"under the same template; kept-share differences: {'; '.join(lines) or 'no comparison cell'}.")]
+        f"{what}Under {t} (PTST's test template), ptst keeps {pct(k)} of the aligned seed's "
+        f"refusal under the same template; kept-share differences: "
+        f"{'; '.join(lines) or 'no comparison cell'}.")]
 
 
 # ---------------------------------------------------------------- judges

@@ -62,6 +62,18 @@ class ModelRun:
         return next((v for v in self.views if v.template == template and v.judge == judge), None)
 
     @property
+    def reading_of(self) -> str | None:
+        """A `model_of` cell's other cell (whose model and evaluations this run reads)."""
+        return (self.cell or {}).get("model_of")
+
+    @property
+    def read_template(self) -> str | None:
+        """The template the run is read under: a reading's `read_under`, else its training
+        run's recorded eval template (None when neither)."""
+        return ((self.cell or {}).get("read_under")
+                or ((self.run or {}).get("templates") or {}).get("eval"))
+
+    @property
     def repair_spec(self) -> dict:
         """The cell's `repair:` spec (method, of, ...); {} for a trained cell or a reference."""
         return (self.cell or {}).get("repair") or {}
@@ -102,8 +114,11 @@ class Study:
     root: Path
     manifest: dict  # study.json
     progress: dict  # progress.json
-    models: list[ModelRun]
+    models: list[ModelRun]  # the seed, the aligned seed, each cell and dose run
     unreadable: list[str]  # files that exist but are not valid JSON
+    # the `model_of` cells: another cell's model and evaluations, read under another template
+    # (the headline and the PTST reading show them; the per-model tables do not repeat them)
+    readings: list[ModelRun] = field(default_factory=list)
 
     @property
     def config(self) -> dict:
@@ -138,16 +153,17 @@ def load_study(study_dir: str | Path) -> Study:
         raise FileNotFoundError(f"{root / 'study.json'}: not found; give the output directory of "
                                 "`stayaligned study` (the one holding study.json)")
     progress = _read(root / "progress.json", unreadable) or {}
-    models = [_load_model(root, m, progress, unreadable) for m in _model_runs(root, manifest)]
+    runs = [_load_model(root, m, progress, unreadable) for m in _model_runs(root, manifest)]
     headline = (manifest.get("config") or {}).get("headline_judge")
     if headline:  # the tables read model.metrics: that judge's verdicts, first template
-        for model in models:
+        for model in runs:
             first = next((v for v in model.views if v.folder == "eval"), None)
             mine = next((v for v in model.views if first and v.judge == headline
                          and v.template == first.template), None)
             if mine is not None:
                 model.metrics, model.primary = mine.metrics, mine.folder
-    return Study(root, manifest, progress, models, unreadable)
+    models = [m for m in runs if not m.reading_of]
+    return Study(root, manifest, progress, models, unreadable, [m for m in runs if m.reading_of])
 
 
 def _model_runs(root: Path, manifest: dict) -> list[ModelRun]:
@@ -169,7 +185,9 @@ def _model_runs(root: Path, manifest: dict) -> list[ModelRun]:
     ids = manifest.get("cells") or list(by_id)
     for run_id in ids:
         cell, seed = by_id.get(run_id, ({"name": run_id}, None))
-        model = ModelRun(run_id, f"cells/{run_id}", cell=cell, seed=seed)
+        of = cell.get("model_of")  # a reading: the other cell's directory (same seed)
+        key = f"cells/{of}-seed{seed}" if of and len(seeds) > 1 else f"cells/{of or run_id}"
+        model = ModelRun(run_id, key, cell=cell, seed=seed)
         if run_id in doses:
             point = doses[run_id]
             model.cell, model.seed = {**cell, "name": run_id}, (config.get("dose") or {}).get("seed")
