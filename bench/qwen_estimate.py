@@ -120,6 +120,7 @@ def time_inference(cfg: StudyConfig, gsm8k_tokens: int, save) -> dict:
     from stayaligned.config import EvalConfig, build
     from stayaligned.evaluation.generation import generate
     from stayaligned.models import load_model
+    from stayaligned.precision import autocast_for
     from stayaligned.templates.library import get_template
 
     ecfg = build(EvalConfig, cfg.eval)
@@ -143,7 +144,7 @@ def time_inference(cfg: StudyConfig, gsm8k_tokens: int, save) -> dict:
     width = 300  # a GSM8K prompt with its reference solution
     batch = torch.cat([ids["input_ids"], ids["input_ids"]], 1)[:, :width]
     start = cpu_clock()
-    with torch.no_grad():
+    with torch.no_grad(), autocast_for(model):  # the study's precision, as task_loss.py
         model(input_ids=batch).logits.float().log_softmax(-1)
     out["forward_batch8_s"] = round(cpu_clock() - start, 1)
     out["forward_width"] = int(batch.shape[1])
@@ -249,6 +250,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=str(ROOT / "bench/results/qwen_coder_estimate.json"))
     parser.add_argument("--min-free-gb", type=float, default=16.0)
     parser.add_argument("--wait-s", type=float, default=1800.0)
+    parser.add_argument("--reuse-training", action="store_true",
+                        help="keep --out's training measurement; measure inference only")
     parser.add_argument("--project", action="store_true",
                         help="measure nothing: redo the estimate from --out's measurements for "
                              "the config as it is now (cells edited since they were measured)")
@@ -285,7 +288,10 @@ def main(argv=None) -> None:
                      "cell); depth = 2 passes per batch of 8",
     }}
     # each measurement is written as soon as it is done (a shared machine may not finish)
-    result["training"] = time_training(cfg, args.steps)
+    earlier = (read_json(out) or {}).get("training") if args.reuse_training else None
+    result["training"] = earlier or time_training(cfg, args.steps)
+    if earlier:
+        result["meta"]["training_from"] = "an earlier run of this script (--reuse-training)"
     write_json(out, result)
     result["inference"] = time_inference(cfg, args.gsm8k_tokens, lambda inf: write_json(
         out, {**result, "inference": inf}))
