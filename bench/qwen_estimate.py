@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import json
 import math
 import resource
@@ -276,7 +277,7 @@ def main(argv=None) -> None:
             "command": f"python bench/qwen_estimate.py --steps {args.steps} "
                        f"--gsm8k-tokens {args.gsm8k_tokens}",
             "study": f"stayaligned study {Path(args.config).relative_to(ROOT)}",
-            "device": "cpu (2 cores, shared with other jobs while measured)",
+            "device": f"cpu ({os.cpu_count()} cores; the clock below discounts other jobs)",
             "clock": "process CPU seconds / torch threads (see cpu_clock): the time on 2 "
                      "dedicated cores, not the wall time of a shared machine",
             "torch_threads": torch_threads(),
