@@ -673,3 +673,16 @@ def test_a_model_of_cell_is_a_reading_with_no_stages_and_its_mistakes_are_named(
         plan(cells(reading, "{name: again, model_of: ptst, read_under: native}"))
     with pytest.raises(ConfigError, match="repair.of: 'ptst' must name an earlier training"):
         plan(cells(reading, "{name: fix, repair: {of: ptst, method: merge}}"))
+
+
+def test_a_ptst_cell_that_would_retrain_sft_names_the_reading_to_use(tmp_path, tiny_model_dir):
+    """PTST trained with sft's own template (what Qwen's study first configured) makes sft's
+    model bit for bit: refused, with the `model_of` reading that replaces it."""
+    twin = ("cells=[{name: sft, methods: [sft]}, {name: ptst, methods: [ptst], "
+            "options: {ptst: {train_template: native}}}]")
+    with pytest.raises(ConfigError, match=r"cells\.ptst: trains with native, the template "
+                       r"cells\.sft trains with.*model_of: sft, read_under: \"native:safe\""):
+        plan(study_config(tmp_path, tiny_model_dir, "t", twin))
+    other_lr = twin.replace("train_template: native}}", "train_template: native}}, "
+                            "train: {optim: {lr: 0.001}}")
+    assert plan(study_config(tmp_path, tiny_model_dir, "l", other_lr))  # another budget: kept

@@ -389,6 +389,7 @@ def plan(cfg: StudyConfig) -> list[Stage]:
     judges = judge_names(cfg.judges, cfg.eval)
     dose_runs = {p.run_id for p in _dose_points(cfg) if p.extra}
     check_readings(cfg)
+    check_ptst_twins(cfg)
     if cfg.depth.enabled and cfg.depth.disjoint:
         from stayaligned.grid import check_depth_disjoint
 
@@ -480,6 +481,40 @@ def check_readings(cfg: StudyConfig) -> None:
             under = ", ".join(views) or "none: set the study's eval_templates"
             raise ConfigError(f"{key}.read_under: {cell.read_under!r} is not a template {of} is "
                               f"evaluated under ({under}); name one of them")
+
+
+def check_ptst_twins(cfg: StudyConfig) -> None:
+    """A ptst cell whose train template is the one an sft cell of the study trains with, on
+    the same data and budget, would make that cell's model bit for bit (PTST changes only the
+    templates) and repeat its evaluations: a ConfigError that names the reading to use."""
+    from dataclasses import replace
+
+    from stayaligned.methods.ptst import PtstOptions
+
+    out = Path(cfg.output_dir)
+    seed = cfg.seeds[0] if cfg.seeds else 0
+
+    def bare(cell, template):
+        t = cell_train_config(cfg, out, "twin", cell, seed)
+        return t.template == template, replace(t, methods=(), options={}, template="",
+                                               eval_template="")
+
+    plain = [c for c in cfg.cells if tuple(c.methods) == ("sft",) and c.repair is None
+             and c.model_of is None]
+    for cell in cfg.cells:
+        if tuple(cell.methods) != ("ptst",) or cell.repair is not None or cell.model_of:
+            continue
+        ptst = {**vars(PtstOptions()), **((cell.options or {}).get("ptst") or {})}
+        _, mine = bare(cell, None)
+        for other in plain:
+            same_template, theirs = bare(other, ptst["train_template"])
+            if same_template and mine == theirs:
+                raise ConfigError(
+                    f"cells.{cell.name}: trains with {ptst['train_template']}, the template "
+                    f"cells.{other.name} trains with, on the same data and budget: its model "
+                    f"would be {other.name}'s bit for bit. Make it a reading of that model: "
+                    f"{{name: {cell.name}, model_of: {other.name}, read_under: "
+                    f"\"{ptst['eval_template']}\"}}")
 
 
 def repair_config(cfg: StudyConfig, out: Path, run_id: str, cell, seed: int):
