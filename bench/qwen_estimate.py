@@ -133,6 +133,10 @@ def time_inference(cfg: StudyConfig, gsm8k_tokens: int, save) -> dict:
     for name, tokens, label in (("advbench", gen.max_new_tokens, "advbench"),
                                 ("gsm8k", gsm8k_tokens, "gsm8k")):
         prompts = _prompts(cfg, name, gen.batch_size, tokenizer)
+        start = cpu_clock()  # the prompt pass alone: the same batch with one new token
+        generate(model, tokenizer, prompts, native,
+                 GenerationConfig(max_new_tokens=1, batch_size=gen.batch_size))
+        out[f"{label}_prefill_s"] = round(cpu_clock() - start, 1)
         start = cpu_clock()
         texts = generate(model, tokenizer, prompts, native,
                          GenerationConfig(max_new_tokens=tokens, batch_size=gen.batch_size))
@@ -165,6 +169,18 @@ def _method_ratio(methods: tuple[str, ...], overhead: dict) -> tuple[float, floa
     return entry.get("time_ratio", 1.0), entry.get("setup_s", 0.0)
 
 
+def batch_seconds(inf: dict, label: str, tokens: int) -> float:
+    """One generated batch of `tokens` new tokens: the prompt pass (the batch timed with one new
+    token) plus the timed batch's per-token rest, scaled (a worst case: every answer runs to
+    the limit). Without a prompt-pass time (measurements before it was taken) the timed batch
+    is scaled linearly, which over-estimates: it scales the prompt pass too."""
+    timed, n = inf[f"{label}_batch_s"], inf[f"{label}_new_tokens"]
+    prefill = inf.get(f"{label}_prefill_s")
+    if prefill is None or n <= 1:
+        return timed * tokens / n
+    return prefill + (timed - prefill) / (n - 1) * (tokens - 1)
+
+
 def eval_seconds(cfg: StudyConfig, inf: dict) -> dict:
     """One model's evaluation under one template: generation batches per benchmark, plus task
     loss."""
@@ -179,10 +195,10 @@ def eval_seconds(cfg: StudyConfig, inf: dict) -> dict:
         batches = variants * math.ceil(n / size)
         tokens = bench.max_new_tokens or ecfg.generation.max_new_tokens
         if bench.kind == "task":
-            per = inf["gsm8k_batch_s"] * tokens / inf["gsm8k_new_tokens"]
+            per = batch_seconds(inf, "gsm8k", tokens)
             loss = math.ceil(n / size) * inf["forward_batch8_s"] * size / 8 if bench.task_loss else 0
         else:
-            per, loss = inf["advbench_batch_s"] * tokens / inf["advbench_new_tokens"], 0
+            per, loss = batch_seconds(inf, "advbench", tokens), 0
         parts[bench.name] = round(batches * per + loss)
     parts["total"] = sum(parts.values())
     return parts
@@ -202,7 +218,7 @@ def repair_seconds(cfg: StudyConfig, cell, inf: dict, load_s: float) -> int:
     n = len(load_source(harmful["source"], split=harmful["split"], data_dir=cfg.data_dir))
     holdout = cell.repair.task_holdout
     per_eval = (math.ceil(n / size) * inf["advbench_batch_s"]
-                + math.ceil(holdout / size) * inf["gsm8k_batch_s"] * 8 / inf["gsm8k_new_tokens"]
+                + math.ceil(holdout / size) * batch_seconds(inf, "gsm8k", 8)
                 + math.ceil(holdout / size) * inf["forward_batch8_s"] * size / 8 + load_s)
     strengths = len(cell.repair.strengths or repairs()[cell.repair.method].defaults)
     return round((strengths + 1) * per_eval + strengths * load_s)

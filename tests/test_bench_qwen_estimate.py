@@ -42,3 +42,13 @@ def test_eval_stages_follow_each_cells_templates(tmp_path):
     per_eval = 2 * 60 + 2 * 100 * 8 / 64 + 2 * 5 * 32 / 8 + 10
     assert stages["cells/sft+merge/repair"] == pytest.approx(10 * per_eval + 9 * 10, abs=2)
     assert stages["cells/sft+safe_delta/repair"] == pytest.approx(7 * per_eval + 6 * 10, abs=2)
+
+
+def test_a_measured_prompt_pass_is_not_scaled_with_the_answer_length():
+    """With the prompt pass timed (the batch at one new token), a longer answer adds only
+    per-token time: 60 s + (100 - 60) / 63 per token, not the whole 100 s batch scaled."""
+    estimate = load_bench("qwen_estimate")
+    inf = {**INF, "gsm8k_prefill_s": 60.0}
+    assert estimate.batch_seconds(inf, "gsm8k", 256) == pytest.approx(60 + 40 / 63 * 255)
+    assert estimate.batch_seconds(inf, "gsm8k", 64) == pytest.approx(100.0)
+    assert estimate.batch_seconds(INF, "gsm8k", 256) == pytest.approx(400.0)  # older: linear
