@@ -7,7 +7,7 @@ missing ("not run", "started, not finished", or "failed: <error>" from progress.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from stayaligned.runfiles import read_json, read_jsonl
@@ -153,7 +153,12 @@ def load_study(study_dir: str | Path) -> Study:
         raise FileNotFoundError(f"{root / 'study.json'}: not found; give the output directory of "
                                 "`stayaligned study` (the one holding study.json)")
     progress = _read(root / "progress.json", unreadable) or {}
-    runs = [_load_model(root, m, progress, unreadable) for m in _model_runs(root, manifest)]
+    runs = _model_runs(root, manifest)
+    loaded = {m.key: _load_model(root, m, progress, unreadable) for m in runs if not m.reading_of}
+    # a reading's files are its other cell's, read once: that run under the reading's name
+    runs = [loaded[m.key] if not m.reading_of
+            else replace(loaded[m.key], label=m.label, cell=m.cell, seed=m.seed) if m.key in loaded
+            else _load_model(root, m, progress, unreadable) for m in runs]
     headline = (manifest.get("config") or {}).get("headline_judge")
     if headline:  # the tables read model.metrics: that judge's verdicts, first template
         for model in runs:
