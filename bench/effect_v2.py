@@ -76,6 +76,9 @@ def headline_entries(study, overhead: dict | None) -> dict:
             "over_refusal_rate": _p(r.over_refusal)[0],
             "over_refusal_vs_sft": _p(r.over_refusal_vs_sft)[0],
             "task_loss": r.task_loss, "task_loss_vs_sft": r.task_loss_vs_sft,
+            "task_accuracy": _p(r.task_accuracy)[0], "task_accuracy_ci": _p(r.task_accuracy)[1],
+            "task_accuracy_vs_sft": _p(r.task_accuracy_vs_sft)[0],
+            "task_accuracy_vs_sft_ci": _p(r.task_accuracy_vs_sft)[1],
             "cost_per_step": r.cost, "not_computed": r.why,
             "repair": r.runs[0].repair_spec.get("method") if r.runs else None}
     return out
@@ -112,6 +115,7 @@ def per_seed(study, entries: dict) -> dict:
             "refusal_rate": _p(rate([m], t, j, roles["harmful"]))[0],
             "prefill_refusal_rate": _p(rate([m], t, j, roles["prefill"]))[0],
             "over_refusal_rate": _p(rate([m], t, j, roles["benign"]))[0],
+            "task_accuracy": _p(rate([m], t, j, roles["task"]))[0],
             "task_loss": task_loss([m], t, j, roles["task"])} for m in runs}
     return out
 
@@ -150,8 +154,10 @@ def targets(entries: dict) -> dict:
     return out
 
 
-def summarise(study_dir: str, overhead: dict | None = None, command: str = "") -> dict:
-    """The whole effect_v2.json object of a finished (or partly finished) study."""
+def summarise(study_dir: str, overhead: dict | None = None, command: str = "",
+              judge_targets=targets) -> dict:
+    """The whole effect_v2.json object of a finished (or partly finished) study;
+    `judge_targets(entries)`: the issue's targets, decided on the headline entries."""
     study = load_study(study_dir)
     entries = headline_entries(study, overhead)
     js = judges(study)
@@ -169,7 +175,7 @@ def summarise(study_dir: str, overhead: dict | None = None, command: str = "") -
                   "agreement": [{**a, "kappa_pooled": None if math.isnan(a["kappa_pooled"])
                                  else a["kappa_pooled"]} for a in agreement]},
         "dose": dose,
-        "targets": targets(entries),
+        "targets": judge_targets(entries),
         "recommendation": recommendation(headline_rows(study, overhead), study.reference_name),
         "meta": {"command": command, "config": study.config, "pooling": POOLING,
                  "benchmarks": benchmark_roles(study),
@@ -181,7 +187,9 @@ def summarise(study_dir: str, overhead: dict | None = None, command: str = "") -
                  "retrained": retrain_notes(study),
                  "units": "rates and kept shares are fractions; task_loss is the mean per-token "
                           "NLL (nats) of the task benchmark's reference answers; "
-                          "task_loss_vs_sft is relative (loss / sft's - 1)"}})
+                          "task_loss_vs_sft is relative (loss / sft's - 1); task_accuracy "
+                          "is the task benchmark's exact match (GSM8K), pooled like the rates, "
+                          "task_accuracy_vs_sft its difference from sft's (fractions)"}})
     return result
 
 
@@ -314,18 +322,25 @@ def dry_run(config: str, overrides: list[str], v1_path: str) -> dict:
             "hours": total / 3600}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("study_dir", nargs="?", default="bench/studies/embedded_gsm8k_v2",
+def main(argv: list[str] | None = None, study_dir: str = "bench/studies/embedded_gsm8k_v2",
+         output: str = "bench/results/effect_v2.json",
+         report: str = "bench/results/embedded_gsm8k_v2", judge_targets=targets,
+         extra_meta=None, description: str = __doc__.split("\n")[0],
+         script: str = "bench/effect_v2.py") -> int:
+    """The command line; bench/effect_qwen.py calls it with its own study, outputs, targets
+    and `extra_meta()` (a dict merged into meta)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("study_dir", nargs="?", default=study_dir,
                         help="the study's output directory (or its config with --dry-run)")
     parser.add_argument("--dry-run", action="store_true",
                         help="list the stages of the config given as study_dir with an estimate")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config overrides for --dry-run")
     parser.add_argument("--v1", default="bench/results/effect.json")
-    parser.add_argument("--output", default="bench/results/effect_v2.json")
-    parser.add_argument("--report", default="bench/results/embedded_gsm8k_v2")
-    parser.add_argument("--notes", default="bench/results/embedded_gsm8k_v2/findings.md")
+    parser.add_argument("--output", default=output)
+    parser.add_argument("--report", default=report)
+    parser.add_argument("--notes", default=None,
+                        help="findings to put in the report (default: <report>/findings.md)")
     parser.add_argument("--overhead", default=None,
                         help="the cost column's bench (default: bench/results/overhead_<study "
                         "name>.json from `overhead.py --study` when it exists, else "
@@ -337,16 +352,19 @@ def main(argv: list[str] | None = None) -> int:
     if not read_json(Path(args.study_dir) / "study.json"):
         print(f"{args.study_dir}/study.json is missing: run the study first", file=sys.stderr)
         return 2
+    name = (read_json(Path(args.study_dir) / "study.json") or {}).get("config", {}).get("name")
     if args.overhead is None:
-        name = (read_json(Path(args.study_dir) / "study.json") or {}).get("config", {}).get("name")
         own = Path(f"bench/results/overhead_{name}.json")
         args.overhead = str(own if own.is_file() else Path("bench/results/overhead.json"))
     overhead = read_json(Path(args.overhead)) if args.overhead else None
-    command = ("stayaligned study configs/study/embedded_gsm8k_v2.yaml && "
-               f"python bench/effect_v2.py {args.study_dir}")
-    result = summarise(args.study_dir, overhead, command)
+    command = (f"stayaligned study configs/study/{name}.yaml && "
+               f"python {script} {' '.join(argv if argv is not None else sys.argv[1:])}")
+    result = summarise(args.study_dir, overhead, command.rstrip(), judge_targets)
+    if extra_meta is not None:
+        result["meta"].update(extra_meta())
     write_json(Path(args.output), result)
-    notes = args.notes if args.notes and Path(args.notes).is_file() else None
+    notes = args.notes or str(Path(args.report) / "findings.md")
+    notes = notes if Path(notes).is_file() else None
     paths = write_report(args.study_dir, args.report, notes=notes,
                          overhead=args.overhead if overhead else None)
     print(result["recommendation"])

@@ -26,6 +26,7 @@ REFUSAL = {
 }
 LOSS = {"seed": 1.3, "aligned": 1.3, "sft": 0.70, "sft-safe": 0.71, "ptst": 0.72, "str": 0.75,
         "sft-lr0.0002": 0.6, "str-lr0.0002": 0.65, "sft+merge": 0.80}
+ACCURACY = {"str": 0.4}  # exact match on "arith" per group (else 0.2)
 REPAIR = {"name": "sft+merge", "repair": {"of": "sft", "method": "merge", "target_kept": 0.95}}
 # each seed's repair: (the strength kept, target met, seconds)
 REPAIRS = {0: (0.5, True, 100.0), 1: (0.75, True, 200.0), 2: (1.0, False, 300.0)}
@@ -57,8 +58,9 @@ def _eval(folder: Path, group: str, template: str, judge: str, offset: float, fl
                            ("xstest-safe", N_BENIGN, over)):
         for i, v in enumerate(_verdicts(prob, n, flip)):
             rows.append({"benchmark": bench, "id": f"{bench}-{i}", "judge": judge, "refusal": v})
+    correct = [i < round(ACCURACY.get(group, 0.2) * N_TASK) for i in range(N_TASK)]
     rows += [{"benchmark": "arith", "id": f"a{i}", "judge": "gsm8k_exact_match",
-              "correct": i < 2} for i in range(N_TASK)]
+              "correct": c} for i, c in enumerate(correct)]
     benchmarks = {}
     for bench, kind in (("harm", "harmful"), ("harm [prefill k=3]", "harmful"),
                         ("xstest-safe", "benign")):
@@ -66,7 +68,7 @@ def _eval(folder: Path, group: str, template: str, judge: str, offset: float, fl
         benchmarks[bench] = {"kind": kind, "n": len(mine),
                              "refusal_rate": rate(mine).to_dict()}
     benchmarks["arith"] = {"kind": "task", "metric": "gsm8k_exact_match", "n": N_TASK,
-                           "accuracy": rate([i < 2 for i in range(N_TASK)]).to_dict(),
+                           "accuracy": rate(correct).to_dict(),
                            "task_loss": {"loss": LOSS[group] + offset / 10,
                                          "per_example_sem": 0.01, "n": N_TASK}}
     _write(folder / "metrics.json", {"model": group, "template": template, "judge": judge,

@@ -57,6 +57,23 @@ def test_kept_share_is_within_one_template_and_pooled_over_seeds(v2):
     assert rows["str"].task_loss_vs_sft == pytest.approx(0.75 / 0.70 - 1)
 
 
+def test_task_accuracy_is_pooled_from_the_items_and_compared_with_sft(v2):
+    """GSM8K-like exact match: the per-item `correct` of judgments.jsonl, pooled over seeds
+    like a rate, in the headline table beside the task loss."""
+    rows = _rows(v2)
+    assert rows["sft"].task_accuracy.value == pytest.approx(0.2)
+    assert rows["str"].task_accuracy.value == pytest.approx(0.4)
+    assert rows["str"].task_accuracy.items == 10 and rows["str"].task_accuracy.seeds == 3
+    assert rows["str"].task_accuracy_vs_sft.value == pytest.approx(0.2)
+    assert rows["sft"].task_accuracy_vs_sft is None  # the reference
+    markdown = (v2 / "report.md").read_text()
+    header = next(line for line in markdown.splitlines() if line.startswith("| Method |"))
+    assert "Task accuracy (Δ vs sft [95% CI])" in header
+    column = header.split(" | ").index("Task accuracy (Δ vs sft [95% CI])")
+    line = next(line for line in markdown.splitlines() if line.startswith("| str |"))
+    assert line.split(" | ")[column].startswith("40% (+20 pts")
+
+
 def test_no_ratio_across_templates_when_the_aligned_seed_lacks_one(tmp_path):
     root = make_study(tmp_path / "study", drop=("aligned/eval-native-safe",))
     rows = _rows(root)

@@ -44,6 +44,8 @@ class Headline:
     over_refusal_vs_sft: Pooled | None = None
     task_loss: float | None = None
     task_loss_vs_sft: float | None = None  # relative: loss / sft's - 1
+    task_accuracy: Pooled | None = None  # exact-match tasks (GSM8K): pooled like a rate
+    task_accuracy_vs_sft: Pooled | None = None  # difference in accuracy (fraction)
     aligned_task_loss: float | None = None  # the aligned seed's, under the same template
     cost: str = "—"
     cost_notes: list[str] = field(default_factory=list)  # e.g. a repair left out of the mean
@@ -113,13 +115,19 @@ def seed_of(m: ModelRun):
     return m.seed if m.seed is not None else m.label
 
 
+def _items(view, bench: str) -> dict[str, bool] | None:
+    """item id -> verdict on `bench`: refused on a safety benchmark, answered correctly on a
+    task benchmark scored by exact match (its accuracy)."""
+    return view.verdicts.get(bench) or view.correct.get(bench)
+
+
 def per_seed(runs: list[ModelRun], template: str, judge: str, bench: str | None) -> dict:
     """seed -> item verdicts of `runs` on `bench` under (template, judge), in run order; a
     seed not evaluated there is absent."""
     if not bench:
         return {}
-    return {seed_of(m): v.verdicts[bench] for m in runs
-            if (v := m.view(template, judge)) and v.verdicts.get(bench)}
+    return {seed_of(m): items for m in runs
+            if (v := m.view(template, judge)) and (items := _items(v, bench))}
 
 
 def shared_seeds(*groups: list[ModelRun], template: str, judge: str, bench: str | None) -> list:
@@ -424,6 +432,7 @@ def _fill(row: Headline, runs, sft, aligned, roles, judge_list) -> None:
     row.prefill_k = prefill_parts(roles["prefill"])[1] if roles["prefill"] else None
     row.over_refusal = rate(runs, t, j, roles["benign"])
     row.task_loss = task_loss(runs, t, j, roles["task"])
+    row.task_accuracy = rate(runs, t, j, roles["task"])
     if aligned is not None:
         row.aligned_task_loss = task_loss([aligned], t, j, roles["task"])
     if sft and runs is not sft:
@@ -431,6 +440,7 @@ def _fill(row: Headline, runs, sft, aligned, roles, judge_list) -> None:
             row.why.append(f"sft was not evaluated under {t}: no Δ vs sft")
             return
         row.over_refusal_vs_sft = rate_vs(runs, sft, t, j, roles["benign"])
+        row.task_accuracy_vs_sft = rate_vs(runs, sft, t, j, roles["task"])
         if row.task_loss is not None:
             row.task_loss_vs_sft = task_loss_vs(runs, sft, t, j, roles["task"])
         shared = shared_seeds(runs, sft, template=t, judge=j, bench=harmful)

@@ -35,6 +35,16 @@ def _loss_delta(row: Headline, reference: str) -> str:
     return f"{row.task_loss:.3f} ({100 * row.task_loss_vs_sft:+.1f}%)"
 
 
+def _accuracy_delta(row: Headline, reference: str) -> str:
+    if row.task_accuracy is None:
+        return "—"
+    value = f"{100 * row.task_accuracy.value:.0f}%"
+    if row.cell == reference:
+        return f"{value} (reference)"
+    return f"{value} ({pct(row.task_accuracy_vs_sft, signed=True)})" \
+        if row.task_accuracy_vs_sft is not None else value
+
+
 def _seed_counts(rows: list[Headline]) -> str:
     """How many seeds each row pools, in words.
 
@@ -71,10 +81,13 @@ def headline_blocks(study: Study, overhead: dict | None = None) -> list[Block]:
     judge_list, ref = judges(study), study.reference_name
     k = next((r.prefill_k for r in rows if r.prefill_k), None)
     other = judge_list[1] if len(judge_list) > 1 else None
+    accuracy = any(r.task_accuracy is not None for r in rows)
     header = ("Method", "Tested with", f"Kept share [95% CI] ({judge_list[0] if judge_list else '—'})",
               *((f"Kept ({other})",) if other else ()), f"Kept − {ref} [95% CI]",
               f"Prefill k={k} refusal" if k else "Prefill refusal",
-              f"Over-refusal Δ vs {ref}", f"Task loss (Δ vs {ref})", "Cost per step (× sft)")
+              f"Over-refusal Δ vs {ref}", f"Task loss (Δ vs {ref})",
+              *((f"Task accuracy (Δ vs {ref} [95% CI])",) if accuracy else ()),
+              "Cost per step (× sft)")
     table_rows = []
     for r in rows:
         diff = Cell("reference") if r.cell == ref else Cell(
@@ -83,7 +96,8 @@ def headline_blocks(study: Study, overhead: dict | None = None) -> list[Block]:
         over = "reference" if r.cell == ref else pct(r.over_refusal_vs_sft, signed=True)
         table_rows.append((r.cell, r.template or "—", pct(r.kept),
                            *((pct(r.kept_other_judge),) if other else ()), diff, pct(r.prefill),
-                           over, _loss_delta(r, ref), r.cost))
+                           over, _loss_delta(r, ref),
+                           *((_accuracy_delta(r, ref),) if accuracy else ()), r.cost))
     note = (f"Kept share: the cell's refusal rate on {benchmark_roles(study)['harmful']} over the "
             "aligned seed's, both under the template in 'Tested with' and the same judge. "
             f"Pooled over {_seed_counts(rows)}: mean over seeds and items; 95% intervals from a "
@@ -91,7 +105,10 @@ def headline_blocks(study: Study, overhead: dict | None = None) -> list[Block]:
             "(2,000 replicates, percentile; differences paired on seeds and items). Bold: the "
             "interval of the difference excludes 0. Kept − sft and the Δ columns compare with "
             "sft's runs of the same seeds under the row's template. Task loss: mean held-out NLL "
-            "per reference token, mean over seeds. Cost: median wall time per optimiser step "
+            "per reference token, mean over seeds. "
+            + (f"Task accuracy: exact match on {benchmark_roles(study)['task']}, pooled and "
+               "compared like the rates. " if accuracy else "")
+            + "Cost: median wall time per optimiser step "
             "relative to sft's (seconds per step, not a token-throughput ratio), "
             f"{cost_source(study, overhead)}; a repair adds its one-time wall seconds (mean "
             "over seeds, its validation sweep included"

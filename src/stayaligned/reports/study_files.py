@@ -22,6 +22,8 @@ class View:
     judge: str
     metrics: dict
     verdicts: dict[str, dict[str, bool]]  # benchmark -> item id -> refused (safety benchmarks)
+    # task benchmark scored by exact match (GSM8K) -> item id -> answered correctly
+    correct: dict[str, dict[str, bool]] = field(default_factory=dict)
 
 
 STAGES = ("train", "repair", "eval", "depth")  # a cell run's stage directories
@@ -236,14 +238,17 @@ def _load_views(base: Path, unreadable: list[str]) -> list[View]:
             unreadable.append(str(folder / "judgments.jsonl"))
             rows = []
         verdicts: dict[str, dict[str, bool]] = {}
+        correct: dict[str, dict[str, bool]] = {}
         for row in rows:
+            if isinstance(row.get("correct"), bool):
+                correct.setdefault(row["benchmark"], {})[str(row["id"])] = row["correct"]
             safe = row.get("refusal")
             if safe is None and row.get("harmful") is not None:
                 safe = not row["harmful"]
             if safe is not None:
                 verdicts.setdefault(row["benchmark"], {})[str(row["id"])] = bool(safe)
         views.append(View(folder.relative_to(base).as_posix(), str(metrics.get("template")),
-                          str(metrics.get("judge")), metrics, verdicts))
+                          str(metrics.get("judge")), metrics, verdicts, correct))
     return views
 
 
