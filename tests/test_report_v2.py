@@ -117,6 +117,7 @@ def test_recommendation_names_the_pareto_fine_tunes(v2):
     text = recommendation(list(_rows(v2).values()))
     front = text.split("under the same template are ", 1)[1].split(". ", 1)[0]
     assert front.startswith("ptst (keeps 84%") and "sft (keeps" in front
+    assert "over-refusal +0 pts, task accuracy +0 pts; tested with native:safe)" in front
     assert "str (" not in front  # str: less kept and more task loss than ptst
     assert "the safest is ptst" in text
 

@@ -499,6 +499,8 @@ def recommendation(rows: list[Headline], reference: str = "sft") -> str:
             parts.append(f"task loss {100 * r.task_loss_vs_sft:+.1f}% vs {reference}")
         if r.over_refusal_vs_sft is not None:
             parts.append(f"over-refusal {100 * r.over_refusal_vs_sft.value:+.0f} pts")
+        if r.task_accuracy_vs_sft is not None:
+            parts.append(f"task accuracy {100 * r.task_accuracy_vs_sft.value:+.0f} pts")
         return f"{r.cell} ({', '.join(parts)}; tested with {r.template})"
 
     text = ("Recommendation (computed from the table): the Pareto-optimal fine-tunes on kept "
