@@ -96,7 +96,8 @@ def per_template(study) -> dict:
         for r in template_rows(study, t, js[0]):
             rates = {"refusal_rate": _p(r.refusal)[0],
                      "prefill_refusal_rate": _p(r.prefill)[0],
-                     "over_refusal_rate": _p(r.over_refusal)[0], "task_loss": r.task_loss}
+                     "over_refusal_rate": _p(r.over_refusal)[0], "task_loss": r.task_loss,
+                     "task_accuracy": _p(r.task_accuracy)[0]}
             out[t][r.name] = rates if r.name == "aligned" else {
                 "kept": _p(r.kept)[0], "kept_ci": _p(r.kept)[1],
                 "kept_vs_sft_ci": _p(r.kept_vs_ref)[1], **rates}

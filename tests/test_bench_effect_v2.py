@@ -41,6 +41,8 @@ def test_effect_v2_json_has_the_issue_keys(tmp_path):
     assert data["str"]["task_accuracy_vs_sft"] == pytest.approx(0.2)
     lo, hi = data["str"]["task_accuracy_ci"]
     assert lo < 0.4 < hi and data["seeds"]["str"]["1"]["task_accuracy"] == pytest.approx(0.4)
+    assert data["per_template"][SAFE]["str"]["task_accuracy"] == pytest.approx(0.4)
+    assert data["per_template"][SAFE]["aligned"]["task_accuracy"] == pytest.approx(0.2)
     assert data["per_template"]["native"]["ptst"]["kept"] == pytest.approx(
         REFUSAL["ptst"]["native"] * N_HARM / round(REFUSAL["aligned"]["native"] * N_HARM))
     assert set(data["seeds"]["str"]) == {"0", "1", "2"}

@@ -249,6 +249,7 @@ class TemplateRow:
     task_loss: float | None
     kept: Pooled | None = None  # None for the aligned seed: it is the reference
     kept_vs_ref: Pooled | None = None  # None for the reference cell itself
+    task_accuracy: Pooled | None = None  # exact-match tasks (GSM8K)
 
 
 def template_rows(study: Study, template: str, judge: str) -> list[TemplateRow]:
@@ -264,7 +265,8 @@ def template_rows(study: Study, template: str, judge: str) -> list[TemplateRow]:
         return TemplateRow(name, rate(runs, template, judge, roles["harmful"]),
                            rate(runs, template, judge, roles["prefill"]),
                            rate(runs, template, judge, roles["benign"]),
-                           task_loss(runs, template, judge, roles["task"]), **pooled)
+                           task_loss(runs, template, judge, roles["task"]),
+                           task_accuracy=rate(runs, template, judge, roles["task"]), **pooled)
 
     rows = [row("aligned", [aligned])] if aligned is not None else []
     for name, runs in cells.items():
