@@ -44,10 +44,7 @@ def targets(entries: dict) -> dict:
                 "kept_vs_sft": row.get("kept_vs_sft"), "kept_vs_sft_ci": diff,
                 "above_sft": None if diff is None else diff[0] > 0,
                 "task_accuracy_vs_sft": row.get("task_accuracy_vs_sft")}
-    recipes = [n for n, row in entries.items() if isinstance(row, dict)
-               and (n in effect_v2.RECIPES or row.get("repair"))]
-    scored = [n for n in recipes if entries[n].get("kept") is not None]
-    best = max(scored, key=lambda n: entries[n]["kept"], default=None)
+    best = effect_v2.best_recipe(entries)
     row = entries.get(best) or {}
     gap = row.get("task_accuracy_vs_sft")
     out["best recipe (stack or repair) keeps >= 95% at GSM8K accuracy >= sft's - 2 pts"] = {

@@ -121,6 +121,13 @@ def per_seed(study, entries: dict) -> dict:
     return out
 
 
+def best_recipe(entries: dict) -> str | None:
+    """The recipe (the stack, or any repair cell) with the highest kept share, if any has one."""
+    recipes = [n for n, row in entries.items() if n in RECIPES or row.get("repair")]
+    scored = [n for n in recipes if entries[n].get("kept") is not None]
+    return max(scored, key=lambda n: entries[n]["kept"], default=None)
+
+
 def targets(entries: dict) -> dict:
     """The issue's v2 targets, each with the numbers it is decided on (None: not measured)."""
     sft = entries.get("sft") or {}
@@ -144,9 +151,7 @@ def targets(entries: dict) -> dict:
             "kept": row.get("kept"), "kept_vs_sft_ci": diff,
             "task_loss_vs_sft": row.get("task_loss_vs_sft"), "above": above, "loss": loss,
             "passed": None if None in (above, loss) else above and loss}
-    recipes = [n for n, row in entries.items() if n in RECIPES or row.get("repair")]
-    scored = [n for n in recipes if entries[n].get("kept") is not None]
-    best = max(scored, key=lambda n: entries[n]["kept"], default=None)
+    best = best_recipe(entries)
     row = entries.get(best) or {}
     loss = within(row, 0.03) if best else None
     out["best recipe (stack or repair) keeps >= 95% at task loss within 3% of sft"] = {
