@@ -291,7 +291,8 @@ def main(argv=None) -> None:
     wait_for_memory(args.min_free_gb, args.wait_s, "a LoRA step of the 1.5B model")
     result = {"model": cfg.model.name, "meta": {
             "command": f"python bench/qwen_estimate.py --steps {args.steps} "
-                       f"--gsm8k-tokens {args.gsm8k_tokens}",
+                       f"--gsm8k-tokens {args.gsm8k_tokens}"
+                       + (" --reuse-training" if args.reuse_training else ""),
             "study": f"stayaligned study {Path(args.config).relative_to(ROOT)}",
             "device": f"cpu ({os.cpu_count()} cores; the clock below discounts other jobs)",
             "clock": "process CPU seconds / torch threads (see cpu_clock): the time on 2 "
@@ -299,8 +300,9 @@ def main(argv=None) -> None:
             "torch_threads": torch_threads(),
             "notes": "train stage = max_steps x sft step time x the method's time ratio on the "
                      "embedded model (bench/results/overhead.json) + setup + model load; eval = "
-                     "generation batches x measured batch time (GSM8K scaled linearly from the "
-                     "timed tokens to max_new_tokens: a worst case) + task loss passes, per "
+                     "generation batches x (the batch's prompt pass, timed apart, + its "
+                     "per-token time x the benchmark's max_new_tokens: a worst case, every "
+                     "answer running to the limit) + task loss passes, per "
                      "eval template of the model (the config's eval_templates, narrowed per "
                      "cell); depth = 2 passes per batch of 8",
     }}

@@ -179,6 +179,52 @@ def test_fp32_gemms_compute_the_bf16_product_rounded_once():
     assert log.dtypes == [bf]
 
 
+def test_fp32_gemms_reuse_kept_buffers_for_large_operands_with_the_same_bits():
+    """Large bf16 operands are converted into kept float32 buffers (`Scratch`): a small model's
+    forward and backward under `fp32_gemms` give the same bits with every operand through a
+    buffer as with none (weights passed transposed by F.linear, activations, a square product
+    whose two operands have one shape: each takes its own buffer), a buffer is reused by the
+    next product of its shape, and the buffers stay under their byte limit, the least
+    recently used dropped first."""
+    from stayaligned.precision import Fp32Gemms, Scratch
+
+    torch.manual_seed(0)
+    bf = torch.bfloat16
+    model = torch.nn.Sequential(torch.nn.Linear(48, 96), torch.nn.GELU(), torch.nn.Linear(96, 48),
+                                torch.nn.Linear(48, 48, bias=False)).to(bf)
+    x = torch.randn(5, 7, 48).to(bf)
+    square = torch.randn(48, 48).to(bf), torch.randn(48, 48).to(bf)
+
+    def run(scratch):
+        model.zero_grad()
+        with Fp32Gemms(scratch):
+            out = model(x)
+            out.float().square().sum().backward()
+            prod = square[0] @ square[1]
+        return [out, prod] + [p.grad for p in model.parameters()]
+
+    fresh = run(Scratch(min_numel=10 ** 12))  # nothing kept: the plain conversions
+    kept = Scratch(min_numel=1)
+    for got, want in zip(run(kept), fresh, strict=True):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    assert torch.equal(fresh[1], (square[0].float() @ square[1].float()).to(bf))
+    assert kept.buffers and kept.bytes == sum(b.numel() * 4 for b in kept.buffers.values())
+    # a buffer serves the next product of its shape (the same storage, the new values)
+    weight = torch.randn(96, 48).to(bf)
+    first = kept.up(weight.t(), 1)
+    again = kept.up((2 * weight).t(), 1)
+    assert first.data_ptr() == again.data_ptr() and again.stride() == weight.t().stride()
+    assert torch.equal(again, (2 * weight).t().float())
+    # the byte limit: three 4 KB operands in a 10 KB budget keep the two most recent
+    small = Scratch(limit=10_000, min_numel=1)
+    a, b, c = (torch.randn(32, 32).to(bf) for _ in range(3))
+    for slot, t in enumerate((a, b, c)):
+        small.up(t, slot)
+    assert list(small.buffers) == [(1, (32, 32)), (2, (32, 32))] and small.bytes == 8192
+    assert small.up(torch.randn(64, 64).to(bf), 0).dtype == torch.float32  # over the limit
+    assert small.bytes <= 10_000
+
+
 def test_fp32_gemms_run_cpu_flash_attention_in_float32_and_round_its_outputs():
     """bf16 attention under `fp32_gemms`: the float32 flash kernel forward and backward (the log
     behind sees no bf16 call), bf16 output and gradients, and values as close to a float64
