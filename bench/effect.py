@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {name: {k: row.get(k) for k in KEYS} for name, row in rows.items()}
     cfg = study["config"]
     progress = read_json(Path(args.study_dir) / "progress.json") or {}
+    earlier = read_json(Path(args.output)) or {}
     result["targets"] = targets(rows)
     result["meta"] = {
         "command": "stayaligned study configs/study/embedded_gsm8k.yaml && "
@@ -120,7 +121,12 @@ def main(argv: list[str] | None = None) -> int:
         "budget": cfg["train"], "align": cfg["align"], "eval": cfg["eval"],
         "cells": cfg["cells"], "judge": cfg["eval"].get("judge", "keyword"),
         "benchmarks": next(iter(rows.values()))["benchmarks"] if rows else None,
+        # wall seconds of each stage's last attempt (a resumed stage counts only the part after
+        # its last stop; workers and other jobs shared the machine); the first run's figures,
+        # whole and uninterrupted, are kept beside them for bench/effect_v2.py's dry-run estimate
         "stage_seconds": {k: v.get("seconds") for k, v in progress.items()},
+        "stage_cpu_seconds": {k: v.get("cpu_seconds") for k, v in progress.items()},
+        "first_run_stage_seconds": (earlier.get("meta") or {}).get("first_run_stage_seconds"),
         "versions": study.get("versions"), "device": "cpu (2 cores)",
         "units": "rates are fractions in [0, 1]; task_loss is the mean per-token NLL (nats) of "
                  "the reference answers of the GSM8K test subset",

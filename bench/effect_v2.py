@@ -304,7 +304,10 @@ def dry_run(config: str, overrides: list[str], v1_path: str) -> dict:
     stages = plan(cfg)
     v1 = read_json(Path(v1_path)) or {}
     meta = v1.get("meta") or {}
-    v1_info = {"stage_seconds": meta.get("stage_seconds") or {},
+    # the first run's stage times: the rerun's resumed stages count only their last attempt, on a
+    # machine shared by two workers and other jobs (bench/effect.py keeps both)
+    v1_info = {"stage_seconds": meta.get("first_run_stage_seconds") or meta.get("stage_seconds")
+               or {},
                "config": {"eval": meta.get("eval") or {}}}
     measured = read_json(Path(cfg.output_dir) / "progress.json") or {}
     rows = estimate(cfg, stages, measured, v1_info,
