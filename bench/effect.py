@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmarks": next(iter(rows.values()))["benchmarks"] if rows else None,
         # wall seconds of each stage's last attempt (a resumed stage counts only the part after
         # its last stop; workers and other jobs shared the machine); the first run's figures,
-        # whole and uninterrupted, are kept beside them for bench/effect_v2.py's dry-run estimate
+        # which bench/effect_v2.py's dry-run estimate is built on, are carried over from --output
         "stage_seconds": {k: v.get("seconds") for k, v in progress.items()},
         "stage_cpu_seconds": {k: v.get("cpu_seconds") for k, v in progress.items()},
         "first_run_stage_seconds": (earlier.get("meta") or {}).get("first_run_stage_seconds"),

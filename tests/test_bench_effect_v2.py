@@ -85,8 +85,8 @@ def test_dry_run_lists_the_v2_stages_with_an_estimate(capsys):
     assert "cells/sft+resta-seed1/repair" in printed
     assert "cells/ptst-seed2/eval-native-safe/judge-keyword" in printed
     assert "cells/str-lr0.0002/train" in printed and "cells/str-lr0.0001" not in printed
-    v1 = json.loads((ROOT / "bench/results/effect.json").read_text())["meta"]
-    v1 = v1.get("first_run_stage_seconds") or v1["stage_seconds"]
+    meta = json.loads((ROOT / "bench/results/effect.json").read_text())["meta"]
+    v1 = meta["first_run_stage_seconds"]
     ptst_train = v1["cells/ptst/train"] / 80 * 80 * effect.FULL_FT_FACTOR
     line = next(x for x in printed.splitlines() if x.startswith("cells/sft-seed0/train "))
     assert f"{ptst_train / 60:.1f} min" in line

@@ -51,6 +51,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -249,17 +250,16 @@ class Scratch:
     """Float32 buffers for the bf16 -> float32 conversions of large GEMM operands, reused
     across the products of one `fp32_gemms` block. A fresh float32 copy of each weight at each
     product is an allocation the size of the model per decoding step: glibc maps and unmaps
-    every such block, so the kernel faults in and zeroes every page again (measured on the
-    AVX2 EPYC: a decode-sized product with Qwen2.5's 8960 x 1536 MLP weight took 59-67 ms with
-    fresh copies, 30 ms with a kept buffer, 20-30 ms in float32). The values are the same
+    every such block, so the kernel faults in and zeroes every page again (on the AVX2 EPYC,
+    Qwen2.5-Coder-1.5B decoding a batch of 32 took 6.09 s per token step with fresh copies and
+    3.18 s with kept buffers: `python bench/qwen_estimate.py --reuse-training`, before and
+    after, bench/results/qwen_coder_estimate.json). The values are the same
     (an exact copy into a buffer of the same layout), so the products are the same bits. A
     buffer is keyed by the operand's position in the call and its contiguous shape, so two
     operands of one call never share one; it is free again once the product returns (the
     product's output is a new tensor, and autograd saves the bf16 operands, not these)."""
 
     def __init__(self, limit: int = SCRATCH_BYTES, min_numel: int = SCRATCH_MIN_NUMEL):
-        from collections import OrderedDict
-
         self.limit, self.min_numel = limit, min_numel
         self.buffers: OrderedDict = OrderedDict()
         self.bytes = 0
